@@ -1,0 +1,236 @@
+"""The paper's MNIST model zoo as pure functions over explicit layer lists.
+
+A model is a tuple of `Layer`s plus an input shape. Its parameters are a tuple
+with one dict per layer (empty for parameter-free layers), so
+
+    model = get_model("FC100-100-10")
+    params = model.init(jax.random.PRNGKey(0))
+    logits = model.apply(params, images)          # images: [B, 28, 28, 1] in [0, 1]
+
+and `functools.partial(model.apply, params)` is the pure logits function that
+the attacks take. Keeping the layers explicit (rather than hidden inside a
+module) is what lets later code attack a hidden layer (`apply_from`), read
+every layer's activations (`activations`) and walk the layers for Lipschitz
+bounds (`jaxadv.spectral`).
+
+Models are registered under the paper's names (`ZOO` lists Table 1's in order).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Params = tuple  # one dict per layer: {"w": ..., "b": ...} or {}
+
+MNIST_SHAPE = (28, 28, 1)
+
+
+class Layer(NamedTuple):
+    """One layer. `kind` is dense, conv, sigmoid, relu, maxpool or flatten.
+
+    `weight_decay` is the paper's per-layer λ (see `weight_decay_penalty`).
+    `trainable=False` freezes a layer during supervised training (AE400-10's
+    encoder, which is trained without labels and then frozen).
+    """
+    kind: str
+    features: int = 0          # dense / conv output units or channels
+    kernel: int = 0            # conv kernel size, maxpool window
+    stride: int = 1
+    padding: str = "SAME"
+    weight_decay: float = 0.0
+    trainable: bool = True
+
+    @property
+    def has_params(self) -> bool:
+        return self.kind in ("dense", "conv")
+
+
+class Model(NamedTuple):
+    name: str
+    layers: tuple[Layer, ...]
+    input_shape: tuple[int, ...] = MNIST_SHAPE
+    description: str = ""
+    pretrain: str | None = None   # "sparse_autoencoder": the first layer is learned without labels
+
+    # -- pure functions ---------------------------------------------------
+    def init(self, key: jax.Array) -> Params:
+        """Glorot-uniform weights, zero biases, float32."""
+        params, shape = [], self.input_shape
+        for layer, k in zip(self.layers, jax.random.split(key, len(self.layers))):
+            p, shape = _init_layer(layer, k, shape)
+            params.append(p)
+        return tuple(params)
+
+    def apply(self, params: Params, x: jax.Array) -> jax.Array:
+        """Logits for a batch `x` of shape [B, *input_shape]."""
+        return self.apply_from(params, x, 0)
+
+    def apply_from(self, params: Params, h: jax.Array, start: int) -> jax.Array:
+        """Run layers[start:] on `h`, the output of layer start-1 (or the input if start=0)."""
+        for layer, p in zip(self.layers[start:], params[start:]):
+            h = apply_layer(layer, p, h)
+        return h
+
+    def activations(self, params: Params, x: jax.Array) -> tuple[jax.Array, ...]:
+        """The output of every layer, in order; the last one is the logits."""
+        outs, h = [], x
+        for layer, p in zip(self.layers, params):
+            h = apply_layer(layer, p, h)
+            outs.append(h)
+        return tuple(outs)
+
+    def output_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Per-layer output shape for one example (no batch axis)."""
+        shapes, shape = [], self.input_shape
+        for layer in self.layers:
+            shape = _out_shape(layer, shape)
+            shapes.append(shape)
+        return tuple(shapes)
+
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Indices of the hidden representations φ(x): outputs of hidden nonlinearities."""
+        return tuple(i for i, l in enumerate(self.layers[:-1]) if l.kind in ("sigmoid", "relu", "maxpool"))
+
+    def num_params(self) -> int:
+        return sum(_layer_param_count(l, s) for l, s in zip(self.layers, (self.input_shape,) + self.output_shapes()[:-1]))
+
+
+# -- layers -----------------------------------------------------------------
+
+def apply_layer(layer: Layer, p: dict, h: jax.Array) -> jax.Array:
+    kind = layer.kind
+    if kind == "dense":
+        return h.reshape(h.shape[0], -1) @ p["w"] + p["b"]
+    if kind == "conv":
+        y = jax.lax.conv_general_dilated(
+            h, p["w"], (layer.stride, layer.stride), layer.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + p["b"]
+    if kind == "sigmoid":
+        return jax.nn.sigmoid(h)
+    if kind == "relu":
+        return jax.nn.relu(h)
+    if kind == "maxpool":
+        k, s = layer.kernel, layer.stride
+        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, s, s, 1), "VALID")
+    if kind == "flatten":
+        return h.reshape(h.shape[0], -1)
+    raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def _out_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if layer.kind == "dense":
+        return (layer.features,)
+    if layer.kind == "conv":
+        h, w, _ = shape
+        if layer.padding == "SAME":
+            return (math.ceil(h / layer.stride), math.ceil(w / layer.stride), layer.features)
+        return ((h - layer.kernel) // layer.stride + 1, (w - layer.kernel) // layer.stride + 1, layer.features)
+    if layer.kind == "maxpool":
+        h, w, c = shape
+        return ((h - layer.kernel) // layer.stride + 1, (w - layer.kernel) // layer.stride + 1, c)
+    if layer.kind == "flatten":
+        return (math.prod(shape),)
+    return shape
+
+
+def _layer_param_count(layer: Layer, in_shape: tuple[int, ...]) -> int:
+    if layer.kind == "dense":
+        return math.prod(in_shape) * layer.features + layer.features
+    if layer.kind == "conv":
+        return layer.kernel * layer.kernel * in_shape[-1] * layer.features + layer.features
+    return 0
+
+
+def _init_layer(layer: Layer, key, in_shape):
+    out_shape = _out_shape(layer, in_shape)
+    if layer.kind == "dense":
+        shape = (math.prod(in_shape), layer.features)
+    elif layer.kind == "conv":
+        shape = (layer.kernel, layer.kernel, in_shape[-1], layer.features)
+    else:
+        return {}, out_shape
+    w = jax.nn.initializers.glorot_uniform()(key, shape, jnp.float32)
+    return {"w": w, "b": jnp.zeros((layer.features,), jnp.float32)}, out_shape
+
+
+# -- the paper's weight decay ---------------------------------------------
+
+def weight_decay_penalty(model: Model, params: Params) -> jax.Array:
+    """Σ_layers λ_l · Σ W_l² / k_l, with k_l the number of units of layer l.
+
+    This is our reading of the paper's "λΣw²/k" (the reproductions divide λ by
+    the layer's width); biases are not decayed.
+    """
+    total = jnp.float32(0.0)
+    for layer, p in zip(model.layers, params):
+        if layer.has_params and layer.weight_decay and layer.trainable:
+            total = total + layer.weight_decay * jnp.sum(p["w"] ** 2) / layer.features
+    return total
+
+
+# -- the zoo ----------------------------------------------------------------
+
+def _softmax(lam: float) -> Model:
+    return Model(f"FC10({_fmt(lam)})", (Layer("dense", 10, weight_decay=lam),),
+                 description=f"Softmax with λ = {_fmt(lam)}")
+
+
+def _sigmoid_mlp(widths: Sequence[int], lams=(1e-5, 1e-5, 1e-6), name: str | None = None) -> Model:
+    layers = []
+    for width, lam in zip(widths, lams):
+        layers += [Layer("dense", width, weight_decay=lam), Layer("sigmoid")]
+    layers.append(Layer("dense", 10, weight_decay=lams[-1]))
+    name = name or "FC" + "-".join(str(w) for w in widths) + "-10"
+    return Model(name, tuple(layers), description="Sigmoid network λ = 1e-5, 1e-5, 1e-6")
+
+
+def _autoencoder_softmax() -> Model:
+    return Model("AE400-10",
+                 (Layer("dense", 400, trainable=False), Layer("sigmoid"), Layer("dense", 10, weight_decay=1e-6)),
+                 description="Sparse autoencoder (400 sigmoid units, frozen) with Softmax λ = 1e-6",
+                 pretrain="sparse_autoencoder")
+
+
+def _convnet() -> Model:
+    # The paper names no architecture for its MNIST convnet (§3); this is a small
+    # LeNet-style net that trains in about a minute on two CPU cores.
+    return Model("ConvNet", (
+        Layer("conv", 16, kernel=3, weight_decay=1e-5), Layer("relu"), Layer("maxpool", kernel=2, stride=2),
+        Layer("conv", 32, kernel=3, weight_decay=1e-5), Layer("relu"), Layer("maxpool", kernel=2, stride=2),
+        Layer("flatten"),
+        Layer("dense", 100, weight_decay=1e-5), Layer("relu"),
+        Layer("dense", 10, weight_decay=1e-6)),
+        description="Conv 3x3x16 - pool - conv 3x3x32 - pool - FC100 (ReLU), λ = 1e-5, 1e-6")
+
+
+def _fmt(lam: float) -> str:
+    return "1" if lam == 1 else f"1e-{round(-math.log10(lam))}"
+
+
+_REGISTRY: dict[str, Callable[[], Model]] = {
+    "FC10(1e-4)": lambda: _softmax(1e-4),
+    "FC10(1e-2)": lambda: _softmax(1e-2),
+    "FC10(1)": lambda: _softmax(1.0),
+    "FC100-100-10": lambda: _sigmoid_mlp((100, 100)),
+    "FC200-200-10": lambda: _sigmoid_mlp((200, 200)),
+    "AE400-10": _autoencoder_softmax,
+    "FC123-456-10": lambda: _sigmoid_mlp((123, 456)),
+    "ConvNet": _convnet,
+}
+
+#: Table 1's models, in the paper's order.
+ZOO = ("FC10(1e-4)", "FC10(1e-2)", "FC10(1)", "FC100-100-10", "FC200-200-10", "AE400-10")
+#: Every model `train_zoo` trains: Table 1's, Table 3's extra net, and the §3 convnet.
+ALL_MODELS = tuple(_REGISTRY)
+
+
+def get_model(name: str) -> Model:
+    """The model registered under `name` (the paper's names, e.g. "FC100-100-10")."""
+    try:
+        return _REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)}") from None
