@@ -1,0 +1,229 @@
+"""What every experiment shares: command-line flags, the trained zoo, atomic output files.
+
+    parser = argparse.ArgumentParser(); add_common_args(parser); args = parser.parse_args()
+    workdir = resolve_workdir(args)                             # runs/<dataset> by default
+    models = trained_models(ZOO, args.dataset, workdir, args.data_dir, args.quick)
+    out = experiment_dir(workdir, "cross_model")                # WORKDIR/cross_model/
+    write_json_atomic(out / "results.json", {...})
+
+Trained models live in WORKDIR/models/<name>/ (see jaxadv.checkpoint) and are
+reused by every later experiment; a model trained on custom data is stored
+under "<name>@<tag>" (e.g. "FC100-100-10@P1").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+
+from jaxadv.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from jaxadv.data import DATASETS, Dataset, load_dataset
+from jaxadv.models import get_model
+from jaxadv.train import error_rate, train, zoo_config
+
+#: --quick trains on this many training images (the first ones).
+QUICK_TRAIN_SIZE = 2000
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--dataset", choices=DATASETS, default="fashion_mnist",
+                        help="data set (default: fashion_mnist, complete offline; MNIST needs its training images)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding mnist/ and/or fashion_mnist/ IDX files "
+                             "(default: $JAXADV_DATA_DIR, else tensorflow-datasets)")
+    parser.add_argument("--workdir", default=None, help="output folder (default: runs/<dataset>)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: {QUICK_TRAIN_SIZE} training images, 1-2 epochs, small sizes")
+    # The default workdir depends on --dataset, which argparse defaults cannot express: fill it in
+    # after parsing, so that every caller sees args.workdir already set.
+    parse_known_args = parser.parse_known_args
+
+    def parse_known_args_with_workdir(args=None, namespace=None):
+        namespace, rest = parse_known_args(args, namespace)
+        if getattr(namespace, "workdir", None) is None:
+            namespace.workdir = str(Path("runs") / namespace.dataset)
+        return namespace, rest
+
+    parser.parse_known_args = parse_known_args_with_workdir
+    return parser
+
+
+def resolve_workdir(args: argparse.Namespace) -> Path:
+    """args.workdir as a Path (add_common_args fills in runs/<dataset> when it was not given)."""
+    return Path(args.workdir) if args.workdir else Path("runs") / args.dataset
+
+
+def experiment_dir(workdir: str | os.PathLike, name: str) -> Path:
+    """WORKDIR/<name>/, created if needed: where experiment `name` writes its outputs."""
+    path = Path(workdir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def model_dir(workdir: str | os.PathLike, name: str, tag: str | None = None) -> Path:
+    return Path(workdir) / "models" / _stored_name(name, tag)
+
+
+def trained_models(names: Iterable[str], dataset: str, workdir: str | os.PathLike | None,
+                   data_dir: str | None = None, quick: bool = False, *,
+                   train_set: Dataset | None = None, tag: str | None = None,
+                   seed: int = 0, verbose: bool = True) -> dict:
+    """{stored name: (model, params)} for `names`, loaded from WORKDIR/models/ or trained and saved.
+
+    By default a model is trained on the whole training split of `dataset` (the
+    first QUICK_TRAIN_SIZE images with `quick`). With `train_set` (e.g. P1) a
+    `tag` is required and the model is stored and returned as "<name>@<tag>".
+    A stored quick model is retrained when a full one is asked for; a stored
+    full model serves quick runs too. Training is deterministic: the key is
+    PRNGKey(seed) folded with a hash of the stored name.
+    """
+    names = [names] if isinstance(names, str) else list(names)
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    workdir = Path("runs") / dataset if workdir is None else Path(workdir)
+    if train_set is not None and not tag:
+        raise ValueError("tag is required with train_set, so that the model is not stored under the "
+                         "name of the model trained on the whole training set")
+    if tag is not None and (not isinstance(tag, str) or not tag or "/" in tag):
+        raise ValueError(f"tag must be a non-empty string without '/', got {tag!r}")
+    if train_set is not None:
+        train_set = Dataset(np.asarray(train_set.images), np.asarray(train_set.labels))
+    fingerprint = _fingerprint(train_set) if train_set is not None else None
+
+    out, data = {}, train_set
+    for name in names:
+        model = get_model(name)
+        stored = _stored_name(name, tag)
+        directory = model_dir(workdir, name, tag)
+        if has_checkpoint(directory):
+            params, meta = load_checkpoint(directory, model)
+            if _reusable(meta, dataset, quick, fingerprint, directory):
+                out[stored] = (model, params)
+                continue
+        if data is None:
+            data = load_dataset(dataset, "train", data_dir)
+        subset = _quick_subset(data) if quick else data
+        config = zoo_config(model, quick=quick, verbose=verbose)
+        if verbose:
+            print(f"training {stored} on {len(subset.labels)} {dataset} images "
+                  f"({config.epochs} epochs, Adam lr {config.learning_rate:g})", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        params = train(model, subset.images, subset.labels, _model_key(seed, stored), config)
+        params = jax.block_until_ready(params)
+        seconds = time.perf_counter() - start
+        meta = {"model": name, "stored_name": stored, "tag": tag, "dataset": dataset, "quick": quick,
+                "seed": seed, "num_train": len(subset.labels), "train_fingerprint": fingerprint,
+                "num_params": model.num_params(), "train_seconds": round(seconds, 2),
+                "train_error": error_rate(model, params, subset.images, subset.labels),
+                "optimizer": "adam, cosine-decayed learning rate", "config": config._asdict()}
+        save_checkpoint(directory, params, meta)
+        out[stored] = (model, params)
+    return out
+
+
+def load_meta(workdir: str | os.PathLike, name: str, tag: str | None = None) -> dict:
+    """The meta.json of a stored model (training settings, train_seconds, ...)."""
+    return json.loads((model_dir(workdir, name, tag) / "meta.json").read_text())
+
+
+# -- output files ---------------------------------------------------------------
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as indented JSON (numpy scalars and arrays are converted)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, default=_to_json) + "\n")
+
+
+def save_figure_atomic(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """fig.savefig to a temporary file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **savefig_kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def markdown_table(headers: Sequence, rows: Sequence[Sequence]) -> str:
+    """A GitHub-flavoured markdown table; floats are shown with 4 significant digits."""
+    if any(len(row) != len(headers) for row in rows):
+        raise ValueError(f"every row must have {len(headers)} cells, one per header")
+    cells = lambda row: "| " + " | ".join(_cell(c) for c in row) + " |"
+    return "\n".join([cells(headers), "|" + "---|" * len(headers)] + [cells(r) for r in rows]) + "\n"
+
+
+def percent(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{100 * x:.{digits}f}%"
+
+
+# -- helpers -----------------------------------------------------------------------
+
+def _stored_name(name: str, tag: str | None) -> str:
+    return f"{name}@{tag}" if tag else name
+
+
+def _model_key(seed: int, stored_name: str) -> jax.Array:
+    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(stored_name.encode()) & 0x7FFFFFFF)
+
+
+def _quick_subset(data: Dataset) -> Dataset:
+    return Dataset(data.images[:QUICK_TRAIN_SIZE], data.labels[:QUICK_TRAIN_SIZE])
+
+
+def _fingerprint(data: Dataset) -> str:
+    """Cheap identity of a custom training set, so a tag reused for other data retrains."""
+    crc = zlib.crc32(np.ascontiguousarray(data.labels).tobytes())
+    crc = zlib.crc32(np.ascontiguousarray(data.images[:: max(len(data.images) // 64, 1)]).tobytes(), crc)
+    return f"{len(data.labels)}:{crc:08x}"
+
+
+def _reusable(meta: dict, dataset: str, quick: bool, fingerprint: str | None, directory: Path) -> bool:
+    if meta.get("dataset") != dataset:
+        raise ValueError(f"{str(directory)!r} holds a model trained on {meta.get('dataset')!r}, not "
+                         f"{dataset!r}: use another --workdir (the default is runs/<dataset>)")
+    if meta.get("quick") and not quick:
+        return False  # a smoke-test model never stands in for a real one
+    if fingerprint is not None and meta.get("train_fingerprint") not in (None, fingerprint):
+        return False
+    return True
+
+
+def _cell(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _to_json(value):
+    if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
+        return np.asarray(value).tolist()
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")

@@ -1,0 +1,90 @@
+"""Train every zoo model and compare its errors with the paper's Table 1.
+
+    python -m experiments.train_zoo --dataset fashion_mnist [--data-dir DIR] [--workdir DIR] [--quick]
+
+Models already trained in WORKDIR/models/ are loaded, not retrained. Writes
+WORKDIR/train_zoo/results.json (`rows`: model, train_error, test_error,
+num_params, train_seconds) and WORKDIR/train_zoo/table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from experiments.common import (
+    add_common_args, experiment_dir, load_meta, markdown_table, percent, resolve_workdir,
+    trained_models, write_json_atomic, write_text_atomic)
+from jaxadv.data import load_dataset
+from jaxadv.models import ALL_MODELS
+from jaxadv.train import error_rate
+
+#: (training error, test error) on MNIST as the paper reports them. Table 1, and
+#: Table 3 for FC123-456-10 (trained on P1 only; its "training error" is the error on P1).
+PAPER_ERRORS = {
+    "FC10(1e-4)": (0.067, 0.074),
+    "FC10(1e-2)": (0.10, 0.094),
+    "FC10(1)": (0.212, 0.20),
+    "FC100-100-10": (0.0, 0.0164),
+    "FC200-200-10": (0.0, 0.0154),
+    "AE400-10": (0.0057, 0.019),
+    "FC123-456-10": (0.0, 0.021),
+}
+#: --quick measures the test error on this many test images.
+QUICK_TEST_SIZE = 2000
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    workdir = resolve_workdir(args)
+    start = time.perf_counter()
+
+    models = trained_models(ALL_MODELS, args.dataset, workdir, args.data_dir, args.quick)
+    train = load_dataset(args.dataset, "train", args.data_dir)
+    test = load_dataset(args.dataset, "test", args.data_dir)
+    if args.quick:
+        test = type(test)(test.images[:QUICK_TEST_SIZE], test.labels[:QUICK_TEST_SIZE])
+
+    rows = []
+    for name, (model, params) in models.items():
+        meta = load_meta(workdir, name)
+        # The training error is measured on the images the model was trained on.
+        train_error = error_rate(model, params, train.images[:meta["num_train"]], train.labels[:meta["num_train"]])
+        rows.append({
+            "model": name, "description": model.description,
+            "train_error": train_error, "test_error": error_rate(model, params, test.images, test.labels),
+            "num_params": model.num_params(), "train_seconds": meta["train_seconds"],
+            "num_train": meta["num_train"], "quick": meta["quick"], "config": meta["config"],
+            "paper_train_error": PAPER_ERRORS.get(name, (None, None))[0],
+            "paper_test_error": PAPER_ERRORS.get(name, (None, None))[1],
+        })
+        print(f"{name}: train error {percent(train_error)}, test error {percent(rows[-1]['test_error'])}",
+              file=sys.stderr, flush=True)
+
+    out = experiment_dir(workdir, "train_zoo")
+    results = {"dataset": args.dataset, "quick": args.quick, "num_test": len(test.labels),
+               "optimizer": "minibatch Adam, cosine-decayed learning rate (the paper: L-BFGS to convergence)",
+               "wall_seconds": round(time.perf_counter() - start, 2), "rows": rows}
+    write_json_atomic(out / "results.json", results)
+    write_text_atomic(out / "table.md", _table(results))
+    print(_table(results))
+    return results
+
+
+def _table(results: dict) -> str:
+    headers = ["Model", "Description", "Params", "Train error", "Test error",
+               "Paper train error (MNIST)", "Paper test error (MNIST)", "Train time (s)"]
+    rows = [[r["model"], r["description"], r["num_params"], percent(r["train_error"]), percent(r["test_error"]),
+             percent(r["paper_train_error"]),
+             percent(r["paper_test_error"]), f"{r['train_seconds']:.1f}"] for r in results["rows"]]
+    note = (f"Trained on {results['dataset']}"
+            f"{' (QUICK smoke test: subset, 1-2 epochs)' if results['quick'] else ''}; test error on "
+            f"{results['num_test']} test images. The paper's figures are for MNIST (Table 1; FC123-456-10 "
+            f"from Table 3, trained on P1 only). Optimiser: {results['optimizer']}. "
+            f"Wall time of this run: {results['wall_seconds']:.0f} s.\n\n")
+    return "# Table 1: the model zoo\n\n" + note + markdown_table(headers, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Training, evaluation, checkpoints, and the experiments' shared plumbing (small synthetic data)."""
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_synthetic
+from jaxadv.checkpoint import load_checkpoint, save_checkpoint
+from jaxadv.data import Dataset, load_dataset
+from jaxadv.models import Layer, Model, get_model
+from jaxadv.train import TrainConfig, error_rate, pretrain_sparse_autoencoder, train, zoo_config
+
+FAST = TrainConfig(epochs=2, batch_size=64, learning_rate=1e-2, verbose=False)
+
+
+def leaves_equal_bitwise(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        np.asarray(x).dtype == np.asarray(y).dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+        for x, y in zip(la, lb))
+
+
+# -- training -----------------------------------------------------------------------
+
+def test_softmax_learns_separable_data(tiny_trained_softmax):
+    model, params = tiny_trained_softmax
+    held_out = make_synthetic(256, seed=1)
+    assert error_rate(model, params, held_out.images, held_out.labels) < 0.05
+
+
+def test_training_is_deterministic_from_the_key(synthetic):
+    model = get_model("FC100-100-10")
+    a = train(model, synthetic.images, synthetic.labels, jax.random.PRNGKey(7), FAST)
+    b = train(model, synthetic.images, synthetic.labels, jax.random.PRNGKey(7), FAST)
+    c = train(model, synthetic.images, synthetic.labels, jax.random.PRNGKey(8), FAST)
+    assert leaves_equal_bitwise(a, b)
+    assert not leaves_equal_bitwise(a, c)
+
+
+def test_frozen_layer_is_not_updated(synthetic):
+    model = Model("frozen-test", (Layer("dense", 16, trainable=False), Layer("sigmoid"), Layer("dense", 10)))
+    key = jax.random.PRNGKey(0)
+    short = train(model, synthetic.images, synthetic.labels, key, FAST._replace(epochs=1))
+    long = train(model, synthetic.images, synthetic.labels, key, FAST._replace(epochs=3))
+    assert leaves_equal_bitwise(short[0], long[0])          # same init, never updated
+    assert not leaves_equal_bitwise(short[2], long[2])      # the softmax on top did train
+
+
+def test_sparse_autoencoder_makes_sparse_codes(synthetic):
+    config = TrainConfig(batch_size=64, ae_epochs=8, ae_learning_rate=1e-2, verbose=False)
+    encoder = pretrain_sparse_autoencoder(synthetic.images, jax.random.PRNGKey(0), config, features=32)
+    assert encoder["w"].shape == (784, 32) and encoder["b"].shape == (32,)
+    x = synthetic.images.reshape(len(synthetic.images), -1)
+    mean_activation = jax.nn.sigmoid(x @ encoder["w"] + encoder["b"]).mean()
+    # A Glorot-initialised sigmoid layer averages about 0.5 on these inputs; the KL penalty pulls towards ρ.
+    assert mean_activation < 0.25
+
+
+def test_error_rate_matches_brute_force(tiny_trained_softmax):
+    model, params = tiny_trained_softmax
+    data = make_synthetic(203, seed=5)  # not a multiple of the batch: exercises the padded last batch
+    w, b = np.asarray(params[0]["w"], np.float64), np.asarray(params[0]["b"], np.float64)
+    predictions = np.argmax(data.images.reshape(203, -1) @ w + b, axis=1)
+    expected = np.mean(predictions != data.labels)
+    assert error_rate(model, params, data.images, data.labels, batch_size=50) == pytest.approx(expected)
+    flipped = (data.labels + 1) % 10
+    assert error_rate(model, params, data.images, flipped) == pytest.approx(np.mean(predictions != flipped))
+
+
+def test_bad_training_inputs(synthetic):
+    model = get_model("FC10(1e-4)")
+    key = jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match="images must have shape"):
+        train(model, synthetic.images[:, :, :, 0], synthetic.labels, key, FAST)
+    with pytest.raises(TypeError, match="images must be floating"):
+        train(model, (synthetic.images * 255).astype(np.uint8), synthetic.labels, key, FAST)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        train(model, synthetic.images, synthetic.labels[:-1], key, FAST)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        train(model, synthetic.images, synthetic.labels + 5, key, FAST)
+    with pytest.raises(ValueError, match="config.epochs"):
+        train(model, synthetic.images, synthetic.labels, key, FAST._replace(epochs=0))
+    with pytest.raises(TypeError, match="config must be a TrainConfig"):
+        train(model, synthetic.images, synthetic.labels, key, {"epochs": 1})
+
+
+def test_zoo_config_quick_is_short():
+    for name in ("FC10(1)", "FC200-200-10", "AE400-10", "ConvNet"):
+        full, quick = zoo_config(get_model(name)), zoo_config(get_model(name), quick=True)
+        assert quick.epochs <= 2 and quick.ae_epochs == 1 and full.epochs > quick.epochs
+
+
+# -- checkpoints ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["AE400-10", "ConvNet"])
+def test_checkpoint_round_trip_is_bit_identical(tmp_path, name):
+    model = get_model(name)
+    params = model.init(jax.random.PRNGKey(3))
+    params = jax.tree.map(lambda w: w + jnp.float32(1e-7) * jnp.arange(w.size).reshape(w.shape), params)
+    meta = {"model": name, "test_error": 0.123, "config": {"epochs": 3}}
+    save_checkpoint(tmp_path / "ckpt", params, meta)
+    loaded, loaded_meta = load_checkpoint(tmp_path / "ckpt", model)
+    assert loaded_meta == meta
+    assert isinstance(loaded, tuple) and [set(p) for p in loaded] == [set(p) for p in params]
+    assert leaves_equal_bitwise(loaded, params)
+    x = jax.random.uniform(jax.random.PRNGKey(0), (2, 28, 28, 1))
+    assert np.array_equal(model.apply(loaded, x), model.apply(params, x))
+    save_checkpoint(tmp_path / "ckpt", params, {"again": True})  # overwriting works
+    assert load_checkpoint(tmp_path / "ckpt", model)[1] == {"again": True}
+
+
+def test_checkpoint_errors(tmp_path):
+    params = get_model("FC100-100-10").init(jax.random.PRNGKey(0))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_checkpoint(tmp_path / "missing", get_model("FC100-100-10"))
+    save_checkpoint(tmp_path / "c", params, {})
+    with pytest.raises(ValueError, match="expects"):
+        load_checkpoint(tmp_path / "c", get_model("FC200-200-10"))
+    with pytest.raises(ValueError, match="layers"):
+        load_checkpoint(tmp_path / "c", get_model("FC10(1)"))
+    with pytest.raises(TypeError, match="meta must be a dict"):
+        save_checkpoint(tmp_path / "d", params, ["not", "a", "dict"])
+    (tmp_path / "c" / "meta.json").unlink()  # a save killed before its meta landed
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "c", get_model("FC100-100-10"))
+
+
+# -- experiments/common.py and train_zoo --------------------------------------------
+
+def test_trained_models_saves_then_reuses(tmp_path, synthetic, monkeypatch):
+    from experiments import common
+    got = common.trained_models(["FC10(1)"], "fashion_mnist", tmp_path, quick=True,
+                                train_set=synthetic, tag="syn", verbose=False)
+    model, params = got["FC10(1)@syn"]
+    meta = json.loads((tmp_path / "models" / "FC10(1)@syn" / "meta.json").read_text())
+    assert meta["model"] == "FC10(1)" and meta["tag"] == "syn" and meta["quick"] is True
+    assert meta["num_train"] == len(synthetic.labels) and meta["num_params"] == 7850
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a stored model was retrained")
+    monkeypatch.setattr(common, "train", must_not_train)
+    again = common.trained_models("FC10(1)", "fashion_mnist", tmp_path, quick=True,
+                                  train_set=synthetic, tag="syn", verbose=False)
+    assert leaves_equal_bitwise(again["FC10(1)@syn"][1], params)
+    with pytest.raises(AssertionError, match="retrained"):  # a quick model never stands in for a full one
+        common.trained_models("FC10(1)", "fashion_mnist", tmp_path, train_set=synthetic, tag="syn")
+    with pytest.raises(ValueError, match="trained on 'fashion_mnist'"):
+        common.trained_models("FC10(1)", "mnist", tmp_path, quick=True, train_set=synthetic, tag="syn")
+    with pytest.raises(ValueError, match="tag is required"):
+        common.trained_models("FC10(1)", "fashion_mnist", tmp_path, train_set=synthetic)
+
+
+def test_markdown_table_and_json(tmp_path):
+    from experiments.common import markdown_table, write_json_atomic
+    table = markdown_table(["a", "b"], [[1, 0.123456], ["x", "y"]])
+    assert table == "| a | b |\n|---|---|\n| 1 | 0.1235 |\n| x | y |\n"
+    with pytest.raises(ValueError, match="cells"):
+        markdown_table(["a"], [[1, 2]])
+    write_json_atomic(tmp_path / "sub" / "r.json", {"x": np.float32(0.5), "v": np.arange(3)})
+    assert json.loads((tmp_path / "sub" / "r.json").read_text()) == {"x": 0.5, "v": [0, 1, 2]}
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]  # no temporary files left
+
+
+def _write_idx_split(folder, stem, data: Dataset):
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.round(data.images[..., 0] * 255).astype(np.uint8)
+    for kind, array in (("images-idx3", images), ("labels-idx1", data.labels.astype(np.uint8))):
+        header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+        (folder / f"{stem}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.tobytes()))
+
+
+def test_train_zoo_quick_end_to_end(tmp_path, monkeypatch):
+    from experiments import train_zoo
+    _write_idx_split(tmp_path / "data" / "fashion_mnist", "train", make_synthetic(256, seed=2))
+    _write_idx_split(tmp_path / "data" / "fashion_mnist", "t10k", make_synthetic(64, seed=3))
+    monkeypatch.setattr(train_zoo, "ALL_MODELS", ("FC10(1e-4)", "FC10(1)"))
+    argv = ["--data-dir", str(tmp_path / "data"), "--workdir", str(tmp_path / "run"), "--quick"]
+    results = train_zoo.main(argv)
+    saved = json.loads((tmp_path / "run" / "train_zoo" / "results.json").read_text())
+    assert [r["model"] for r in saved["rows"]] == ["FC10(1e-4)", "FC10(1)"]
+    for row in saved["rows"]:
+        assert {"model", "train_error", "test_error", "num_params", "train_seconds"} <= set(row)
+        assert 0.0 <= row["test_error"] <= 1.0 and row["num_params"] == 7850
+    assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+    table = (tmp_path / "run" / "train_zoo" / "table.md").read_text()
+    assert "FC10(1e-4)" in table and "7.40%" in table  # the paper's test error beside ours
+    assert (tmp_path / "run" / "models" / "FC10(1)" / "params.msgpack").is_file()
+
+
+# -- real data ------------------------------------------------------------------------
+
+def test_fc100_on_real_mnist_digits(data_dir):
+    """FC100-100-10 trained briefly on the first half of the MNIST test images, scored on the second."""
+    test = load_dataset("mnist", "test", data_dir)
+    model = get_model("FC100-100-10")
+    params = train(model, test.images[:5000], test.labels[:5000], jax.random.PRNGKey(0),
+                   TrainConfig(epochs=10, batch_size=64, learning_rate=2e-3, verbose=False))
+    assert error_rate(model, params, test.images[5000:], test.labels[5000:]) < 0.10
+
+
+def test_common_args_default_workdir_follows_dataset():
+    import argparse
+    from experiments.common import add_common_args
+    parser = add_common_args(argparse.ArgumentParser())
+    args = parser.parse_args([])
+    assert (args.dataset, args.workdir, args.data_dir, args.quick) == ("fashion_mnist", "runs/fashion_mnist", None, False)
+    assert parser.parse_args(["--dataset", "mnist"]).workdir == "runs/mnist"
+    assert parser.parse_args(["--dataset", "mnist", "--workdir", "w"]).workdir == "w"
