@@ -1,0 +1,83 @@
+"""Target labels for the attack: given, a random wrong label, the runner-up, or every wrong label."""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxadv.attacks.lbfgs import AttackConfig, AttackResult, lbfgs_attack
+
+
+def random_wrong_targets(key: jax.Array, labels, num_classes: int = 10) -> jax.Array:
+    """A label drawn uniformly from the num_classes - 1 wrong ones, per image (seeded by `key`)."""
+    labels = _check_labels(labels, num_classes)
+    offsets = jax.random.randint(key, labels.shape, 1, num_classes)
+    return ((labels + offsets) % num_classes).astype(jnp.int32)
+
+
+def runner_up_targets(logits, labels=None) -> jax.Array:
+    """The highest-scoring class other than the true label (if `labels` is given) or the predicted class.
+
+    With labels, the target is never the true class, so a misclassified image
+    gets its (wrong) predicted class and the attack succeeds at distortion 0;
+    without labels it is the second-highest logit (CleverHans' default).
+    """
+    logits = jnp.asarray(logits)
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits: expected shape [batch, classes >= 2], got {logits.shape}")
+    exclude = jnp.argmax(logits, axis=-1) if labels is None else jnp.asarray(_check_labels(labels, logits.shape[1]))
+    if exclude.shape != logits.shape[:1]:
+        raise ValueError(f"labels: expected shape {logits.shape[:1]}, got {exclude.shape}")
+    masked = jnp.where(jax.nn.one_hot(exclude, logits.shape[1], dtype=bool), -jnp.inf, logits)
+    return jnp.argmax(masked, axis=-1).astype(jnp.int32)
+
+
+def all_wrong_targets(labels, num_classes: int = 10) -> jax.Array:
+    """[B, num_classes - 1]: every wrong label of each image, in the order label+1, label+2, ... (mod num_classes)."""
+    labels = _check_labels(labels, num_classes)
+    return ((labels[:, None] + jnp.arange(1, num_classes)) % num_classes).astype(jnp.int32)
+
+
+class AllTargetsResult(NamedTuple):
+    """The minimum over targets (`best`, `target`) and every target's own result (leading axis: target)."""
+    best: AttackResult
+    target: jax.Array
+    per_target: AttackResult
+
+
+def lbfgs_attack_all_targets(logits_fn: Callable, images, labels, config: AttackConfig = AttackConfig(),
+                             num_classes: int = 10, lower=0.0, upper=1.0) -> AllTargetsResult:
+    """Attack every wrong label; per image keep the successful one with the smallest distortion.
+
+    That minimum is the untargeted minimal distortion (the smallest r that
+    changes the label at all). Iterations and evaluations of `best` are summed
+    over all targets. Each target is one `lbfgs_attack` call on the same
+    shapes (one compilation).
+    """
+    labels = _check_labels(labels, num_classes)
+    all_targets = all_wrong_targets(labels, num_classes)
+    results = [lbfgs_attack(logits_fn, images, all_targets[:, k], config, lower, upper, labels=labels)
+               for k in range(num_classes - 1)]
+    per_target = jax.tree.map(lambda *a: jnp.stack(a), *results)
+    score = jnp.where(per_target.success, per_target.distortion, jnp.inf)           # [K-1, B]
+    pick = jnp.argmin(score, axis=0)
+    best = jax.tree.map(lambda a: jnp.take_along_axis(a, pick.reshape((1, -1) + (1,) * (a.ndim - 2)), 0)[0], per_target)
+    best = best._replace(iterations=per_target.iterations.sum(0), evaluations=per_target.evaluations.sum(0))
+    return AllTargetsResult(best=best, target=all_targets[jnp.arange(labels.shape[0]), pick], per_target=per_target)
+
+
+def _check_labels(labels, num_classes):
+    if isinstance(labels, jax.core.Tracer):
+        return labels
+    arr = np.asarray(labels)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"labels: expected an integer dtype, got {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"labels: expected shape [batch], got {arr.shape}")
+    if int(num_classes) < 2:
+        raise ValueError(f"num_classes: must be >= 2, got {num_classes}")
+    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
+        raise ValueError(f"labels: must be in [0, {num_classes}), got range [{arr.min()}, {arr.max()}]")
+    return jnp.asarray(arr, jnp.int32)

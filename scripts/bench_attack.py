@@ -1,0 +1,238 @@
+"""The batched attack against a per-image scipy L-BFGS-B loop on the same problems, in one process.
+
+    python scripts/bench_attack.py [--num-images 1000] [--scipy-images 100] [--workdir runs/fashion_mnist]
+                                   [--data-dir DIR] [--lanes N] [--out bench_attack.json]
+
+Problems: the first --num-images Fashion-MNIST test images, random wrong
+targets (seed --seed), the trained FC100-100-10 from WORKDIR/models (trained
+and stored there by `experiments.common.trained_models` if missing).
+
+(a) `lbfgs_attack` with the default AttackConfig, all images in one compiled
+    program; compile time measured apart (ahead-of-time lower + compile).
+(b) a Python loop over images running scipy.optimize.minimize(method="L-BFGS-B",
+    jac=True, bounds=[(0, 1)] * 784) on the same objective (a jitted float32
+    single-image value-and-gradient), with the same c search (start, growth,
+    bracket and bisection steps, largest successful c, best = smallest
+    successful distortion) and the same L-BFGS memory, iteration cap, line
+    search cap and tolerances.
+
+The scipy loop runs on the first --scipy-images images (it is slow); (a) runs
+on that subset too, so the images/s and distortion ratios compare the same
+problems, and on all --num-images. Raw throughput: the attack's own batched
+value-and-gradient at the batch shape the attack's loop uses (its lanes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.common import trained_models, write_json_atomic  # noqa: E402
+from jaxadv.attacks import AttackConfig, lbfgs_attack, random_wrong_targets  # noqa: E402
+from jaxadv.attacks.lbfgs import _cross_entropy, _penalty, lbfgs_attack_core  # noqa: E402
+from jaxadv.data import load_dataset  # noqa: E402
+
+MODEL = "FC100-100-10"
+
+
+def objective_fn(model, params, config):
+    def objective(x, origin, c, target):
+        logits = model.apply(params, x.reshape((1,) + model.input_shape))[0]
+        return c * _penalty(x - origin, config.penalty) + _cross_entropy(logits, target)
+    return objective
+
+
+def run_batched(model, params, images, targets, config):
+    """(result, compile seconds, steady-state seconds) of lbfgs_attack_core on these images."""
+    logits_fn = jax.tree_util.Partial(model.apply, params)
+    x, t = jnp.asarray(images), jnp.asarray(targets, jnp.int32)
+    lower, upper = jnp.float32(0.0), jnp.float32(1.0)
+    lbfgs_attack(logits_fn, images[:1], targets[:1], AttackConfig(max_iterations=1, bisection_steps=0,
+                                                                  max_bracket_steps=0))  # warm the imports
+    tic = time.perf_counter()
+    compiled = lbfgs_attack_core.lower(logits_fn, x, t, lower, upper, None, config=config).compile()
+    compile_seconds = time.perf_counter() - tic
+    jax.block_until_ready(compiled(logits_fn, x, t, lower, upper, None))      # first run: page in buffers
+    tic = time.perf_counter()
+    result = jax.block_until_ready(compiled(logits_fn, x, t, lower, upper, None))
+    return result, compile_seconds, time.perf_counter() - tic
+
+
+def raw_gradient_throughput(model, params, config, batch, repeats=50):
+    """Evaluations per second of the attack's objective, jit(vmap(value_and_grad)) on `batch` images."""
+    objective = objective_fn(model, params, config)
+    value_and_grad = jax.jit(jax.vmap(jax.value_and_grad(objective)))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(0, 1, (batch, 784)), jnp.float32)
+    origin = jnp.asarray(rng.uniform(0, 1, (batch, 784)), jnp.float32)
+    c = jnp.full((batch,), 0.5, jnp.float32)
+    t = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+    jax.block_until_ready(value_and_grad(x, origin, c, t))
+    best = np.inf
+    for _ in range(5):   # best of 5: the CPU is shared
+        tic = time.perf_counter()
+        for _ in range(repeats):
+            out = value_and_grad(x, origin, c, t)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - tic) / repeats)
+    return batch / best
+
+
+def scipy_attack_one(value_and_grad, predict, x0, target, config):
+    """The same c search as lbfgs_attack, each run a scipy L-BFGS-B from x0."""
+    flat = x0.reshape(-1).astype(np.float64)
+    bounds = [(0.0, 1.0)] * flat.size
+    options = dict(maxcor=config.memory_size, maxiter=config.max_iterations, maxls=config.max_line_search_steps,
+                   ftol=config.ftol, gtol=config.gtol)
+    c, lo, hi = config.initial_c, 0.0, np.inf
+    bracket_steps = bisections = evaluations = 0
+    best, best_l2, best_c = None, np.inf, c
+    while True:
+        def fun(z, c=c):
+            v, g = value_and_grad(jnp.asarray(z, jnp.float32), x0.reshape(-1), np.float32(c), target)
+            return float(v), np.asarray(g, np.float64)
+        solution = scipy.optimize.minimize(fun, flat, jac=True, method="L-BFGS-B", bounds=bounds, options=options)
+        evaluations += solution.nfev
+        x = solution.x.astype(np.float32)
+        success = int(predict(x)) == target
+        l2 = float(np.linalg.norm(x - x0.reshape(-1)))
+        if (success and l2 < best_l2) or (best is None and not np.isfinite(best_l2)):
+            best, best_c = x, c
+            if success:
+                best_l2 = l2
+        was_bracketed = lo > 0 and np.isfinite(hi)
+        lo, hi = (max(lo, c), hi) if success else (lo, min(hi, c))
+        bracketed = lo > 0 and np.isfinite(hi)
+        bisections += was_bracketed
+        bracket_steps += not bracketed
+        if bracketed and bisections >= config.bisection_steps:
+            break
+        if not bracketed and bracket_steps > config.max_bracket_steps:
+            break
+        c = np.sqrt(lo * hi) if bracketed else (c / config.growth if np.isfinite(hi) else c * config.growth)
+    success = int(predict(best)) == target
+    l2 = float(np.linalg.norm(best - x0.reshape(-1)))
+    return success, l2, best_c, evaluations
+
+
+def run_scipy(model, params, images, targets, config):
+    objective = objective_fn(model, params, config)
+    value_and_grad = jax.jit(jax.value_and_grad(objective))
+    predict_jit = jax.jit(lambda x: jnp.argmax(model.apply(params, x.reshape((1,) + model.input_shape))[0]))
+    predict = lambda x: predict_jit(jnp.asarray(x, jnp.float32))
+    # Compile before timing.
+    value_and_grad(jnp.asarray(images[0].reshape(-1)), images[0].reshape(-1), np.float32(1.0), int(targets[0]))
+    predict(images[0])
+    rows = []
+    tic = time.perf_counter()
+    for x0, t in zip(images, targets):
+        rows.append(scipy_attack_one(value_and_grad, predict, x0, int(t), config))
+    seconds = time.perf_counter() - tic
+    success, l2, c, evaluations = map(np.array, zip(*rows))
+    return dict(success=success, l2=l2, c=c, evaluations=evaluations), seconds
+
+
+def summary(success, l2, n_pixels):
+    success = np.asarray(success, bool)
+    distortion = np.asarray(l2) / np.sqrt(n_pixels)
+    return dict(success_rate=float(success.mean()),
+                mean_distortion=float(distortion[success].mean()) if success.any() else float("nan"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-images", type=int, default=1000)
+    parser.add_argument("--scipy-images", type=int, default=100, help="images for the scipy loop (and the paired run)")
+    parser.add_argument("--workdir", default="runs/fashion_mnist")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--lanes", type=int, default=None, help="AttackConfig.lanes (default: AttackConfig's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override an AttackConfig field for both solvers, e.g. --set ftol=1e-5")
+    parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+
+    config = AttackConfig() if args.lanes is None else AttackConfig(lanes=args.lanes)
+    for item in args.set:
+        field, _, value = item.partition("=")
+        if field not in AttackConfig._fields:
+            parser.error(f"--set: unknown AttackConfig field {field!r}")
+        default = getattr(AttackConfig(), field)
+        config = config._replace(**{field: value if isinstance(default, str) else type(default or 0)(float(value))
+                                    if not isinstance(default, float) else float(value)})
+    model, params = trained_models([MODEL], "fashion_mnist", args.workdir, args.data_dir)[MODEL]
+    test = load_dataset("fashion_mnist", "test", args.data_dir)
+    images = test.images[:args.num_images]
+    labels = test.labels[:args.num_images]
+    targets = np.asarray(random_wrong_targets(jax.random.PRNGKey(args.seed), labels))
+    k = min(args.scipy_images, args.num_images)
+    lanes = min(config.lanes or args.num_images, args.num_images)
+    print(f"{MODEL} on {args.num_images} Fashion-MNIST test images, random wrong targets (seed {args.seed}); "
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s); config {config}", flush=True)
+
+    full, full_compile, full_seconds = run_batched(model, params, images, targets, config)
+    sub, sub_compile, sub_seconds = run_batched(model, params, images[:k], targets[:k], config)
+    raw = raw_gradient_throughput(model, params, config, lanes)
+    raw_sub = raw_gradient_throughput(model, params, config, min(lanes, k))
+    reference, scipy_seconds = run_scipy(model, params, images[:k], targets[:k], config)
+
+    n_pixels = 784
+    ours_full = summary(full.success, full.l2, n_pixels)
+    ours_sub = summary(sub.success, sub.l2, n_pixels)
+    theirs = summary(reference["success"], reference["l2"], n_pixels)
+    evals_full = int(np.sum(full.evaluations))
+    evals_sub = int(np.sum(sub.evaluations))
+    figures = {
+        "model": MODEL, "num_images": args.num_images, "scipy_images": k, "config": config._asdict(),
+        "batched_all": dict(images=args.num_images, compile_seconds=full_compile, seconds=full_seconds,
+                            images_per_second=args.num_images / full_seconds,
+                            evaluations=evals_full, evaluations_per_second=evals_full / full_seconds,
+                            raw_evaluations_per_second=raw, fraction_of_raw=evals_full / full_seconds / raw,
+                            mean_evaluations_per_image=evals_full / args.num_images, **ours_full),
+        "batched_subset": dict(images=k, compile_seconds=sub_compile, seconds=sub_seconds,
+                               images_per_second=k / sub_seconds, evaluations=evals_sub,
+                               evaluations_per_second=evals_sub / sub_seconds, raw_evaluations_per_second=raw_sub,
+                               fraction_of_raw=evals_sub / sub_seconds / raw_sub,
+                               mean_evaluations_per_image=evals_sub / k, **ours_sub),
+        "scipy_subset": dict(images=k, seconds=scipy_seconds, images_per_second=k / scipy_seconds,
+                             evaluations=int(reference["evaluations"].sum()),
+                             mean_evaluations_per_image=float(reference["evaluations"].mean()), **theirs),
+    }
+    figures["speedup_same_images"] = figures["batched_subset"]["images_per_second"] / figures["scipy_subset"]["images_per_second"]
+    figures["speedup_all_vs_scipy_rate"] = figures["batched_all"]["images_per_second"] / figures["scipy_subset"]["images_per_second"]
+    figures["distortion_ratio_same_images"] = ours_sub["mean_distortion"] / theirs["mean_distortion"]
+    both = np.asarray(sub.success) & reference["success"]
+    figures["distortion_ratio_paired"] = float(np.mean(np.asarray(sub.l2)[both]) / np.mean(reference["l2"][both]))
+
+    a, s, f = figures["batched_all"], figures["scipy_subset"], figures["batched_subset"]
+    print(f"batched, {args.num_images} images: compile {a['compile_seconds']:.1f} s, run {a['seconds']:.2f} s = "
+          f"{a['images_per_second']:.1f} images/s; success {a['success_rate']:.1%}, mean distortion {a['mean_distortion']:.4f}")
+    print(f"batched, first {k} images: compile {f['compile_seconds']:.1f} s, run {f['seconds']:.2f} s = "
+          f"{f['images_per_second']:.1f} images/s; success {f['success_rate']:.1%}, mean distortion {f['mean_distortion']:.4f}")
+    print(f"scipy loop, first {k} images: {s['seconds']:.1f} s = {s['images_per_second']:.2f} images/s; "
+          f"success {s['success_rate']:.1%}, mean distortion {s['mean_distortion']:.4f}")
+    print(f"images/s ratio (same {k} images): {figures['speedup_same_images']:.1f}x; "
+          f"all {args.num_images} vs the scipy loop's rate: {figures['speedup_all_vs_scipy_rate']:.1f}x")
+    print(f"mean distortion ratio batched/scipy (same images): {figures['distortion_ratio_same_images']:.4f} "
+          f"(paired over images both solved: {figures['distortion_ratio_paired']:.4f})")
+    print(f"function evaluations/s: {a['evaluations_per_second']:.0f} = {a['fraction_of_raw']:.0%} of the raw batched "
+          f"value-and-gradient ({raw:.0f}/s at batch {lanes}); mean {a['mean_evaluations_per_image']:.0f} evaluations "
+          f"per image (scipy: {s['mean_evaluations_per_image']:.0f})")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    figures["load_average_end"] = os.getloadavg()[0]
+    if args.out:
+        write_json_atomic(args.out, figures)
+
+
+if __name__ == "__main__":
+    main()
