@@ -1,0 +1,319 @@
+"""Table 1: the zoo's training and test errors and the average minimal distortion (§4.2).
+
+    python -m experiments.table1 [--dataset fashion_mnist] [--num-images 1000] [--split train]
+                                 [--targets random] [--chunk-size C] [--block-size B] [--quick]
+
+For each model of Table 1 (trained first if WORKDIR/models/<name>/ is missing):
+its error on the training and test sets, and the box-constrained L-BFGS attack
+(`jaxadv.attacks.lbfgs_attack_core`, default `AttackConfig`) on N images of
+`--split` (the paper attacked training images), one target label per image.
+The attack runs through `jaxadv.sweep`: sharded over every device JAX sees, in
+chunks saved under WORKDIR/table1/chunks/<model>/<run>/, so an interrupted run
+resumes where it stopped. "Av. min. distortion" is the mean per-pixel RMS
+distortion sqrt(Σ(x'−x)²/n) of the successful adversarial examples; the
+success rate is reported beside it.
+
+Writes WORKDIR/table1/results.json (list `rows`), table.md (the paper's MNIST
+values beside ours) and figure7.png (the paper's Fig. 7 layout).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from experiments.common import (add_common_args, experiment_dir, markdown_table, resolve_workdir, save_figure_atomic,
+                                trained_models, write_json_atomic, write_text_atomic)
+from jaxadv.attacks import AttackConfig, lbfgs_attack_core, random_wrong_targets, runner_up_targets
+from jaxadv.data import load_dataset
+from jaxadv.models import ZOO
+from jaxadv.plots import DistortionPanel, distortion_grid_figure
+from jaxadv.sweep import chunk_size_for_memory, fingerprint_arrays, run_sweep, sharded
+from jaxadv.train import error_rate
+from jaxadv.transfer import gaussian_noise
+
+NAME = "table1"
+NUM_CLASSES = 10
+DEFAULT_NUM_IMAGES = 1000
+QUICK_NUM_IMAGES = 40
+DEFAULT_BLOCK_SIZE = 1000       # images per device pass: several rounds of the attack's 256 lanes
+MAX_CHUNK_PER_DEVICE = 2000     # a chunk is the unit of loss on interruption: keep it minutes, not hours
+FIGURE_IMAGES = 8
+FIGURE_NOISE_STDDEV = 1.0  # the paper's Fig. 7(c) control
+# Short Fashion-MNIST class names for the figure's captions (MNIST's classes are the digits).
+CLASS_NAMES = {"fashion_mnist": ("T-shirt", "Trouser", "Pullover", "Dress", "Coat",
+                                 "Sandal", "Shirt", "Sneaker", "Bag", "Boot")}
+RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations")
+
+# The paper's Table 1 (MNIST): training error, test error, av. min. distortion.
+PAPER = {
+    "FC10(1e-4)": (0.067, 0.074, 0.062),
+    "FC10(1e-2)": (0.10, 0.094, 0.1),
+    "FC10(1)": (0.212, 0.20, 0.14),
+    "FC100-100-10": (0.0, 0.0164, 0.058),
+    "FC200-200-10": (0.0, 0.0154, 0.065),
+    "AE400-10": (0.0057, 0.019, 0.086),
+}
+
+
+# -- composing the attack with the sweep -----------------------------------------------------
+
+def attack_bytes_per_image(model, config, block_size) -> int:
+    """Device memory per image of a block attacked with `lbfgs_attack_core`, in bytes (float32).
+
+    The attack keeps L-BFGS state only for its `config.lanes` lanes: the
+    (s, y) history 2·m·n, about 10 image-sized vectors (iterate, trial,
+    gradient, direction, origin, best) and 3x the activations for the forward
+    and backward passes. Every image of the block holds about 4·n more
+    (the image, its best point, the output, the padding copy).
+    """
+    n = math.prod(model.input_shape)
+    lanes = block_size if config.lanes is None else min(config.lanes, block_size)
+    activations = sum(math.prod(s) for s in model.output_shapes())
+    per_lane = 2 * config.memory_size * n + 10 * n + 3 * activations
+    return 4 * (4 * n + math.ceil(lanes * per_lane / block_size))
+
+
+def attack_images(model, params, images, targets, directory, config, chunk_size, block_size, label=""):
+    """`lbfgs_attack_core` on every image, sharded over all devices, in resumable chunks under `directory`."""
+    logits_fn = jax.tree_util.Partial(model.apply, params)
+
+    def attack(x, t):
+        result = lbfgs_attack_core(logits_fn, x, t, 0.0, 1.0, config=config)
+        return {f: getattr(result, f) for f in RESULT_FIELDS}
+
+    attack_on_devices = sharded(attack, block_size=block_size)
+    sweep_config = {"model": model.name, "params": fingerprint_arrays({"params": params}),
+                    "attack": repr(config), "attack_source": attack_source_fingerprint(),
+                    "jax": jax.__version__, "block_size": block_size}
+    return run_sweep(lambda chunk: attack_on_devices(chunk["images"], chunk["targets"]),
+                     {"images": images, "targets": targets}, directory, chunk_size,
+                     config=sweep_config, label=label or f"attack {model.name}")
+
+
+def attack_source_fingerprint() -> str:
+    """sha256 of the attack's source files: a resumed sweep must not mix two versions of the algorithm."""
+    import jaxadv.attacks as attacks
+    folder = os.path.dirname(attacks.__file__)
+    digest = hashlib.sha256()
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
+        with open(os.path.join(folder, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def choose_sizes(num_images, num_devices, model, config, chunk_size=None, block_size=None):
+    """(chunk, block): a block per device pass, a chunk a whole number of devices x block rows.
+
+    Small runs shrink the block so that padding never costs more than one block
+    per device; the chunk follows from --chunk-size, else from device memory
+    (`chunk_size_for_memory`), at most MAX_CHUNK_PER_DEVICE per device.
+    """
+    block = block_size or min(DEFAULT_BLOCK_SIZE, math.ceil(num_images / num_devices))
+    step = num_devices * block
+    if chunk_size is None:
+        chunk_size = chunk_size_for_memory(attack_bytes_per_image(model, config, block), num_devices=num_devices,
+                                           multiple_of=step, maximum=max(step, MAX_CHUNK_PER_DEVICE * num_devices))
+        chunk_size = min(chunk_size, step * math.ceil(num_images / step))
+    if chunk_size % step:
+        raise ValueError(f"--chunk-size: must be a multiple of devices x block = {num_devices} x {block}, "
+                         f"got {chunk_size}")
+    return chunk_size, block
+
+
+def select_images(dataset, num_images, seed):
+    """The images, labels and random wrong targets that table2 also draws for the same seed and N.
+
+    A sorted random subset of size N (all images when N is the split's size),
+    so `--num-images 500 --seed 0` attacks exactly Table 2's images and targets.
+    """
+    if not 1 <= num_images <= len(dataset.labels):
+        raise ValueError(f"--num-images: must be in [1, {len(dataset.labels)}], got {num_images}")
+    pick_key, target_key, _ = jax.random.split(jax.random.PRNGKey(seed), 3)
+    index = np.sort(np.asarray(jax.random.choice(pick_key, len(dataset.labels), (num_images,), replace=False)))
+    images, labels = dataset.images[index], dataset.labels[index]
+    targets = np.asarray(random_wrong_targets(target_key, labels, NUM_CLASSES), dtype=np.int32)
+    return index, images, labels, targets
+
+
+def predict(model, params, images, batch_size=2000):
+    apply = jax.jit(functools.partial(model.apply, params))
+    return np.concatenate([np.argmax(np.asarray(apply(images[i:i + batch_size])), axis=-1)
+                           for i in range(0, len(images), batch_size)])
+
+
+def summarize(name, attack, labels, targets, adversarial_predictions, train_err, test_err):
+    success = np.asarray(attack["success"], bool)
+    distortion = np.asarray(attack["distortion"], np.float64)
+    ok = distortion[success]
+    return {
+        "model": name,
+        "train_error": train_err,
+        "test_error": test_err,
+        "av_min_distortion": float(ok.mean()) if ok.size else None,
+        "median_min_distortion": float(np.median(ok)) if ok.size else None,
+        "success_rate": float(success.mean()),
+        "num_images": int(len(labels)),
+        # The paper's definition: accuracy on the adversarial set should reach 0%.
+        "adversarial_accuracy": float(np.mean(adversarial_predictions == labels)),
+        "reached_target_rate": float(np.mean(adversarial_predictions == targets)),
+        "mean_iterations": float(np.mean(attack["iterations"])) if "iterations" in attack else None,
+        "paper_train_error": PAPER[name][0] if name in PAPER else None,
+        "paper_test_error": PAPER[name][1] if name in PAPER else None,
+        "paper_av_min_distortion": PAPER[name][2] if name in PAPER else None,
+    }
+
+
+# -- outputs --------------------------------------------------------------------------------------
+
+def pct(x):
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def num(x):
+    return "–" if x is None else f"{x:.3f}"
+
+
+def table_markdown(results) -> str:
+    headers = ["Model", "Training error", "Test error", "Av. min. distortion", "Success rate",
+               "Adv. accuracy", "Images"]
+    rows = [[r["model"], f"{pct(r['train_error'])} ({pct(r['paper_train_error'])})",
+             f"{pct(r['test_error'])} ({pct(r['paper_test_error'])})",
+             f"{num(r['av_min_distortion'])} ({num(r['paper_av_min_distortion'])})",
+             pct(r["success_rate"]), pct(r["adversarial_accuracy"]), str(r["num_images"])]
+            for r in results["rows"]]
+    return (f"# Table 1 ({results['dataset']}{', quick' if results['quick'] else ''})\n\n"
+            f"Each cell: this run (the paper's MNIST value). Attack: {results['num_images']} {results['split']} "
+            f"images per model, targets: {results['targets']}.\n"
+            "Av. min. distortion: mean per-pixel RMS sqrt(Σ(x'−x)²/784) over the successful attacks; "
+            "Adv. accuracy: fraction of adversarial images still classified as the true label.\n\n"
+            + markdown_table(headers, rows) + "\n")
+
+
+def figure7(models, chosen, images, labels, attacks, noise_key, class_names=None):
+    """Fig. 7: panels of originals / adversarials / differences for two models, then Gaussian noise."""
+    shown = slice(0, min(FIGURE_IMAGES, len(labels)))
+    x, y = images[shown], labels[shown]
+
+    def name_of(k):
+        return class_names[k] if class_names else str(k)
+
+    def captions(predicted):   # the predicted label, and the true one where they differ
+        return [name_of(p) if p == t else f"{name_of(p)} (true {name_of(t)})" for p, t in zip(predicted, y)]
+
+    panels = []
+    for letter, name in zip("abcdefgh", chosen):
+        model, params = models[name]
+        adversarial = np.asarray(attacks[name]["adversarial"][shown])
+        before, after = predict(model, params, x), predict(model, params, adversarial)
+        rms = np.sqrt(np.mean((adversarial - x) ** 2))
+        panels.append(DistortionPanel(
+            f"({letter}) adversarial for {name}: RMS {rms:.3f}, accuracy {np.mean(after == y):.0%}",
+            x, adversarial, captions(before), captions(after)))
+    model, params = models[chosen[-1]]
+    noisy = np.asarray(gaussian_noise(noise_key, x, FIGURE_NOISE_STDDEV))
+    before, after = predict(model, params, x), predict(model, params, noisy)
+    panels.append(DistortionPanel(
+        f"({'abcdefgh'[len(chosen)]}) Gaussian noise, stddev {FIGURE_NOISE_STDDEV:g} (clipped): "
+        f"{chosen[-1]} accuracy {np.mean(after == y):.0%}",
+        x, noisy, captions(before), captions(after)))
+    return distortion_grid_figure(panels)
+
+
+# -- entry point -------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--num-images", type=int, default=None,
+                        help=f"images attacked per model (default {DEFAULT_NUM_IMAGES}, {QUICK_NUM_IMAGES} with --quick)")
+    parser.add_argument("--split", choices=("train", "test"), default="train",
+                        help="images to attack (the paper used the training set)")
+    parser.add_argument("--targets", choices=("random", "runner-up"), default="random",
+                        help="random: one seeded uniformly random wrong label per image, shared by all models; "
+                             "runner-up: each model's second most likely class")
+    parser.add_argument("--seed", type=int, default=0, help="picks the images, the targets and the figure's noise")
+    parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO), help="subset of Table 1's models")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="images per saved chunk (default: from device memory, at most "
+                             f"{MAX_CHUNK_PER_DEVICE} per device); a multiple of devices x block size")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help=f"images one device attacks at once (default {DEFAULT_BLOCK_SIZE}, fewer for small runs); "
+                             "results do not depend on the number of devices for a fixed block size")
+    args = parser.parse_args(argv)
+    num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
+    for flag in ("chunk_size", "block_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    workdir = resolve_workdir(args)
+    out_dir = str(experiment_dir(workdir, NAME))
+    start = time.time()
+
+    models = trained_models(list(args.models), args.dataset, workdir, args.data_dir, args.quick)
+    train = load_dataset(args.dataset, "train", args.data_dir)
+    test = load_dataset(args.dataset, "test", args.data_dir)
+    source = train if args.split == "train" else test
+    try:
+        index, images, labels, random_targets = select_images(source, num_images, args.seed)
+    except ValueError as e:
+        parser.error(str(e))
+    config = AttackConfig()
+    num_devices = len(jax.devices())
+
+    rows, attacks, timing = [], {}, {}
+    for name in args.models:
+        model, params = models[name]
+        try:
+            chunk_size, block = choose_sizes(num_images, num_devices, model, config, args.chunk_size, args.block_size)
+        except ValueError as e:
+            parser.error(str(e))
+        if args.targets == "random":
+            targets = random_targets
+        else:
+            targets = np.asarray(runner_up_targets(jax.jit(functools.partial(model.apply, params))(images)),
+                                 dtype=np.int32)
+        run = f"{args.split}-n{num_images}-seed{args.seed}-{args.targets}"
+        t0 = time.time()
+        attacks[name] = attack_images(model, params, images, targets,
+                                      os.path.join(out_dir, "chunks", name, run), config, chunk_size, block)
+        timing[name] = {"seconds_this_invocation": time.time() - t0, "chunk_size": chunk_size, "block_size": block}
+        adversarial_predictions = predict(model, params, attacks[name]["adversarial"])
+        rows.append(summarize(name, attacks[name], labels, targets, adversarial_predictions,
+                              error_rate(model, params, train.images, train.labels),
+                              error_rate(model, params, test.images, test.labels)))
+
+    results = {
+        "experiment": NAME,
+        "dataset": args.dataset,
+        "split": args.split,
+        "num_images": num_images,
+        "seed": args.seed,
+        "quick": args.quick,
+        "targets": ("one uniformly random wrong label per image (seeded), shared by all models"
+                    if args.targets == "random" else "each model's runner-up class"),
+        "attack_config": repr(config),
+        "num_devices": num_devices,
+        "rows": rows,
+        "timing": timing,
+        "paper": {"dataset": "mnist", **{n: dict(zip(("train_error", "test_error", "av_min_distortion"), v))
+                                         for n, v in PAPER.items()}},
+        "elapsed_seconds": time.time() - start,
+    }
+    write_json_atomic(os.path.join(out_dir, "results.json"), results)
+    write_text_atomic(os.path.join(out_dir, "table.md"), table_markdown(results))
+    chosen = [n for n in ("FC10(1e-4)", "FC200-200-10") if n in args.models] or list(args.models[:2])
+    save_figure_atomic(figure7(models, chosen, images, labels, attacks, jax.random.fold_in(jax.random.PRNGKey(args.seed), 7),
+                               class_names=CLASS_NAMES.get(args.dataset)),
+                       os.path.join(out_dir, "figure7.png"), dpi=110)
+    print(table_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

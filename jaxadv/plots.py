@@ -1,0 +1,130 @@
+"""Figures in the style of the paper's.
+
+Functions here build and return a `matplotlib.figure.Figure` without touching
+pyplot's global state, so they work under any backend; callers save them.
+Helpers add one function per figure style (append only).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def adversarial_triplets_figure(originals, adversarial, original_captions: Sequence[str],
+                                adversarial_captions: Sequence[str], *, magnify: float = 10.0,
+                                difference_captions: Sequence[str] | None = None,
+                                title: str | None = None):
+    """The paper's Fig. 5 layout: one row per image, columns original | magnified difference | adversarial.
+
+    The difference panel shows 0.5 + magnify·(x' − x) clamped to [0, 1], which is
+    the paper's "magnified 10x, shifted by 128 and clamped" on a [0, 1] scale:
+    mid-grey is no change, lighter is brighter, darker is darker. Captions go
+    under each panel (e.g. every model's predicted label for that image).
+    """
+    from matplotlib.figure import Figure
+
+    originals, adversarial = np.asarray(originals), np.asarray(adversarial)
+    if originals.shape != adversarial.shape or originals.ndim not in (3, 4):
+        raise ValueError(f"originals and adversarial must be image batches of one shape [N, H, W(, 1)], "
+                         f"got {originals.shape} and {adversarial.shape}")
+    n = originals.shape[0]
+    if n == 0:
+        raise ValueError("originals must hold at least one image")
+    for name, captions in (("original_captions", original_captions),
+                           ("adversarial_captions", adversarial_captions),
+                           ("difference_captions", difference_captions)):
+        if captions is not None and len(captions) != n:
+            raise ValueError(f"{name} must have one caption per image ({n}), got {len(captions)}")
+    if not np.isfinite(magnify) or magnify <= 0:
+        raise ValueError(f"magnify must be a positive number, got {magnify!r}")
+
+    def grey(images):
+        return images.reshape(images.shape[:3]) if images.ndim == 4 else images
+
+    x, x_adv = grey(originals), grey(adversarial)
+    difference = np.clip(0.5 + magnify * (x_adv - x), 0.0, 1.0)
+    lines = max(len(c.splitlines()) for c in list(original_captions) + list(adversarial_captions))
+    fig = Figure(figsize=(6.6, n * (2.1 + 0.16 * lines)), layout="constrained")
+    axes = fig.subplots(n, 3, squeeze=False)
+    headers = ("original", f"difference ×{magnify:g}", "adversarial")
+    for i in range(n):
+        panels = (x[i], difference[i], x_adv[i])
+        captions = (original_captions[i], difference_captions[i] if difference_captions else "",
+                    adversarial_captions[i])
+        for j, (ax, image, caption) in enumerate(zip(axes[i], panels, captions)):
+            ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlabel(caption, fontsize=7, family="monospace")
+            if i == 0:
+                ax.set_title(headers[j], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+# -- Fig. 7 (appended by the Table 1 work) ---------------------------------------
+
+from typing import NamedTuple  # noqa: E402  (kept with the function that needs it: append-only file)
+
+
+class DistortionPanel(NamedTuple):
+    """One panel of `distortion_grid_figure`: a set of images and their distorted versions."""
+    title: str                       # e.g. "(a) adversarial for FC10(1e-4), RMS 0.061, accuracy 0%"
+    originals: np.ndarray            # [N, H, W(, 1)] in [0, 1]
+    distorted: np.ndarray            # same shape
+    original_captions: Sequence[str]  # e.g. the predicted label of each original
+    distorted_captions: Sequence[str]  # e.g. the predicted label of each distorted image
+
+
+def distortion_grid_figure(panels: Sequence[DistortionPanel], *, magnify: float = 10.0,
+                           title: str | None = None):
+    """The paper's Fig. 7 layout: per panel, originals beside distorted images, plus their differences.
+
+    Each panel is a block of three rows with one column per image: originals,
+    distorted images (adversarial or noisy), and the difference shown as
+    0.5 + magnify·(x' − x) clamped to [0, 1] (mid-grey: no change, as in
+    `adversarial_triplets_figure`). Captions (predicted labels) go under the
+    originals and distorted images; the panel title says what distorted them.
+    """
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise ValueError("panels: need at least one DistortionPanel")
+    if not np.isfinite(magnify) or magnify <= 0:
+        raise ValueError(f"magnify must be a positive number, got {magnify!r}")
+    blocks = []
+    for p, panel in enumerate(panels):
+        x, x_dist = np.asarray(panel.originals), np.asarray(panel.distorted)
+        if x.shape != x_dist.shape or x.ndim not in (3, 4) or x.shape[0] == 0:
+            raise ValueError(f"panels[{p}]: originals and distorted must be non-empty image batches of one "
+                             f"shape [N, H, W(, 1)], got {x.shape} and {x_dist.shape}")
+        for name in ("original_captions", "distorted_captions"):
+            if len(getattr(panel, name)) != x.shape[0]:
+                raise ValueError(f"panels[{p}].{name}: need one caption per image ({x.shape[0]})")
+        x, x_dist = (a.reshape(a.shape[:3]) for a in (x, x_dist))
+        blocks.append((panel, x, x_dist, np.clip(0.5 + magnify * (x_dist - x), 0.0, 1.0)))
+    columns = max(b[1].shape[0] for b in blocks)
+    fig = Figure(figsize=(1.25 * columns + 0.9, 3.6 * len(blocks)), layout="constrained")
+    subfigs = fig.subfigures(len(blocks), 1, squeeze=False)[:, 0]
+    row_names = ("original", "distorted", f"diff ×{magnify:g}")
+    for subfig, (panel, x, x_dist, diff) in zip(subfigs, blocks):
+        axes = subfig.subplots(3, columns, squeeze=False)
+        for r, (images, captions) in enumerate(((x, panel.original_captions),
+                                                 (x_dist, panel.distorted_captions), (diff, None))):
+            for c in range(columns):
+                ax = axes[r, c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if c >= images.shape[0]:
+                    ax.set_axis_off()
+                    continue
+                ax.imshow(images[c], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+                if captions is not None:
+                    ax.set_xlabel(captions[c], fontsize=6)
+            axes[r, 0].set_ylabel(row_names[r], fontsize=8)
+        subfig.suptitle(panel.title, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
