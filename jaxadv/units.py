@@ -1,0 +1,157 @@
+"""Units of φ(x) (§3): which held-out images maximise ⟨φ(x), v⟩ along a direction v.
+
+The paper compares natural-basis directions v = e_i (a single unit) with random
+directions and finds both give "semantically related" images. It reports no
+number; `majority_label_share`, `mean_pairwise_cosine` and `permutation_test`
+turn the comparison into one.
+
+    features = layer_features(model, params, images, layer)   # [N, n]
+    directions = jnp.concatenate([natural_basis(n, units), random_unit_directions(key, 8, n)])
+    top = top_k_images(features, directions, k=10)             # indices [D, k]
+    share = majority_label_share(labels[top.indices], num_classes=10)
+
+All functions are pure; `top_k_images` handles a batch of directions at once.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxadv.models import Model, Params
+
+_PERMUTATION_BLOCK = 500
+
+
+class TopK(NamedTuple):
+    """For each direction (row): indices into the image set, and their projections ⟨φ(x), v⟩, best first."""
+    indices: jax.Array   # int32 [D, k]
+    scores: jax.Array    # float32 [D, k]
+
+
+def layer_features(model: Model, params: Params, images, layer: int, batch_size: int = 2000) -> jax.Array:
+    """φ(x) for every image: layer `layer`'s output, flattened to [N, n].
+
+    Computed in chunks of `batch_size` so that conv feature maps of the whole
+    test set never sit in memory at once.
+    """
+    if not 0 <= layer < len(model.layers):
+        raise ValueError(f"layer must index one of the model's {len(model.layers)} layers, got {layer}")
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape [N, H, W, C], got {images.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    forward = jax.jit(lambda x: model.activations(params, x)[layer].reshape(x.shape[0], -1))
+    chunks = [forward(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    return jnp.concatenate(chunks, axis=0)
+
+
+def natural_basis(dim: int, units: Sequence[int]) -> jax.Array:
+    """The natural basis vectors e_i for i in `units`, as rows: [len(units), dim]."""
+    units = np.asarray(units, dtype=np.int64)
+    if units.ndim != 1 or units.size == 0:
+        raise ValueError("units must be a non-empty 1-D sequence of unit indices")
+    if units.min() < 0 or units.max() >= dim:
+        raise ValueError(f"units must lie in [0, {dim}), got min {units.min()} max {units.max()}")
+    return jax.nn.one_hot(jnp.asarray(units), dim, dtype=jnp.float32)
+
+
+def random_unit_directions(key: jax.Array, n: int, dim: int) -> jax.Array:
+    """`n` directions drawn uniformly on the unit sphere of ℝ^dim (normalised Gaussians): [n, dim].
+
+    The paper does not say how its random v was drawn; the uniform law on the
+    sphere is the one that favours no basis.
+    """
+    if n < 1 or dim < 1:
+        raise ValueError(f"n and dim must be positive, got n={n}, dim={dim}")
+    v = jax.random.normal(key, (n, dim), jnp.float32)
+    return v / jnp.linalg.norm(v, axis=1, keepdims=True)
+
+
+@jax.jit
+def _project(features, directions):
+    return directions @ features.T            # [D, N]
+
+
+def top_k_images(features, directions, k: int) -> TopK:
+    """The `k` images with the largest ⟨φ(x), v⟩ for each row v of `directions`.
+
+    features: [N, n] (from `layer_features`); directions: [D, n] or a single [n].
+    Ties are broken towards the lower index (as `lax.top_k` does).
+    """
+    features = jnp.asarray(features, jnp.float32)
+    directions = jnp.asarray(directions, jnp.float32)
+    if features.ndim != 2:
+        raise ValueError(f"features must have shape [N, n], got {features.shape}")
+    if directions.ndim == 1:
+        directions = directions[None]
+    if directions.ndim != 2 or directions.shape[1] != features.shape[1]:
+        raise ValueError(f"directions must have shape [D, {features.shape[1]}], got {directions.shape}")
+    if not 1 <= k <= features.shape[0]:
+        raise ValueError(f"k must lie in [1, {features.shape[0]}], got {k}")
+    scores, indices = jax.lax.top_k(_project(features, directions), k)
+    return TopK(indices.astype(jnp.int32), scores)
+
+
+def live_units(features, tolerance: float = 0.0) -> np.ndarray:
+    """Indices of the units whose activation varies over the image set.
+
+    A unit constant over I (a dead ReLU) orders the images arbitrarily, so its
+    "top-k" says nothing about the unit: such units are left out of the statistics.
+    """
+    features = np.asarray(features)
+    spread = features.max(axis=0) - features.min(axis=0)
+    return np.flatnonzero(spread > tolerance)
+
+
+# -- coherence of a top-k set ------------------------------------------------
+
+def majority_label_share(top_labels, num_classes: int) -> jax.Array:
+    """Per row of `top_labels` ([D, k] int), the share of the most frequent label: in [1/k, 1]."""
+    top_labels = jnp.asarray(top_labels)
+    if top_labels.ndim != 2:
+        raise ValueError(f"top_labels must have shape [D, k], got {top_labels.shape}")
+    counts = jax.nn.one_hot(top_labels, num_classes, dtype=jnp.float32).sum(axis=1)   # [D, C]
+    return counts.max(axis=1) / top_labels.shape[1]
+
+
+def mean_pairwise_cosine(vectors) -> jax.Array:
+    """Per group ([D, k, m]), the mean cosine similarity over the k(k-1)/2 distinct pairs."""
+    vectors = jnp.asarray(vectors, jnp.float32)
+    if vectors.ndim < 3:
+        raise ValueError(f"vectors must have shape [D, k, ...] with k >= 2, got {vectors.shape}")
+    v = vectors.reshape(vectors.shape[0], vectors.shape[1], -1)
+    k = v.shape[1]
+    if k < 2:
+        raise ValueError("need at least two vectors per group for a pairwise similarity")
+    unit = v / jnp.maximum(jnp.linalg.norm(v, axis=2, keepdims=True), 1e-12)
+    gram = jnp.einsum("dim,djm->dij", unit, unit)
+    off_diagonal = gram.sum(axis=(1, 2)) - jnp.trace(gram, axis1=1, axis2=2)
+    return off_diagonal / (k * (k - 1))
+
+
+def permutation_test(a, b, seed: int = 0, num_permutations: int = 10000) -> tuple[float, float]:
+    """Two-sided permutation test for a difference of means between samples `a` and `b`.
+
+    Returns (mean(a) - mean(b), p-value). The p-value counts the observed split
+    among the permutations ((hits + 1) / (num_permutations + 1)), so it is never 0.
+    """
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    if a.size == 0 or b.size == 0:
+        raise ValueError("permutation_test needs two non-empty samples a and b")
+    if num_permutations < 1:
+        raise ValueError(f"num_permutations must be positive, got {num_permutations}")
+    pooled = np.concatenate([a, b])
+    observed = a.mean() - b.mean()
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, num_permutations, _PERMUTATION_BLOCK):   # blocks bound the memory
+        rows = min(_PERMUTATION_BLOCK, num_permutations - start)
+        shuffled = rng.permuted(np.broadcast_to(pooled, (rows, pooled.size)), axis=1)
+        diffs = shuffled[:, :a.size].mean(axis=1) - shuffled[:, a.size:].mean(axis=1)
+        hits += np.count_nonzero(np.abs(diffs) >= np.abs(observed) - 1e-12)
+    return float(observed), float((hits + 1) / (num_permutations + 1))

@@ -1,0 +1,191 @@
+"""Adversarial training: the pool, per-layer examples touching only the layers above, the loop."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxadv.adversarial_training import (
+    INPUT, AdversarialTrainingConfig, Examples, adversarial_train, dropout_layers, epoch_batches, forward, logits_above,
+    fresh_adversarial_examples, init_pool, num_replaced, pool_loss, refresh_pool, representation_bounds,
+    training_loss)
+from jaxadv.models import Layer, Model, get_model
+
+TINY = Model("tiny", (Layer("dense", 6), Layer("sigmoid"), Layer("dense", 5), Layer("sigmoid"), Layer("dense", 3)),
+             input_shape=(2, 2, 1))
+
+
+def _examples(key, n, shape=(4,), offset=0.0):
+    return Examples(jax.random.uniform(key, (n, *shape)) + offset, jnp.arange(n, dtype=jnp.int32) % 3)
+
+
+def test_refresh_keeps_size_and_mixes_old_and_new():
+    pool = init_pool(_examples(jax.random.PRNGKey(0), 40))
+    fresh = _examples(jax.random.PRNGKey(1), 15, offset=10.0)   # fresh inputs are >= 10, old ones < 1
+    new = refresh_pool(pool, jax.random.PRNGKey(2), fresh, fraction=0.25)
+    assert new.inputs.shape == pool.inputs.shape and new.labels.shape == (40,)
+    is_fresh = np.asarray(new.inputs[:, 0] >= 10.0)
+    assert is_fresh.sum() == num_replaced(40, 0.25) == 10
+    np.testing.assert_array_equal(np.asarray(new.born), is_fresh.astype(np.int32))
+    # Kept entries are untouched; replaced ones are the first fresh examples, each once.
+    np.testing.assert_array_equal(new.inputs[~is_fresh], pool.inputs[~is_fresh])
+    fresh_rows = {tuple(np.asarray(r)) for r in new.inputs[is_fresh]}
+    assert fresh_rows == {tuple(np.asarray(r)) for r in fresh.inputs[:10]}
+    assert int(new.refreshes) == 1
+
+
+def test_repeated_refreshes_pick_different_slots_and_age_the_pool():
+    pool = init_pool(_examples(jax.random.PRNGKey(0), 100))
+    for r in range(1, 4):
+        pool = refresh_pool(pool, jax.random.PRNGKey(10 + r), _examples(jax.random.PRNGKey(r), 30, offset=r), 0.3)
+    born = np.asarray(pool.born)
+    assert set(np.unique(born)) == {0, 1, 2, 3}          # old and new coexist
+    assert (born == 3).sum() == 30
+    assert int(pool.refreshes) == 3
+
+
+def test_refresh_rejects_too_few_fresh_examples_and_bad_fraction():
+    pool = init_pool(_examples(jax.random.PRNGKey(0), 10))
+    with pytest.raises(ValueError, match="fresh"):
+        refresh_pool(pool, jax.random.PRNGKey(1), _examples(jax.random.PRNGKey(1), 2), 0.5)
+    with pytest.raises(ValueError, match="fraction"):
+        refresh_pool(pool, jax.random.PRNGKey(1), _examples(jax.random.PRNGKey(1), 10), 0.0)
+
+
+@pytest.mark.parametrize("layer", [INPUT, 1, 3])
+def test_pool_gradient_reaches_only_the_layers_above(layer):
+    params = TINY.init(jax.random.PRNGKey(0))
+    h = jax.random.uniform(jax.random.PRNGKey(1), (8, *((2, 2, 1) if layer == INPUT else (TINY.output_shapes()[layer]))))
+    examples = Examples(h, jnp.arange(8, dtype=jnp.int32) % 3)
+    grads = jax.grad(lambda p: pool_loss(TINY, p, layer, examples))(params)
+    for index, g in enumerate(grads):
+        for leaf in jax.tree.leaves(g):
+            if index <= layer:
+                assert np.all(np.asarray(leaf) == 0.0), f"layer {index} got a gradient from pool {layer}"
+            else:
+                assert np.any(np.asarray(leaf) != 0.0), f"layer {index} got no gradient from pool {layer}"
+
+
+def test_an_optimiser_step_on_a_hidden_pool_leaves_the_lower_layers_unchanged():
+    params = TINY.init(jax.random.PRNGKey(0))
+    examples = Examples(jax.random.uniform(jax.random.PRNGKey(1), (8, 5)), jnp.arange(8, dtype=jnp.int32) % 3)
+    optimizer = optax.adam(1e-2)
+    grads = jax.grad(lambda p: pool_loss(TINY, p, 3, examples))(params)
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    new = optax.apply_updates(params, updates)
+    for index in range(4):
+        for a, b in zip(jax.tree.leaves(params[index]), jax.tree.leaves(new[index])):
+            np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(params[4]["w"], new[4]["w"])
+
+
+def test_training_loss_is_the_example_weighted_mean_plus_weight_decay():
+    model = Model("decayed", (Layer("dense", 6, weight_decay=0.3), Layer("sigmoid"), Layer("dense", 3, weight_decay=0.1)),
+                  input_shape=(2, 2, 1))
+    params = model.init(jax.random.PRNGKey(0))
+    clean = Examples(jax.random.uniform(jax.random.PRNGKey(1), (6, 2, 2, 1)), jnp.arange(6, dtype=jnp.int32) % 3)
+    hidden = Examples(jax.random.uniform(jax.random.PRNGKey(2), (2, 6)), jnp.array([1, 2], jnp.int32))
+    logits = np.concatenate([model.apply(params, clean.inputs), model.apply_from(params, hidden.inputs, 2)])
+    targets = np.concatenate([clean.labels, hidden.labels])
+    log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    cross_entropy = -log_softmax[np.arange(8), targets].mean()
+    decay = 0.3 * np.sum(np.asarray(params[0]["w"]) ** 2) / 6 + 0.1 * np.sum(np.asarray(params[2]["w"]) ** 2) / 3
+    got = training_loss(model, params, clean, ((1, hidden),), jax.random.PRNGKey(3))
+    np.testing.assert_allclose(got, cross_entropy + decay, rtol=1e-5)
+
+
+def test_dropout_masks_hidden_units_and_is_off_without_a_key():
+    params = TINY.init(jax.random.PRNGKey(0))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (64, 2, 2, 1))
+    assert dropout_layers(TINY) == (1, 3)
+    assert dropout_layers(get_model("ConvNet")) == (2, 5, 8)
+    np.testing.assert_array_equal(forward(TINY, params, x), TINY.apply(params, x))
+    dropped = forward(TINY, params, x, key=jax.random.PRNGKey(2), dropout_rate=0.5)
+    assert not np.allclose(dropped, TINY.apply(params, x))
+    # Inverted dropout keeps the mean of a linear read-out: average over many masks.
+    one = jnp.ones((1, 2, 2, 1))
+    linear_head = lambda key: forward(TINY, params, jnp.broadcast_to(one, (4000, 2, 2, 1)), key=key, dropout_rate=0.5)
+    np.testing.assert_allclose(linear_head(jax.random.PRNGKey(4)).mean(0), TINY.apply(params, one)[0], atol=0.05)
+
+
+def test_representation_bounds():
+    model = get_model("ConvNet")
+    assert representation_bounds(model, INPUT) == (0.0, 1.0)
+    assert representation_bounds(TINY, 1) == (0.0, 1.0)
+    assert representation_bounds(model, 1) == (0.0, float("inf"))
+    assert representation_bounds(model, 0) == (-float("inf"), float("inf"))
+
+
+def test_epoch_batches_visit_each_example_once_per_epoch():
+    batches = epoch_batches(jax.random.PRNGKey(0), 50, 8, epochs=3)
+    assert batches.shape == (18, 8)
+    for epoch in batches.reshape(3, 48):
+        assert len(set(epoch.tolist())) == 48
+
+
+@jax.jit
+def _gradient_sign_step(logits_fn, inputs, labels, lower, upper):
+    loss = lambda z: optax.softmax_cross_entropy_with_integer_labels(logits_fn(z), labels).sum()
+    adversarial = jnp.clip(inputs + 0.05 * jnp.sign(jax.grad(loss)(inputs)), lower, upper)
+    return adversarial, jnp.argmax(logits_fn(adversarial), -1) != labels
+
+
+def _gradient_sign_attack(logits_fn, inputs, labels, key, lower, upper):
+    """A cheap stand-in attack: one signed gradient step away from the true label, clipped to the box.
+
+    `logits_fn` is a `jax.tree_util.Partial`, so it passes through jit as an argument and one
+    compilation per shape serves every refresh.
+    """
+    return _gradient_sign_step(logits_fn, inputs, labels, lower, upper)
+
+
+def test_fresh_examples_live_in_the_representation_box():
+    params = TINY.init(jax.random.PRNGKey(0))
+    images = jax.random.uniform(jax.random.PRNGKey(1), (10, 2, 2, 1))
+    labels = jnp.arange(10, dtype=jnp.int32) % 3
+    fresh, success = fresh_adversarial_examples(TINY, params, 1, images, labels, jax.random.PRNGKey(2),
+                                                _gradient_sign_attack)
+    assert fresh.inputs.shape == (10, 6) and success.shape == (10,)
+    assert float(fresh.inputs.min()) >= 0.0 and float(fresh.inputs.max()) <= 1.0
+    clean_h = TINY.activations(params, images)[1]
+    assert not np.allclose(fresh.inputs, clean_h)
+
+
+def test_adversarial_train_runs_fills_and_refreshes_pools_and_learns():
+    key = jax.random.PRNGKey(0)
+    images = jax.random.uniform(key, (240, 2, 2, 1))
+    labels = (images[:, 0, 0, 0] > 0.5).astype(jnp.int32) + (images[:, 0, 1, 0] > 0.5)   # majority share 1/2
+    config = AdversarialTrainingConfig(epochs=12, batch_size=16, learning_rate=1e-1, pool_layers=(INPUT, 1, 3),
+                                       pool_size=40, pool_batch_size=8, refresh_every=60, refresh_fraction=0.25)
+    calls = []
+
+    def attack(logits_fn, inputs, labels, key, lower, upper):
+        calls.append(inputs.shape)
+        return _gradient_sign_attack(logits_fn, inputs, labels, key, lower, upper)
+
+    error = lambda p: {"error": float(jnp.mean(jnp.argmax(TINY.apply(p, images), -1) != labels))}
+    params, history = adversarial_train(TINY, images, labels, jax.random.PRNGKey(1), config, attack, error)
+    assert len(history) == 3 and history[-1]["step"] == 180
+    # The first refresh fills each pool (40 per layer) in batches of 10, the next replaces 10 per layer.
+    assert calls == [(10, 2, 2, 1)] * 4 + [(10, 6)] * 4 + [(10, 5)] * 4 + [(10, 2, 2, 1), (10, 6), (10, 5)]
+    assert "fresh_success_rate" not in history[0] and set(history[1]["fresh_success_rate"]) == {"-1", "1", "3"}
+    assert history[-1]["error"] < 0.35, history   # the majority class alone errs on half
+
+
+def test_adversarial_train_validates_its_config():
+    images, labels = jnp.zeros((10, 2, 2, 1)), jnp.zeros(10, jnp.int32)
+    with pytest.raises(ValueError, match="make_adversarial"):
+        adversarial_train(TINY, images, labels, jax.random.PRNGKey(0), AdversarialTrainingConfig(pool_layers=(1,), batch_size=5))
+    with pytest.raises(ValueError, match="pool_layers"):
+        adversarial_train(TINY, images, labels, jax.random.PRNGKey(0), AdversarialTrainingConfig(pool_layers=(4,), batch_size=5))
+    with pytest.raises(ValueError, match="dropout_rate"):
+        adversarial_train(TINY, images, labels, jax.random.PRNGKey(0), AdversarialTrainingConfig(dropout_rate=1.0, batch_size=5))
+
+
+def test_logits_above_is_apply_from_and_hashes_by_value():
+    params = TINY.init(jax.random.PRNGKey(0))
+    h = jax.random.uniform(jax.random.PRNGKey(1), (4, 5))
+    f, g = logits_above(TINY, params, 3), logits_above(TINY, TINY.init(jax.random.PRNGKey(2)), 3)
+    np.testing.assert_array_equal(f(h), TINY.apply_from(params, h, 4))
+    # Same static part, different parameters: one compiled program serves both.
+    assert jax.tree.structure(f) == jax.tree.structure(g)
