@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 
 from jaxadv.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from jaxadv.io import atomic_path, write_atomic
 from jaxadv.data import DATASETS, Dataset, load_dataset
 from jaxadv.models import get_model
 from jaxadv.train import error_rate, train, zoo_config
@@ -138,16 +138,7 @@ def load_meta(workdir: str | os.PathLike, name: str, tag: str | None = None) -> 
 # -- output files ---------------------------------------------------------------
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
@@ -157,16 +148,8 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 
 def save_figure_atomic(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
     """fig.savefig to a temporary file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, **savefig_kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def markdown_table(headers: Sequence, rows: Sequence[Sequence]) -> str:

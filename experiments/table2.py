@@ -27,7 +27,8 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import add_common_args, markdown_table, resolve_workdir, trained_models, write_json_atomic
+from experiments.common import (add_common_args, markdown_table, resolve_workdir, save_figure_atomic, trained_models,
+                                write_json_atomic, write_text_atomic)
 from experiments.table1 import attack_images, choose_sizes, select_images
 from jaxadv.attacks import AttackConfig
 from jaxadv.data import load_dataset
@@ -109,12 +110,6 @@ def triplets_figure(names, logits_fns, originals, adversarial, labels, title, cl
     return adversarial_triplets_figure(
         originals, adversarial, [f"{t}\n{b}" for t, b in zip(true, before)], after, magnify=magnify,
         difference_captions=[f"RMS {r:.3f}" for r in rms], title=title)
-
-
-def save_figure_atomic(fig, path):
-    tmp = path + ".tmp"
-    fig.savefig(tmp, dpi=120, format=os.path.splitext(path)[1][1:])
-    os.replace(tmp, path)
 
 
 def heatmap_figure(error_rates, row_labels, column_labels, paper=None, title=""):
@@ -245,13 +240,6 @@ def table_markdown(results) -> str:
               f"Gaussian noise is clipped to [0, 1]; its distortion column is measured after clipping.\n\n"
             + "\n".join(f"- {describe_comparison(c, 'Gaussian noise ' + k)}"
                         for k, c in results["transfer_versus_noise"].items()) + "\n")
-
-
-def write_text_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import add_common_args, markdown_table, resolve_workdir, trained_models, write_json_atomic
+from experiments.common import (add_common_args, markdown_table, resolve_workdir, save_figure_atomic, trained_models,
+                                write_json_atomic, write_text_atomic)
 from experiments.table1 import select_images
 from experiments.table2 import (CLASS_NAMES, attack_models, describe_comparison, heatmap_figure, noise_sets, pct,
-                                save_figure_atomic, triplets_figure, write_text_atomic)
+                                triplets_figure)
 from jaxadv.attacks import AttackConfig
 from jaxadv.data import load_dataset, training_halves
 from jaxadv.transfer import (PerturbedSet, error_rate_matrix, rescale_perturbations, transfer_table,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import flax.serialization
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxadv.io import write_atomic
 from jaxadv.models import Model
 
 PARAMS_FILE = "params.msgpack"
@@ -33,8 +33,8 @@ def save_checkpoint(directory: str | os.PathLike, params, meta: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)  # incomplete until the new meta lands
     host_params = jax.tree.map(np.asarray, params)
-    _write_atomic(directory / PARAMS_FILE, flax.serialization.to_bytes(host_params))
-    _write_atomic(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
+    write_atomic(directory / PARAMS_FILE, flax.serialization.to_bytes(host_params))
+    write_atomic(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
@@ -70,14 +70,3 @@ def load_checkpoint(directory: str | os.PathLike, model: Model):
             layer[name] = jnp.asarray(value)
         params.append(layer)
     return tuple(params), meta
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
