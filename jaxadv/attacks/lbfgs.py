@@ -15,7 +15,9 @@ the objective and its gradient once for every image (one batched
 vmap(value_and_grad)) and advances each image's own box-constrained L-BFGS
 (`box_lbfgs.tell`, vmapped). When an image's L-BFGS run ends, its c search
 records the run (success, and the best successful image so far), moves its c
-bracket and restarts L-BFGS from x with the new c, all under jnp.where masks.
+bracket and restarts L-BFGS with the new c from a warm start (by default the
+best successful point so far, keeping the L-BFGS memory moved to the new c),
+all under jnp.where masks.
 Images whose search has ended freeze; the loop ends when every search has.
 No image's arithmetic depends on another's, so the result for an image is the
 same alone or in any batch of the same size (up to XLA's shape-dependent
@@ -34,6 +36,7 @@ import numpy as np
 from jaxadv.attacks import box_lbfgs
 
 PENALTIES = ("l2", "l2_squared")
+WARM_STARTS = ("none", "best", "last")
 _L2_SMOOTHING = 1e-12  # |r| = sqrt(Σr² + 1e-12): differentiable at r = 0, below float32 resolution elsewhere
 
 
@@ -47,8 +50,15 @@ class AttackConfig(NamedTuple):
       after a success and divided by it after a failure (at most
       `max_bracket_steps` such moves), then `bisection_steps` geometric
       bisections sqrt(lo · hi) refine the largest successful c.
-    memory_size, max_iterations, max_line_search_steps, gtol, ftol: the
-      L-BFGS run at each c (see `box_lbfgs.BoxLBFGSConfig`).
+    memory_size, max_iterations, max_line_search_steps, gtol, ftol,
+      steepest_before_stop: the L-BFGS run at each c (see
+      `box_lbfgs.BoxLBFGSConfig`).
+    warm_start: where each run after the first starts: 'best' (the best
+      successful point so far, else the last run's end point), 'last' (the
+      last run's end point) or 'none' (x itself, a cold start).
+    keep_memory: with penalty 'l2_squared', carry the L-BFGS memory from one
+      c to the next (each stored y_j moved by 2Δc·s_j: exact, the penalty's
+      Hessian is 2c·I); otherwise every run starts with an empty memory.
     max_steps: a global cap on loop steps (one batched gradient each);
       None derives a cap that no complete search can exceed.
 
@@ -65,29 +75,54 @@ class AttackConfig(NamedTuple):
     * growth 10, 6 bisections, ftol 1e-4: within 0.6% of the distortion of a
       much longer search (10 bisections, ftol 1e-7, gtol 1e-6, 500
       iterations: 0.0924 vs 0.0929) at a quarter of its evaluations.
-    * memory 10 (scipy's default maxcor); memory 5 gave the same distortion
-      with 3% fewer evaluations.
-    * lanes 32: each lane's memory and vectors (about 90 kB) then stay in
-      the CPU's caches; wider lane blocks were slower per image here. On an
-      accelerator use many more (or None).
+    * warm_start 'best' + keep_memory: consecutive c values are close, so
+      a run from the last solution converges in a few steps. Evaluations
+      per image on 300 images (memory 10): 395 cold, 216 warm ('best');
+      with the direction masking the active gradient (box_lbfgs) 192 cold,
+      103 warm, 93 warm with scipy's stopping rule, 82 with the memory
+      kept; mean distortion 0.0330-0.0331 throughout. 'last' took 5% more
+      evaluations than 'best'. The scipy baseline takes the same warm
+      starts (it cannot keep its memory): 174 -> 90 evaluations. Keeping
+      the memory also made the distortion ratio to scipy 0.9993 instead of
+      1.0012 on the first 100 images.
+    * steepest_before_stop off: with the masked direction (see box_lbfgs)
+      the steepest-descent retry cost 12% more evaluations and gave no
+      smaller distortion.
+    * memory 3: 83 evaluations per image against 82 with memory 10, the
+      same distortion, but the memory is the main traffic of each step, so
+      a step is much cheaper: 1600 against 750 images/s at 32 lanes.
+    * lanes 32: 1450-1600 images/s on 1000 images, at 54-60% of the raw
+      batched gradient's evaluations/s at that batch; 64 lanes gave 2100
+      images/s at 45% of the (much faster) raw value at 64, 128 no more
+      than 64. On an accelerator use many more (or None). XLA's two CPU
+      threads make this bimodal: when another process holds a core, the
+      same run takes 1.8x as long (880 images/s); pinned to one core with
+      XLA's single-threaded runtime it ran at 1670 images/s.
+    * initial_c 1 is not tuned to a model: on FC100-100-10 the final c has
+      median 7 (5%-95%: 1 to 34) and initial_c 3 or 10 saves 9% of the
+      evaluations at the same distortion.
     """
     penalty: str = "l2_squared"
     initial_c: float = 1.0
     growth: float = 10.0
     max_bracket_steps: int = 6
     bisection_steps: int = 6
-    memory_size: int = 10
+    memory_size: int = 3
     max_iterations: int = 100
     max_line_search_steps: int = 20
     gtol: float = 1e-5
     ftol: float = 1e-4
     max_steps: int | None = None
     lanes: int | None = 32
+    warm_start: str = "best"
+    steepest_before_stop: bool = False
+    keep_memory: bool = True
 
     def lbfgs_config(self) -> box_lbfgs.BoxLBFGSConfig:
         return box_lbfgs.BoxLBFGSConfig(memory_size=self.memory_size, max_iterations=self.max_iterations,
                                         max_line_search_steps=self.max_line_search_steps,
-                                        gtol=self.gtol, ftol=self.ftol)
+                                        gtol=self.gtol, ftol=self.ftol,
+                                        steepest_before_stop=self.steepest_before_stop)
 
     def max_runs(self) -> int:
         return 1 + self.max_bracket_steps + self.bisection_steps
@@ -245,6 +280,7 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
         finished = ended & ((bracketed & (bisections >= config.bisection_steps))
                             | (~bracketed & (bracket_steps > config.max_bracket_steps)))
         again = ended & ~finished
+        delta_c = jnp.where(again, next_c - s.c, 0.0)
         s = s._replace(
             opt=opt, c=jnp.where(again, next_c, s.c), lo=lo, hi=hi, bracket_steps=bracket_steps,
             bisections=bisections, x_is_adversarial=x_is_adversarial & ~again,
@@ -253,11 +289,22 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
             evaluations=s.evaluations + s.searching.astype(jnp.int32),
             searching=s.searching & ~finished, step=s.step + 1)
         s = jax.lax.cond(jnp.any(finished), _retire_and_refill, lambda s, f: s, s, finished)
-        # Restart L-BFGS (fresh memory, from the lane's image) for every new run.
+        # Restart L-BFGS (fresh memory) for every new run: a new image starts from itself, a new c
+        # of the same image from the warm-start point.
         new_run = again | (finished & s.searching)
+        if config.warm_start == "best":
+            start = jnp.where(again[:, None], s.best, s.x0)
+        elif config.warm_start == "last":
+            start = jnp.where(again[:, None], s.opt.x, s.x0)
+        else:
+            start = s.x0
         lo_b, up_b = lane_bounds(s.image)
-        fresh = restart(s.opt, s.x0, lo_b, up_b)
-        opt = s.opt._replace(**{f: _where(new_run, getattr(fresh, f), getattr(s.opt, f)) for f in _RESTART_FIELDS})
+        fresh = restart(s.opt, start, lo_b, up_b)
+        opt = s.opt
+        if config.keep_memory and config.penalty == "l2_squared":
+            # (delta_c is 0 outside `again`: those lanes' pairs and Gram matrices stay bit for bit.)
+            fresh, opt = _keep_memory(fresh, s.opt, delta_c, again)
+        opt = opt._replace(**{f: _where(new_run, getattr(fresh, f), getattr(opt, f)) for f in _RESTART_FIELDS})
         return s._replace(opt=opt)
 
     def _retire_and_refill(s: _SearchState, finished) -> _SearchState:
@@ -297,6 +344,32 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
     l2 = jnp.linalg.norm(out.best - pool, axis=-1)
     return AttackResult(adversarial=adversarial, success=success, l2=l2, distortion=l2 / jnp.sqrt(jnp.asarray(n, dtype)),
                         c=out.c, iterations=out.iterations, evaluations=out.evaluations)
+
+
+def _keep_memory(fresh: box_lbfgs.BoxLBFGSState, old: box_lbfgs.BoxLBFGSState, delta_c, keep):
+    """(`fresh` with `old`'s memory for the lanes in `keep`, `old` with its memory moved to the new c).
+
+    The penalty c·‖r‖² has Hessian 2c·I, so a new c changes every curvature
+    pair exactly: y_j -> y_j + 2Δc·s_j (the loss part is unchanged). The Gram
+    matrices follow in closed form; a pair whose s·y is no longer positive is
+    dropped (rho = 0), as `tell` would not have stored it.
+    """
+    d = delta_c[:, None, None]
+    pairs = old.pairs.at[:, 1].add(2.0 * d * old.pairs[:, 0])
+    ss, sy, yy = old.gram[:, 0], old.gram[:, 1], old.gram[:, 2]
+    sy_new = sy + 2.0 * d * ss
+    yy_new = yy + 2.0 * d * (sy + jnp.swapaxes(sy, 1, 2)) + 4.0 * d * d * ss
+    eye = jnp.eye(ss.shape[-1], dtype=ss.dtype)
+    s_dot_y = jnp.sum(sy_new * eye, axis=-1)          # diagonals, as one fused multiply-reduce
+    y_dot_y = jnp.sum(yy_new * eye, axis=-1)
+    valid = (old.rho != 0) & (s_dot_y > jnp.finfo(s_dot_y.dtype).eps * y_dot_y) & (y_dot_y > 0)
+    rho = jnp.where(valid, 1.0 / jnp.where(valid, s_dot_y, 1.0), 0.0)
+    newest = jnp.arange(ss.shape[-1]) == old.newest[:, None]
+    newest_valid = jnp.any(newest & valid, axis=-1)
+    gamma = jnp.where(newest_valid, jnp.sum(jnp.where(newest & valid, s_dot_y / jnp.where(valid, y_dot_y, 1.0), 0.0), -1),
+                      old.gamma)
+    moved = old._replace(pairs=pairs, gram=jnp.stack([ss, sy_new, yy_new], axis=1))
+    return fresh._replace(rho=jnp.where(keep[:, None], rho, fresh.rho), gamma=jnp.where(keep, gamma, fresh.gamma)), moved
 
 
 def _where(mask, a, b):
@@ -383,6 +456,8 @@ def _check_config(config):
             raise ValueError(f"config.{name}: must be >= 1, got {getattr(config, name)}")
     if config.bisection_steps < 0 or config.max_bracket_steps < 0:
         raise ValueError("config.bisection_steps and config.max_bracket_steps must be >= 0")
+    if config.warm_start not in WARM_STARTS:
+        raise ValueError(f"config.warm_start: expected one of {WARM_STARTS}, got {config.warm_start!r}")
     if config.lanes is not None and config.lanes < 1:
         raise ValueError(f"config.lanes: must be >= 1 or None, got {config.lanes}")
 
