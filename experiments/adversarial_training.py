@@ -1,6 +1,6 @@
 """Adversarial training of FC100-100-10 with a pool per layer (§4.2), against its baselines.
 
-    python -m experiments.adversarial_training [--dataset fashion_mnist] [--epochs 10] [--quick]
+    python -m experiments.adversarial_training [--dataset fashion_mnist] [--epochs 40] [--quick]
 
 Variants, all the same net, optimiser (Adam, cosine-decayed step), epochs,
 batches and the paper's weight decay (λ = 1e-5, 1e-5, 1e-6):
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (add_common_args, experiment_dir, markdown_table, resolve_workdir,
-                                save_figure_atomic, write_json_atomic, write_text_atomic)
+                                save_figure_atomic, write_json_atomic, write_text_atomic, run_main)
 from jaxadv.adversarial_training import INPUT, AdversarialTrainingConfig, adversarial_train, logits_above
 from jaxadv.attacks import AttackConfig, lbfgs_attack, random_wrong_targets
 from jaxadv.data import load_dataset
@@ -48,7 +48,7 @@ DROPOUT_RATE = 0.2
 POOL_ATTACK = AttackConfig(max_bracket_steps=3, bisection_steps=2, max_iterations=30)
 #: The full attack (the library's defaults) for the final distortion of each model.
 EVAL_ATTACK = AttackConfig()
-BASE = AdversarialTrainingConfig(epochs=10, batch_size=128, learning_rate=1e-3, pool_size=2000,
+BASE = AdversarialTrainingConfig(epochs=40, batch_size=128, learning_rate=1e-3, pool_size=2000,
                                  pool_batch_size=32, refresh_every=100, refresh_fraction=0.25)
 QUICK = dict(train_images=6000, epochs=3, pool_size=200, refresh_every=20, eval_images=50, curve_images=2000)
 VARIANTS = ("weight_decay", "dropout", "adversarial_per_layer", "adversarial_input_only")
@@ -187,4 +187,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

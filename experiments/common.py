@@ -210,3 +210,13 @@ def _to_json(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def run_main(main) -> None:
+    """Run an experiment's `main`; on Ctrl-C, say what is kept instead of printing a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: trained models and finished attack chunks are saved in the workdir; "
+              "run the same command again to resume.", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from experiments.common import (add_common_args, experiment_dir, markdown_table, resolve_workdir, save_figure_atomic,
-                                trained_models, write_json_atomic, write_text_atomic)
+                                trained_models, write_json_atomic, write_text_atomic, run_main)
 from jaxadv.attacks import AttackConfig, lbfgs_attack_core, random_wrong_targets, runner_up_targets
 from jaxadv.data import load_dataset
 from jaxadv.models import ZOO
@@ -316,4 +316,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from experiments.common import (add_common_args, markdown_table, resolve_workdir, save_figure_atomic, trained_models,
-                                write_json_atomic, write_text_atomic)
+                                write_json_atomic, write_text_atomic, run_main)
 from experiments.table1 import attack_images, choose_sizes, select_images
 from jaxadv.attacks import AttackConfig
 from jaxadv.data import load_dataset
@@ -243,4 +243,4 @@ def table_markdown(results) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

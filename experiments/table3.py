@@ -31,7 +31,7 @@ import jax
 import numpy as np
 
 from experiments.common import (add_common_args, markdown_table, resolve_workdir, save_figure_atomic, trained_models,
-                                write_json_atomic, write_text_atomic)
+                                write_json_atomic, write_text_atomic, run_main)
 from experiments.table1 import select_images
 from experiments.table2 import (CLASS_NAMES, attack_models, describe_comparison, heatmap_figure, noise_sets, pct,
                                 triplets_figure)
@@ -218,4 +218,4 @@ def table_markdown(results) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

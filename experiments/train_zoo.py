@@ -14,7 +14,7 @@ import time
 
 from experiments.common import (
     add_common_args, experiment_dir, load_meta, markdown_table, percent, resolve_workdir,
-    trained_models, write_json_atomic, write_text_atomic)
+    trained_models, write_json_atomic, write_text_atomic, run_main)
 from jaxadv.data import load_dataset
 from jaxadv.models import ALL_MODELS
 from jaxadv.train import error_rate
@@ -87,4 +87,4 @@ def _table(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

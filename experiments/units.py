@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (add_common_args, experiment_dir, markdown_table, resolve_workdir,
-                                save_figure_atomic, trained_models, write_json_atomic, write_text_atomic)
+                                save_figure_atomic, trained_models, write_json_atomic, write_text_atomic, run_main)
 from jaxadv.data import load_dataset
 from jaxadv.units import (
     layer_features, live_units, majority_label_share, mean_pairwise_cosine, natural_basis, permutation_test,
@@ -216,4 +216,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
