@@ -97,7 +97,8 @@ def predicted_label_captions(names, logits_fns, images, class_names=None):
 
 
 def triplets_figure(names, logits_fns, originals, adversarial, labels, title, class_names=None):
-    """Fig. 5 style triplets, every panel captioned with every model's prediction."""
+    """Fig. 5 style triplets of the first FIGURE_IMAGES images, every panel captioned with every model's prediction."""
+    originals, adversarial, labels = (np.asarray(a)[:FIGURE_IMAGES] for a in (originals, adversarial, labels))
     true = [f"true: {class_names[y] if class_names else y}" for y in np.asarray(labels)]
     before = predicted_label_captions(names, logits_fns, originals, class_names)
     after = predicted_label_captions(names, logits_fns, adversarial, class_names)
@@ -110,6 +111,15 @@ def triplets_figure(names, logits_fns, originals, adversarial, labels, title, cl
     return adversarial_triplets_figure(
         originals, adversarial, [f"{t}\n{b}" for t, b in zip(true, before)], after, magnify=magnify,
         difference_captions=[f"RMS {r:.3f}" for r in rms], title=title)
+
+
+def write_outputs(out_dir, results, markdown, heatmap, figure5) -> None:
+    """results.json, table.md, heatmap.png and figure5.png, each written atomically; the table is printed too."""
+    write_json_atomic(os.path.join(out_dir, "results.json"), results)
+    write_text_atomic(os.path.join(out_dir, "table.md"), markdown)
+    save_figure_atomic(heatmap, os.path.join(out_dir, "heatmap.png"))
+    save_figure_atomic(figure5, os.path.join(out_dir, "figure5.png"))
+    print(markdown)
 
 
 def heatmap_figure(error_rates, row_labels, column_labels, paper=None, title=""):
@@ -206,18 +216,12 @@ def main(argv=None):
         "paper": {"dataset": "mnist", "error_rates": PAPER_ERROR_RATES, "av_distortion": PAPER_AV_DISTORTION},
         "elapsed_seconds": time.time() - start,
     }
-    write_json_atomic(os.path.join(out_dir, "results.json"), results)
-    write_text_atomic(os.path.join(out_dir, "table.md"), table_markdown(results))
-    save_figure_atomic(heatmap_figure(table.error_rates, row_labels, names, PAPER_ERROR_RATES,
-                                      f"Table 2 on {args.dataset}, {num_images} training images"),
-                       os.path.join(out_dir, "heatmap.png"))
-    shown = slice(0, min(FIGURE_IMAGES, num_images))
-    source = "FC100-100-10"
-    save_figure_atomic(triplets_figure(names, logits_fns, images[shown], attacks[source]["adversarial"][shown],
-                                       labels[shown], f"Adversarial for {source} ({args.dataset} training images)",
-                                       CLASS_NAMES.get(args.dataset)),
-                       os.path.join(out_dir, "figure5.png"))
-    print(table_markdown(results))
+    write_outputs(out_dir, results, table_markdown(results),
+                  heatmap_figure(table.error_rates, row_labels, names, PAPER_ERROR_RATES,
+                                 f"Table 2 on {args.dataset}, {num_images} training images"),
+                  triplets_figure(names, logits_fns, images, attacks["FC100-100-10"]["adversarial"], labels,
+                                  f"Adversarial for FC100-100-10 ({args.dataset} training images)",
+                                  CLASS_NAMES.get(args.dataset)))
     return results
 
 

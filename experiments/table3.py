@@ -34,7 +34,7 @@ from experiments.common import (add_common_args, markdown_table, resolve_workdir
                                 write_json_atomic, write_text_atomic, run_main)
 from experiments.table1 import select_images
 from experiments.table2 import (CLASS_NAMES, attack_models, describe_comparison, heatmap_figure, noise_sets, pct,
-                                triplets_figure)
+                                triplets_figure, write_outputs)
 from jaxadv.attacks import AttackConfig
 from jaxadv.data import load_dataset, training_halves
 from jaxadv.transfer import (PerturbedSet, error_rate_matrix, rescale_perturbations, transfer_table,
@@ -43,7 +43,6 @@ from jaxadv.transfer import (PerturbedSet, error_rate_matrix, rescale_perturbati
 NAME = "table3"
 DEFAULT_NUM_IMAGES = 1000
 QUICK_NUM_IMAGES = 40
-FIGURE_IMAGES = 4
 AMPLIFIED_RMS = 0.1
 NOISE_STDDEVS = (0.06, 0.1)
 
@@ -173,18 +172,13 @@ def main(argv=None):
                   "measured_av_distortion": [float(av[3]), float(av[7])]},
         "elapsed_seconds": time.time() - start,
     }
-    write_json_atomic(os.path.join(out_dir, "results.json"), results)
-    write_text_atomic(os.path.join(out_dir, "table.md"), table_markdown(results))
     short_rows = names + [f"noise {NOISE_STDDEVS[0]}"] + [f"{n} ×→0.1" for n in names] + [f"noise {NOISE_STDDEVS[1]}"]
-    save_figure_atomic(heatmap_figure(table.error_rates, short_rows, names, PAPER_TABLE4,
-                                      f"Table 4 on {args.dataset}, {num_images} test images"),
-                       os.path.join(out_dir, "heatmap.png"))
-    shown = slice(0, min(FIGURE_IMAGES, num_images))
-    save_figure_atomic(triplets_figure(names, logits_fns, images[shown], attacks[names[0]]["adversarial"][shown],
-                                       labels[shown], f"Adversarial for {names[0]} ({args.dataset} test images)",
-                                       CLASS_NAMES.get(args.dataset)),
-                       os.path.join(out_dir, "figure5.png"))
-    print(table_markdown(results))
+    write_outputs(out_dir, results, table_markdown(results),
+                  heatmap_figure(table.error_rates, short_rows, names, PAPER_TABLE4,
+                                 f"Table 4 on {args.dataset}, {num_images} test images"),
+                  triplets_figure(names, logits_fns, images, attacks[names[0]]["adversarial"], labels,
+                                  f"Adversarial for {names[0]} ({args.dataset} test images)",
+                                  CLASS_NAMES.get(args.dataset)))
     return results
 
 
