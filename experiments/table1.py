@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
-import math
 import os
 import time
 
 import jax
 import numpy as np
 
-from experiments.common import (add_common_args, experiment_dir, markdown_table, resolve_workdir, save_figure_atomic,
-                                trained_models, write_json_atomic, write_text_atomic, run_main)
-from jaxadv.attacks import AttackConfig, lbfgs_attack_core, random_wrong_targets, runner_up_targets
-from jaxadv.data import load_dataset
+from experiments.common import (DEFAULT_BLOCK_SIZE, MAX_CHUNK_PER_DEVICE, add_common_args, attack_images, choose_sizes,
+                                experiment_dir, markdown_table, resolve_workdir, run_main, save_figure_atomic,
+                                select_images, trained_models, write_json_atomic, write_text_atomic)
+from jaxadv.attacks import AttackConfig, runner_up_targets
+from jaxadv.data import CLASS_NAMES, load_dataset
 from jaxadv.models import ZOO
 from jaxadv.plots import DistortionPanel, distortion_grid_figure
-from jaxadv.sweep import chunk_size_for_memory, fingerprint_arrays, run_sweep, sharded
 from jaxadv.train import error_rate
 from jaxadv.transfer import gaussian_noise
 
@@ -42,14 +40,8 @@ NAME = "table1"
 NUM_CLASSES = 10
 DEFAULT_NUM_IMAGES = 1000
 QUICK_NUM_IMAGES = 40
-DEFAULT_BLOCK_SIZE = 1000       # images per device pass: several rounds of the attack's 256 lanes
-MAX_CHUNK_PER_DEVICE = 2000     # a chunk is the unit of loss on interruption: keep it minutes, not hours
 FIGURE_IMAGES = 8
 FIGURE_NOISE_STDDEV = 1.0  # the paper's Fig. 7(c) control
-# Short Fashion-MNIST class names for the figure's captions (MNIST's classes are the digits).
-CLASS_NAMES = {"fashion_mnist": ("T-shirt", "Trouser", "Pullover", "Dress", "Coat",
-                                 "Sandal", "Shirt", "Sneaker", "Bag", "Boot")}
-RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations")
 
 # The paper's Table 1 (MNIST): training error, test error, av. min. distortion.
 PAPER = {
@@ -60,86 +52,6 @@ PAPER = {
     "FC200-200-10": (0.0, 0.0154, 0.065),
     "AE400-10": (0.0057, 0.019, 0.086),
 }
-
-
-# -- composing the attack with the sweep -----------------------------------------------------
-
-def attack_bytes_per_image(model, config, block_size) -> int:
-    """Device memory per image of a block attacked with `lbfgs_attack_core`, in bytes (float32).
-
-    The attack keeps L-BFGS state only for its `config.lanes` lanes: the
-    (s, y) history 2·m·n, about 10 image-sized vectors (iterate, trial,
-    gradient, direction, origin, best) and 3x the activations for the forward
-    and backward passes. Every image of the block holds about 4·n more
-    (the image, its best point, the output, the padding copy).
-    """
-    n = math.prod(model.input_shape)
-    lanes = block_size if config.lanes is None else min(config.lanes, block_size)
-    activations = sum(math.prod(s) for s in model.output_shapes())
-    per_lane = 2 * config.memory_size * n + 10 * n + 3 * activations
-    return 4 * (4 * n + math.ceil(lanes * per_lane / block_size))
-
-
-def attack_images(model, params, images, targets, directory, config, chunk_size, block_size, label=""):
-    """`lbfgs_attack_core` on every image, sharded over all devices, in resumable chunks under `directory`."""
-    logits_fn = jax.tree_util.Partial(model.apply, params)
-
-    def attack(x, t):
-        result = lbfgs_attack_core(logits_fn, x, t, 0.0, 1.0, config=config)
-        return {f: getattr(result, f) for f in RESULT_FIELDS}
-
-    attack_on_devices = sharded(attack, block_size=block_size)
-    sweep_config = {"model": model.name, "params": fingerprint_arrays({"params": params}),
-                    "attack": repr(config), "attack_source": attack_source_fingerprint(),
-                    "jax": jax.__version__, "block_size": block_size}
-    return run_sweep(lambda chunk: attack_on_devices(chunk["images"], chunk["targets"]),
-                     {"images": images, "targets": targets}, directory, chunk_size,
-                     config=sweep_config, label=label or f"attack {model.name}")
-
-
-def attack_source_fingerprint() -> str:
-    """sha256 of the attack's source files: a resumed sweep must not mix two versions of the algorithm."""
-    import jaxadv.attacks as attacks
-    folder = os.path.dirname(attacks.__file__)
-    digest = hashlib.sha256()
-    for name in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
-        with open(os.path.join(folder, name), "rb") as f:
-            digest.update(name.encode() + b"\0" + f.read())
-    return digest.hexdigest()
-
-
-def choose_sizes(num_images, num_devices, model, config, chunk_size=None, block_size=None):
-    """(chunk, block): a block per device pass, a chunk a whole number of devices x block rows.
-
-    Small runs shrink the block so that padding never costs more than one block
-    per device; the chunk follows from --chunk-size, else from device memory
-    (`chunk_size_for_memory`), at most MAX_CHUNK_PER_DEVICE per device.
-    """
-    block = block_size or min(DEFAULT_BLOCK_SIZE, math.ceil(num_images / num_devices))
-    step = num_devices * block
-    if chunk_size is None:
-        chunk_size = chunk_size_for_memory(attack_bytes_per_image(model, config, block), num_devices=num_devices,
-                                           multiple_of=step, maximum=max(step, MAX_CHUNK_PER_DEVICE * num_devices))
-        chunk_size = min(chunk_size, step * math.ceil(num_images / step))
-    if chunk_size % step:
-        raise ValueError(f"--chunk-size: must be a multiple of devices x block = {num_devices} x {block}, "
-                         f"got {chunk_size}")
-    return chunk_size, block
-
-
-def select_images(dataset, num_images, seed):
-    """The images, labels and random wrong targets that table2 also draws for the same seed and N.
-
-    A sorted random subset of size N (all images when N is the split's size),
-    so `--num-images 500 --seed 0` attacks exactly Table 2's images and targets.
-    """
-    if not 1 <= num_images <= len(dataset.labels):
-        raise ValueError(f"--num-images: must be in [1, {len(dataset.labels)}], got {num_images}")
-    pick_key, target_key, _ = jax.random.split(jax.random.PRNGKey(seed), 3)
-    index = np.sort(np.asarray(jax.random.choice(pick_key, len(dataset.labels), (num_images,), replace=False)))
-    images, labels = dataset.images[index], dataset.labels[index]
-    targets = np.asarray(random_wrong_targets(target_key, labels, NUM_CLASSES), dtype=np.int32)
-    return index, images, labels, targets
 
 
 def predict(model, params, images, batch_size=2000):

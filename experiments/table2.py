@@ -27,11 +27,11 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_common_args, markdown_table, resolve_workdir, save_figure_atomic, trained_models,
-                                write_json_atomic, write_text_atomic, run_main)
-from experiments.table1 import attack_images, choose_sizes, select_images
+from experiments.common import (add_common_args, attack_images, choose_sizes, markdown_table, resolve_workdir,
+                                run_main, save_figure_atomic, select_images, trained_models, write_json_atomic,
+                                write_text_atomic)
 from jaxadv.attacks import AttackConfig
-from jaxadv.data import load_dataset
+from jaxadv.data import CLASS_NAMES, load_dataset
 from jaxadv.models import ZOO
 from jaxadv.plots import adversarial_triplets_figure
 from jaxadv.transfer import PerturbedSet, error_rate_matrix, gaussian_noise, transfer_table, transfer_versus_noise
@@ -41,10 +41,6 @@ NOISE_STDDEVS = (0.1, 0.3)
 DEFAULT_NUM_IMAGES = 1000  # table1's default: the same seed and N attack the same images, and the attacks are shared
 QUICK_NUM_IMAGES = 40
 FIGURE_IMAGES = 4
-CLASS_NAMES = {
-    "fashion_mnist": ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"),
-    "mnist": tuple(str(k) for k in range(10)),
-}
 
 # The paper's Table 2 (MNIST), rows in the order of `row_labels`, as fractions.
 PAPER_ERROR_RATES = [

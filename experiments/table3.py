@@ -30,13 +30,12 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_common_args, markdown_table, resolve_workdir, save_figure_atomic, trained_models,
-                                write_json_atomic, write_text_atomic, run_main)
-from experiments.table1 import select_images
-from experiments.table2 import (CLASS_NAMES, attack_models, describe_comparison, heatmap_figure, noise_sets, pct,
+from experiments.common import (add_common_args, markdown_table, resolve_workdir, run_main, select_images,
+                                trained_models)
+from experiments.table2 import (attack_models, describe_comparison, heatmap_figure, noise_sets, pct,
                                 triplets_figure, write_outputs)
 from jaxadv.attacks import AttackConfig
-from jaxadv.data import load_dataset, training_halves
+from jaxadv.data import CLASS_NAMES, load_dataset, training_halves
 from jaxadv.transfer import (PerturbedSet, error_rate_matrix, rescale_perturbations, transfer_table,
                              transfer_versus_noise)
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.common import run_main
 from jaxadv import spectral
 from jaxadv.models import ZOO, Layer, Model
 
@@ -172,7 +173,7 @@ def _fmt(x, digits=4):
 
 
 def spectrum_table(network: dict, paper: dict | None = None) -> str:
-    from experiments.common import run_main, markdown_table
+    from experiments.common import markdown_table
 
     headers = ["Layer", "Size", "Stride", "Upper bound", "Power iteration"] + (["Paper (its AlexNet)"] if paper else [])
     rows = []
@@ -231,7 +232,7 @@ def table_markdown(results: dict) -> str:
 
 def main(argv=None):
     from experiments.common import (add_common_args, experiment_dir, resolve_workdir, save_figure_atomic,
-                                    write_json_atomic, write_text_atomic, run_main)
+                                    write_json_atomic, write_text_atomic)
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)

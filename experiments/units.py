@@ -24,7 +24,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (add_common_args, experiment_dir, markdown_table, resolve_workdir,

@@ -31,6 +31,13 @@ _FILE_STEMS = {"train": "train", "test": "t10k"}
 _NUM_EXAMPLES = {"train": 60_000, "test": 10_000}
 
 
+#: Class names for captions (Fashion-MNIST's short names; MNIST's classes are its digits).
+CLASS_NAMES = {
+    "fashion_mnist": ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot"),
+    "mnist": tuple(str(k) for k in range(10)),
+}
+
+
 class Dataset(NamedTuple):
     images: np.ndarray  # float32 [N, 28, 28, 1] in [0, 1]
     labels: np.ndarray  # int32 [N]

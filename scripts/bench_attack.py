@@ -28,7 +28,6 @@ quiet machine: the Python scipy loop suffers from load far more than (a)).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

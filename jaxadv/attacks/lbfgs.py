@@ -408,7 +408,7 @@ def lbfgs_attack(logits_fn: Callable, images, targets, config: AttackConfig = At
     if not callable(logits_fn):
         raise TypeError(f"logits_fn: expected a callable, got {type(logits_fn).__name__}")
     images_t = _check_images(images, "images")
-    targets_t = _check_targets(targets, images_t.shape[0], "targets")
+    _check_targets(targets, images_t.shape[0], "targets")
     concrete = not any(isinstance(a, jax.core.Tracer) for a in (images, targets, lower, upper, labels))
     lower_a = _check_bound(lower, images_t, "lower")
     upper_a = _check_bound(upper, images_t, "upper")
