@@ -31,7 +31,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Mapping
 
@@ -39,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxadv.io import TEMP_PREFIX, atomic_path, write_atomic
 
 BATCH_AXIS = "batch"
 MANIFEST = "manifest.json"
@@ -352,32 +353,18 @@ def _chunk_summary(directory, i, rows, success_key):
 
 
 def _save_npz_atomic(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **arrays)
 
 
 def _write_json_atomic(path: str, obj) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _remove_stale_temporaries(directory: str) -> None:
     # Left by a process killed mid-write; never a finished chunk.
     for name in os.listdir(directory):
-        if name.startswith(".tmp-"):
+        if name.startswith(TEMP_PREFIX):
             os.remove(os.path.join(directory, name))
 
 
