@@ -47,6 +47,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default=None, help="output folder (default: runs/<dataset>)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: {QUICK_TRAIN_SIZE} training images, 1-2 epochs, small sizes")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first: one process per host (SLURM, TPU pods, or "
+                             "JAX's coordinator environment variables); attacks then shard over every host's devices")
     # The default workdir depends on --dataset, which argparse defaults cannot express: fill it in
     # after parsing, so that every caller sees args.workdir already set.
     parse_known_args = parser.parse_known_args
@@ -55,6 +58,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         namespace, rest = parse_known_args(args, namespace)
         if getattr(namespace, "workdir", None) is None:
             namespace.workdir = str(Path("runs") / namespace.dataset)
+        if getattr(namespace, "distributed", False):
+            jax.distributed.initialize()   # before anything else touches a device
         return namespace, rest
 
     parser.parse_known_args = parse_known_args_with_workdir
