@@ -237,6 +237,28 @@ DEFAULT_BLOCK_SIZE = 1000       # images per device pass: several rounds of the 
 MAX_CHUNK_PER_DEVICE = 2000     # a chunk is the unit of loss on interruption: keep it minutes, not hours
 RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations")
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_attack_args(parser: argparse.ArgumentParser, images: str, default_num_images: int,
+                    quick_num_images: int) -> None:
+    """The flags of every experiment that attacks a set of images through `attack_images`."""
+    parser.add_argument("--num-images", type=positive_int, default=None,
+                        help=f"{images} attacked per model (default {default_num_images}, "
+                             f"{quick_num_images} with --quick)")
+    parser.add_argument("--seed", type=int, default=0, help="picks the images, the targets and the noise")
+    parser.add_argument("--chunk-size", type=positive_int, default=None,
+                        help="images per saved chunk (default: from device memory, at most "
+                             f"{MAX_CHUNK_PER_DEVICE} per device); a multiple of devices x block size")
+    parser.add_argument("--block-size", type=positive_int, default=None,
+                        help=f"images one device attacks at once (default {DEFAULT_BLOCK_SIZE}, fewer for small "
+                             "runs); results do not depend on the number of devices for a fixed block size")
+
+
 def attack_bytes_per_image(model, config, block_size) -> int:
     """Device memory per image of a block attacked with `lbfgs_attack_core`, in bytes (float32).
 

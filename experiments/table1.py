@@ -26,9 +26,9 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (DEFAULT_BLOCK_SIZE, MAX_CHUNK_PER_DEVICE, add_common_args, attack_images, choose_sizes,
-                                experiment_dir, markdown_table, resolve_workdir, run_main, save_figure_atomic,
-                                select_images, trained_models, write_json_atomic, write_text_atomic)
+from experiments.common import (add_attack_args, add_common_args, attack_images, choose_sizes, experiment_dir,
+                                markdown_table, resolve_workdir, run_main, save_figure_atomic, select_images,
+                                trained_models, write_json_atomic, write_text_atomic)
 from jaxadv.attacks import AttackConfig, runner_up_targets
 from jaxadv.data import CLASS_NAMES, load_dataset
 from jaxadv.models import ZOO
@@ -143,26 +143,15 @@ def figure7(models, chosen, images, labels, attacks, noise_key, class_names=None
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--num-images", type=int, default=None,
-                        help=f"images attacked per model (default {DEFAULT_NUM_IMAGES}, {QUICK_NUM_IMAGES} with --quick)")
+    add_attack_args(parser, "images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
     parser.add_argument("--split", choices=("train", "test"), default="train",
                         help="images to attack (the paper used the training set)")
     parser.add_argument("--targets", choices=("random", "runner-up"), default="random",
                         help="random: one seeded uniformly random wrong label per image, shared by all models; "
                              "runner-up: each model's second most likely class")
-    parser.add_argument("--seed", type=int, default=0, help="picks the images, the targets and the figure's noise")
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO), help="subset of Table 1's models")
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="images per saved chunk (default: from device memory, at most "
-                             f"{MAX_CHUNK_PER_DEVICE} per device); a multiple of devices x block size")
-    parser.add_argument("--block-size", type=int, default=None,
-                        help=f"images one device attacks at once (default {DEFAULT_BLOCK_SIZE}, fewer for small runs); "
-                             "results do not depend on the number of devices for a fixed block size")
     args = parser.parse_args(argv)
     num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
-    for flag in ("chunk_size", "block_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     workdir = resolve_workdir(args)
     out_dir = str(experiment_dir(workdir, NAME))
     start = time.time()

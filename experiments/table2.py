@@ -27,9 +27,9 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_common_args, attack_images, choose_sizes, markdown_table, resolve_workdir,
-                                run_main, save_figure_atomic, select_images, trained_models, write_json_atomic,
-                                write_text_atomic)
+from experiments.common import (add_attack_args, add_common_args, attack_images, choose_sizes, markdown_table,
+                                resolve_workdir, run_main, save_figure_atomic, select_images, trained_models,
+                                write_json_atomic, write_text_atomic)
 from jaxadv.attacks import AttackConfig
 from jaxadv.data import CLASS_NAMES, load_dataset
 from jaxadv.models import ZOO
@@ -147,13 +147,7 @@ def pct(x):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--num-images", type=int, default=None,
-                        help=f"training images attacked per model (default {DEFAULT_NUM_IMAGES}, "
-                             f"{QUICK_NUM_IMAGES} with --quick)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the images, the targets and the noise")
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="images per saved attack chunk (default: table1's choice, so its chunks are reused)")
-    parser.add_argument("--block-size", type=int, default=None, help="images one device attacks at once")
+    add_attack_args(parser, "training images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
     args = parser.parse_args(argv)
     num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
     workdir = str(resolve_workdir(args))

@@ -30,8 +30,8 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_common_args, markdown_table, resolve_workdir, run_main, select_images,
-                                trained_models)
+from experiments.common import (add_attack_args, add_common_args, markdown_table, resolve_workdir, run_main,
+                                select_images, trained_models)
 from experiments.table2 import (attack_models, describe_comparison, heatmap_figure, noise_sets, pct,
                                 triplets_figure, write_outputs)
 from jaxadv.attacks import AttackConfig
@@ -70,12 +70,7 @@ PAPER_TABLE4 = [  # rows: adversarial x3, Gaussian 0.06, amplified x3, Gaussian 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--num-images", type=int, default=None,
-                        help=f"test images attacked per model (default {DEFAULT_NUM_IMAGES}, "
-                             f"{QUICK_NUM_IMAGES} with --quick)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the images, the targets and the noise")
-    parser.add_argument("--chunk-size", type=int, default=None, help="images per saved attack chunk")
-    parser.add_argument("--block-size", type=int, default=None, help="images one device attacks at once")
+    add_attack_args(parser, "test images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
     args = parser.parse_args(argv)
     num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
     workdir = str(resolve_workdir(args))
