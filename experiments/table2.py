@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_attack_args, add_common_args, attack_images, choose_sizes, markdown_table,
+from experiments.common import (add_attack_args, add_common_args, experiment_dir, attack_images, choose_sizes, markdown_table,
                                 resolve_workdir, run_main, save_figure_atomic, select_images, trained_models,
                                 write_json_atomic, write_text_atomic)
 from jaxadv.attacks import AttackConfig
@@ -151,8 +151,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
     workdir = str(resolve_workdir(args))
-    out_dir = os.path.join(workdir, NAME)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = str(experiment_dir(workdir, NAME))
     start = time.time()
 
     models = trained_models(list(ZOO), args.dataset, workdir, args.data_dir, args.quick)

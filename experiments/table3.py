@@ -30,7 +30,7 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_attack_args, add_common_args, markdown_table, resolve_workdir, run_main,
+from experiments.common import (add_attack_args, add_common_args, experiment_dir, markdown_table, resolve_workdir, run_main,
                                 select_images, trained_models)
 from experiments.table2 import (attack_models, describe_comparison, heatmap_figure, noise_sets, pct,
                                 triplets_figure, write_outputs)
@@ -74,8 +74,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
     workdir = str(resolve_workdir(args))
-    out_dir = os.path.join(workdir, NAME)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = str(experiment_dir(workdir, NAME))
     start = time.time()
 
     train = load_dataset(args.dataset, "train", args.data_dir)
