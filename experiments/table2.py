@@ -27,9 +27,9 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_attack_args, add_common_args, experiment_dir, attack_images, choose_sizes, markdown_table,
-                                resolve_workdir, run_main, save_figure_atomic, select_images, trained_models,
-                                write_json_atomic, write_text_atomic)
+from experiments.common import (add_attack_args, add_common_args, attack_images, choose_sizes, experiment_dir,
+                                markdown_table, resolve_workdir, run_main, save_figure_atomic, select_images,
+                                trained_models, write_json_atomic, write_text_atomic)
 from jaxadv.attacks import AttackConfig
 from jaxadv.data import CLASS_NAMES, load_dataset
 from jaxadv.models import ZOO

@@ -30,8 +30,8 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_attack_args, add_common_args, experiment_dir, markdown_table, resolve_workdir, run_main,
-                                select_images, trained_models)
+from experiments.common import (add_attack_args, add_common_args, experiment_dir, markdown_table, resolve_workdir,
+                                run_main, select_images, trained_models)
 from experiments.table2 import (attack_models, describe_comparison, heatmap_figure, noise_sets, pct,
                                 triplets_figure, write_outputs)
 from jaxadv.attacks import AttackConfig
