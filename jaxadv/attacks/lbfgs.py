@@ -238,6 +238,7 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
     value_and_grad = jax.vmap(jax.value_and_grad(objective, has_aux=True))
     tell = jax.vmap(functools.partial(box_lbfgs.tell, config=lcfg), in_axes=(0, 0, 0, lower_axis, upper_axis))
     restart = jax.vmap(box_lbfgs.restart, in_axes=(0, 0, lower_axis, upper_axis))
+    init = jax.vmap(functools.partial(box_lbfgs.init, config=lcfg), in_axes=(0, lower_axis, upper_axis))
 
     def lane_bounds(image):
         pick = lambda bound, axis: bound if axis is None else bound[jnp.minimum(image, num_images - 1)]
@@ -322,13 +323,16 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
         target = jnp.where(reload, targets[jnp.minimum(image, num_images - 1)], s.target)
         fresh = fresh_search(image, x0)
         fields = {k: _where(finished, v, getattr(s, k)) for k, v in fresh.items()}
-        return s._replace(out=out, image=image, x0=x0, target=target,
+        # A new image gets a wholly new L-BFGS state, ring buffer included: `restart` keeps the slot
+        # order (`newest`) and the stale pairs, and the memory's sums run in slot order, so an image
+        # inheriting its lane's previous history would round differently in another lane or batch.
+        opt = _where(finished, init(x0, *lane_bounds(image)), s.opt)
+        return s._replace(opt=opt, out=out, image=image, x0=x0, target=target,
                           next_image=s.next_image + jnp.sum(finished, dtype=jnp.int32), **fields)
 
     image = jnp.arange(lanes, dtype=jnp.int32)
     x0 = pool[jnp.minimum(image, num_images - 1)]
-    lo_b, up_b = lane_bounds(image)
-    opt = jax.vmap(functools.partial(box_lbfgs.init, config=lcfg), in_axes=(0, lower_axis, upper_axis))(x0, lo_b, up_b)
+    opt = init(x0, *lane_bounds(image))
     out = _Outputs(best=pool, c=jnp.zeros((num_images,), dtype),
                    iterations=jnp.zeros((num_images,), jnp.int32), evaluations=jnp.zeros((num_images,), jnp.int32))
     state = _SearchState(opt=opt, image=image, x0=x0, target=targets[jnp.minimum(image, num_images - 1)], next_image=jnp.asarray(lanes, jnp.int32),
