@@ -235,7 +235,7 @@ def run_main(main) -> None:
 NUM_CLASSES = 10
 DEFAULT_BLOCK_SIZE = 1000       # images per device pass: several rounds of the attack's lanes
 MAX_CHUNK_PER_DEVICE = 2000     # a chunk is the unit of loss on interruption: keep it minutes, not hours
-RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations")
+RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations", "search_distortion")
 
 def positive_int(text: str) -> int:
     value = int(text)

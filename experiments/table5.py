@@ -96,13 +96,13 @@ def network_spectrum(model: Model, params, key: jax.Array, power_iterations: int
 
 def radius_against_attack(model: Model, params, images: np.ndarray, lipschitz: float, directory: str,
                           config, chunk_size: int) -> dict[str, np.ndarray]:
-    """Certified radius and the attack's smallest L2 over all wrong targets, per image.
+    """Certified radius and the untargeted attack's smallest L2 (`lbfgs_attack_untargeted`), per image.
 
-    The attack starts from the predicted class (the class the radius certifies),
+    The attack moves away from the predicted class (the class the radius certifies),
     and every adversarial image is re-checked here: `verified` means the model
     really predicts another class there.
     """
-    from jaxadv.attacks import lbfgs_attack_all_targets
+    from jaxadv.attacks import lbfgs_attack_untargeted
     from jaxadv.sweep import fingerprint_arrays, run_sweep
 
     logits_fn = jax.tree_util.Partial(model.apply, params)
@@ -112,7 +112,7 @@ def radius_against_attack(model: Model, params, images: np.ndarray, lipschitz: f
         x = chunk["images"]
         logits = logits_fn(x)
         predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        best = lbfgs_attack_all_targets(logits_fn, x, predicted, config, NUM_CLASSES).best
+        best = lbfgs_attack_untargeted(logits_fn, x, predicted, config)
         adversarial_class = jnp.argmax(logits_fn(best.adversarial), axis=-1)
         l2 = jnp.sqrt(jnp.sum((best.adversarial - x) ** 2, axis=(1, 2, 3)))
         return {"certified": spectral.certified_radius(logits, lipschitz), "predicted": predicted,
@@ -120,7 +120,7 @@ def radius_against_attack(model: Model, params, images: np.ndarray, lipschitz: f
                 "attained": l2, "adversarial_class": adversarial_class.astype(jnp.int32)}
 
     sweep_config = {"model": model.name, "params": fingerprint_arrays({"params": params}),
-                    "attack": repr(config), "lipschitz": lipschitz, "what": "all wrong targets of the prediction"}
+                    "attack": repr(config), "lipschitz": lipschitz, "what": "untargeted, away from the prediction"}
     return run_sweep(measure, {"images": images}, directory, chunk_size, config=sweep_config,
                      label=f"radius {model.name}")
 

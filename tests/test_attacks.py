@@ -70,7 +70,7 @@ def test_fixed_c_objective_matches_scipy_lbfgsb(trained_fc100):
     images, labels = test_set.images[:40], test_set.labels[:40]
     targets = np.asarray(random_wrong_targets(jax.random.PRNGKey(1), labels))
     c = 0.1
-    config = AttackConfig(initial_c=c, max_bracket_steps=0, bisection_steps=0)
+    config = AttackConfig(initial_c=c, max_bracket_steps=0, bisection_steps=0, refine_steps=0)  # the minimiser itself
     result = lbfgs_attack(jax.tree_util.Partial(model.apply, params), images, targets, config)
     adversarial = np.asarray(result.adversarial)
     assert np.all((adversarial >= 0) & (adversarial <= 1))
