@@ -55,3 +55,16 @@ def tiny_trained_softmax(synthetic):
     params = train(model, synthetic.images, synthetic.labels, jax.random.PRNGKey(0),
                    TrainConfig(epochs=5, batch_size=64, learning_rate=1e-2, verbose=False))
     return model, params
+
+
+def train_on_fashion_mnist(data_dir: str, name: str, num_train: int, epochs: int):
+    """(logits_fn, params, test set): zoo model `name` trained briefly on the first Fashion-MNIST images."""
+    from jaxadv.data import load_dataset
+    from jaxadv.models import get_model
+    from jaxadv.train import TrainConfig, train
+
+    train_set = load_dataset("fashion_mnist", "train", data_dir)
+    model = get_model(name)
+    params = train(model, train_set.images[:num_train], train_set.labels[:num_train], jax.random.PRNGKey(0),
+                   TrainConfig(epochs=epochs, verbose=False))
+    return jax.tree_util.Partial(model.apply, params), params, load_dataset("fashion_mnist", "test", data_dir)

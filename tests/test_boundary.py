@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from jaxadv.attacks import (AttackConfig, lbfgs_attack, lbfgs_attack_all_targets, lbfgs_attack_untargeted,
                             project_onto_cuts, random_wrong_targets)
 from jaxadv.attacks.exact import exact_linear_minimum
+from conftest import train_on_fashion_mnist
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -62,15 +63,7 @@ def test_exact_linear_minimum_satisfies_kkt_and_beats_feasible_points():
 @pytest.fixture(scope="module")
 def real_softmax(data_dir):
     """FC10(1e-4) trained briefly on 5000 Fashion-MNIST images, and 60 correctly classified test images."""
-    from jaxadv.data import load_dataset
-    from jaxadv.models import get_model
-    from jaxadv.train import TrainConfig, train
-    train_set = load_dataset("fashion_mnist", "train", data_dir)
-    test = load_dataset("fashion_mnist", "test", data_dir)
-    model = get_model("FC10(1e-4)")
-    params = train(model, train_set.images[:5000], train_set.labels[:5000], jax.random.PRNGKey(0),
-                   TrainConfig(epochs=3, verbose=False))
-    logits_fn = jax.tree_util.Partial(model.apply, params)
+    logits_fn, params, test = train_on_fashion_mnist(data_dir, "FC10(1e-4)", 5000, epochs=3)
     predicted = np.argmax(np.asarray(logits_fn(test.images[:200])), -1)
     keep = np.where(predicted == test.labels[:200])[0][:60]
     return logits_fn, params, test.images[keep], test.labels[keep]
@@ -110,15 +103,8 @@ def test_untargeted_finds_the_exact_untargeted_minimum_on_softmax_regression(rea
 
 @pytest.fixture(scope="module")
 def trained_mlp(data_dir):
-    from jaxadv.data import load_dataset
-    from jaxadv.models import get_model
-    from jaxadv.train import TrainConfig, train
-    train_set = load_dataset("fashion_mnist", "train", data_dir)
-    test = load_dataset("fashion_mnist", "test", data_dir)
-    model = get_model("FC100-100-10")
-    params = train(model, train_set.images[:3000], train_set.labels[:3000], jax.random.PRNGKey(0),
-                   TrainConfig(epochs=2, verbose=False))
-    return jax.tree_util.Partial(model.apply, params), test
+    logits_fn, _, test = train_on_fashion_mnist(data_dir, "FC100-100-10", 3000, epochs=2)
+    return logits_fn, test
 
 
 LANES = 8
