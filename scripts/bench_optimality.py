@@ -1,23 +1,25 @@
 """How minimal is "minimal"? Every attack against the per-image best known L2, side by side in one process.
 
     python scripts/bench_optimality.py [--models "FC10(1e-4)" FC100-100-10 ConvNet] [--num-images 500]
-                                       [--workdir runs/fashion_mnist] [--data-dir DIR] [--no-foolbox]
-                                       [--ddn-steps 1000] [--cw-steps 1000] [--cw-binary-steps 5] [--out FILE]
+                                       [--workdir runs/fashion_mnist] [--data-dir DIR]
+                                       [--foolbox ddn cw deepfool] [--ddn-steps 1000] [--cw-steps 1000]
+                                       [--cw-binary-steps 5] [--out FILE]
 
 The problem is the untargeted minimum: the smallest L2 perturbation in the
 box [0, 1] that changes the label, on the first --num-images correctly
 classified Fashion-MNIST test images of each model. Attacks:
   paper        the paper's method (no refinement), minimum over the 9 targets
   refined      the same with the boundary refinement (jaxadv's default), over the 9 targets
-  untargeted   `lbfgs_attack_untargeted`: one run per image, then the refinement
+  untargeted   `lbfgs_attack_untargeted`: one untargeted run per image, refined, then one
+               targeted run toward the nearest other class by the linear estimate at x
   exact QP     the exact minimum (linear models only; `jaxadv.attacks.exact`, scipy)
-  DDN, C&W L2, DeepFool   Foolbox 3 on the same JAX model (a development dependency:
-               `pip install foolbox`; skipped with a note if it is missing)
+  DDN, C&W L2, DeepFool   Foolbox 3 on the same JAX model, jit-compiled (a development
+               dependency: `pip install foolbox`; skipped with a note if it is missing;
+               `--foolbox` with no names runs none of them)
 Per attack: success rate, median and mean ratio of its L2 to the per-image
 best known (the smallest L2 any attack found, AttackBench's reference; a
 failure counts as inf in the median), the share within 1% of it, gradients
-(model calls) per image, and wall time (compilation included for everything:
-Foolbox runs eagerly). Success is rechecked here on every returned image.
+(model calls) per image, and wall time (compilation included for everything). Success is rechecked here on every returned image.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from jaxadv.attacks.exact import exact_linear_minimum  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402
 
 NUM_CLASSES = 10
+FOOLBOX_ATTACKS = ("ddn", "cw", "deepfool")
 
 
 def correctly_classified(model, params, test, num_images):
@@ -81,22 +84,26 @@ def foolbox_attacks(logits_fn, images, labels, args):
     except ImportError:
         print("foolbox is not installed (pip install foolbox): its attacks are skipped", file=sys.stderr)
         return {}
+    # Foolbox differentiates the model eagerly; a jitted model makes each of its calls one compiled program.
+    compiled = jax.jit(logits_fn)
     calls = [0]
 
     def counted(x):
         calls[0] += 1
-        return logits_fn(x)
+        return compiled(x)
 
     model = foolbox.JAXModel(counted, bounds=(0.0, 1.0))
     x, y = jnp.asarray(images), jnp.asarray(labels)
     attacks = {
-        f"Foolbox DDN ({args.ddn_steps} steps)": foolbox.attacks.DDNAttack(steps=args.ddn_steps),
-        f"Foolbox C&W L2 ({args.cw_binary_steps}x{args.cw_steps})": foolbox.attacks.L2CarliniWagnerAttack(
-            binary_search_steps=args.cw_binary_steps, steps=args.cw_steps, stepsize=0.01, initial_const=1.0),
-        "Foolbox DeepFool": foolbox.attacks.L2DeepFoolAttack(steps=50, candidates=NUM_CLASSES),
+        "ddn": (f"Foolbox DDN ({args.ddn_steps} steps)", lambda: foolbox.attacks.DDNAttack(steps=args.ddn_steps)),
+        "cw": (f"Foolbox C&W L2 ({args.cw_binary_steps}x{args.cw_steps})", lambda: foolbox.attacks.L2CarliniWagnerAttack(
+            binary_search_steps=args.cw_binary_steps, steps=args.cw_steps, stepsize=0.01, initial_const=1.0)),
+        "deepfool": ("Foolbox DeepFool", lambda: foolbox.attacks.L2DeepFoolAttack(steps=50, candidates=NUM_CLASSES)),
     }
+    attacks = dict(attacks[key] for key in args.foolbox)
     out = {}
-    for name, attack in attacks.items():
+    for name, make in attacks.items():
+        attack = make()
         calls[0] = 0
         tic = time.perf_counter()
         _, clipped, _ = attack(model, x, y, epsilons=None)
@@ -130,7 +137,8 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=500)
     parser.add_argument("--workdir", default="runs/fashion_mnist")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--no-foolbox", action="store_true", help="only jaxadv's attacks (and the exact QP)")
+    parser.add_argument("--foolbox", nargs="*", choices=FOOLBOX_ATTACKS, default=list(FOOLBOX_ATTACKS),
+                        help="Foolbox attacks to run beside jaxadv's (none: only jaxadv's and the exact QP)")
     parser.add_argument("--ddn-steps", type=int, default=1000)
     parser.add_argument("--cw-steps", type=int, default=1000)
     parser.add_argument("--cw-binary-steps", type=int, default=5)
@@ -150,7 +158,7 @@ def main(argv=None):
         images, labels = correctly_classified(model, params, test, args.num_images)
         found = jaxadv_attacks(logits_fn, images, labels)
         found.update(exact_attack(model, params, images, labels))
-        if not args.no_foolbox:
+        if args.foolbox:
             found.update(foolbox_attacks(logits_fn, images, labels, args))
         rows = score(logits_fn, images, labels, found)
         figures[name] = rows

@@ -299,7 +299,7 @@ def refine_core(logits_fn, origins, starts, anchors, success, lower=0.0, upper=1
         rows = jnp.where(finished, s.image, num_images)
         best = s.best.at[rows].set(s.ref.best, mode="drop")
         evaluations = s.evaluations.at[rows].set(s.ref.steps, mode="drop")
-        image = jnp.where(finished, s.next_image + jnp.cumsum(finished) - 1, s.image)
+        image = jnp.where(finished, s.next_image + jnp.cumsum(finished, dtype=jnp.int32) - 1, s.image)
         image = jnp.where(finished & (image >= num_images), num_images, image)
         ref = jax.tree.map(lambda new, old: jnp.where(finished.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
                            load(image), s.ref)

@@ -63,6 +63,12 @@ class AttackConfig(NamedTuple):
       None derives a cap that no complete search can exceed.
 
     lanes: images attacked at once (None: all); see `lbfgs_attack_core`.
+    refine_steps, refine_cuts, refine_margin, refine_rtol: the refinement to
+      the nearest boundary point after the search (`boundary.RefineConfig`);
+      refine_steps = 0 is the paper's method.
+    runner_ups: untargeted mode only: after the untargeted run, targeted runs
+      toward this many other classes, those nearest by the linear estimate
+      at x (see `lbfgs_attack_untargeted`).
 
     Why these defaults (measured on FC100-100-10, Fashion-MNIST test images,
     random wrong targets, this 2-core CPU; details in scripts/bench_attack.py):
@@ -121,6 +127,7 @@ class AttackConfig(NamedTuple):
     refine_cuts: int = 4
     refine_margin: float = 1e-3
     refine_rtol: float = 1e-4
+    runner_ups: int = 1
 
     def lbfgs_config(self) -> box_lbfgs.BoxLBFGSConfig:
         return box_lbfgs.BoxLBFGSConfig(memory_size=self.memory_size, max_iterations=self.max_iterations,
@@ -245,6 +252,7 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
     lanes = num_images if config.lanes is None else config.lanes
     pool = images.reshape(num_images, n)
     targets = targets.astype(jnp.int32)
+    bounds = (lower, upper)
     lower, lower_axis = _flat_bound(lower, images.shape, dtype)
     upper, upper_axis = _flat_bound(upper, images.shape, dtype)
     lcfg = config.lbfgs_config()
@@ -339,7 +347,7 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
             evaluations=s.out.evaluations.at[rows].set(s.evaluations, mode="drop"),
             success=s.out.success.at[rows].set(jnp.isfinite(s.best_l2), mode="drop"))
         # Hand the next waiting images to the finished lanes, in lane order.
-        image = jnp.where(finished, s.next_image + jnp.cumsum(finished) - 1, s.image)
+        image = jnp.where(finished, s.next_image + jnp.cumsum(finished, dtype=jnp.int32) - 1, s.image)
         image = jnp.where(finished & (image >= num_images), num_images, image)
         reload = finished & (image < num_images)
         x0 = jnp.where(reload[:, None], pool[jnp.minimum(image, num_images - 1)], s.x0)
@@ -377,11 +385,64 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
                                        config=config.refine_config(untargeted), lanes=lanes, shape=shape)
         best, evaluations = refined.best, evaluations + refined.evaluations
     adversarial = best.reshape(images.shape)
-    success = is_adversarial(logits_fn(adversarial), targets)
+    logits = logits_fn(adversarial)
+    success = is_adversarial(logits, targets)
     l2 = jnp.linalg.norm(best - pool, axis=-1)
-    return AttackResult(adversarial=adversarial, success=success, l2=l2, distortion=l2 / scale,
-                        c=out.c, iterations=out.iterations, evaluations=evaluations,
-                        search_distortion=search_l2 / scale)
+    result = AttackResult(adversarial=adversarial, success=success, l2=l2, distortion=l2 / scale,
+                          c=out.c, iterations=out.iterations, evaluations=evaluations,
+                          search_distortion=search_l2 / scale)
+    if untargeted and config.runner_ups > 0:
+        result = _with_runner_ups(logits_fn, images, targets, bounds, initial_c, config, result,
+                                  found=jnp.argmax(logits, axis=-1))
+    return result
+
+
+def _with_runner_ups(logits_fn, images, labels, bounds, initial_c, config, result, found) -> AttackResult:
+    """The untargeted result, or a targeted run's toward a runner-up class where that one is closer.
+
+    The untargeted search settles in the basin of whichever class its path
+    reaches first; on FC100-100-10 another class's boundary was more than 1%
+    closer for 7.6% of 500 test images (up to 25%). The runner-ups are the
+    classes nearest by DeepFool's linear estimate at x, (Z_y − Z_j)/‖∇(Z_y − Z_j)‖,
+    other than the class found. One runner-up brought the share within 1% of
+    the all-targets minimum from 92.4% to 97.0% (98.6% with two) at 169
+    gradients per image (257), against 882 for all nine targets.
+    """
+    distance = _linear_distances(logits_fn, images, labels, config.lanes)
+    classes = jnp.arange(distance.shape[-1])
+    # The label sorts last (inf) and the class found just before it, so a target is never the label.
+    distance = jnp.where(jnp.isnan(distance) | ((classes == found[:, None]) & result.success[:, None]),
+                         jnp.finfo(distance.dtype).max, distance)
+    distance = jnp.where(classes == labels[:, None], jnp.inf, distance)
+    order = jnp.argsort(distance, axis=-1, stable=True)
+    iterations, evaluations = result.iterations, result.evaluations + distance.shape[-1]
+    for k in range(config.runner_ups):
+        run = lbfgs_attack_core(logits_fn, images, order[:, k], *bounds, initial_c, config=config, untargeted=False)
+        closer = run.success & (~result.success | (run.l2 < result.l2))
+        iterations, evaluations = iterations + run.iterations, evaluations + run.evaluations
+        result = jax.tree.map(lambda a, b: jnp.where(closer.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), run, result)
+    return result._replace(iterations=iterations, evaluations=evaluations)
+
+
+def _linear_distances(logits_fn, images, labels, lanes):
+    """[N, classes]: (Z_y − Z_j)/‖∇(Z_y − Z_j)‖ at each image (one Jacobian: `classes` gradients per image).
+
+    Computed in blocks of `lanes` images, padded, so that an image's value does not depend on its batch.
+    """
+    num_images, shape = images.shape[0], images.shape[1:]
+    lanes = num_images if lanes is None else lanes
+
+    def one(x, label):
+        logits, pullback = jax.vjp(lambda v: logits_fn(v[None])[0], x)
+        (jacobian,) = jax.vmap(pullback)(jnp.eye(logits.shape[-1], dtype=logits.dtype))
+        jacobian = jacobian.reshape(logits.shape[-1], -1)
+        return (logits[label] - logits) / jnp.linalg.norm(jacobian[label] - jacobian, axis=-1)
+
+    blocks = -(-num_images // lanes)
+    pad = blocks * lanes - num_images
+    x = jnp.concatenate([images, jnp.broadcast_to(images[:1], (pad,) + shape)]).reshape((blocks, lanes) + shape)
+    y = jnp.concatenate([labels, jnp.broadcast_to(labels[:1], (pad,))]).reshape(blocks, lanes)
+    return jax.lax.map(lambda xy: jax.vmap(one)(*xy), (x, y)).reshape(blocks * lanes, -1)[:num_images]
 
 
 def _keep_memory(fresh: box_lbfgs.BoxLBFGSState, old: box_lbfgs.BoxLBFGSState, delta_c, keep):
@@ -447,15 +508,20 @@ def lbfgs_attack(logits_fn: Callable, images, targets, config: AttackConfig = At
 
 def lbfgs_attack_untargeted(logits_fn: Callable, images, labels, config: AttackConfig = AttackConfig(),
                             lower=0.0, upper=1.0, *, initial_c=None) -> AttackResult:
-    """Smallest box-constrained perturbations that change the label at all, in one run per image.
+    """Smallest box-constrained perturbations that change the label at all.
 
-    The c search minimises c‖r‖² − log(1 − p_label(x + r)) (the untargeted
-    counterpart of the cross-entropy: small once any class beats the label),
-    and the refinement then projects onto the nearest class boundary it has
-    linearised (the top classes at the found point, see `boundary`). Success
-    means argmax ≠ label. One run costs about as much as one targeted attack,
-    against nine for `lbfgs_attack_all_targets` (K − 1 targets), and finds as
-    small a perturbation or smaller (scripts/bench_optimality.py).
+    First one untargeted run per image: the c search minimises
+    c‖r‖² − log(1 − p_label(x + r)) (the untargeted counterpart of the
+    cross-entropy: small once any class beats the label), and the refinement
+    projects onto the nearest class boundary it has linearised (the top
+    classes at the found point, see `boundary`). That run settles in the basin
+    of the class its path reaches first, which is not always the nearest, so
+    `config.runner_ups` targeted runs (default 1) then try the classes nearest
+    by the linear estimate at x other than the one found, and each image keeps
+    the closest success. Success means argmax ≠ label. On FC100-100-10 this
+    costs about 170 gradients per image against 880 for
+    `lbfgs_attack_all_targets` (K − 1 targets) and is within 1% of the best
+    known on 97% of images (scripts/bench_optimality.py).
     labels: [B] the true classes (or the model's predictions).
     """
     return _attack(logits_fn, images, labels, config, lower, upper, None, initial_c, untargeted=True)
@@ -484,6 +550,9 @@ def _attack(logits_fn, images, targets, config, lower, upper, labels, initial_c,
         classes = _num_classes(logits_fn, images_t)
         if np.any(t < 0) or np.any(t >= classes):
             raise ValueError(f"{name}: must be in [0, {classes}) for this logits_fn; got range [{t.min()}, {t.max()}]")
+        if untargeted and config.runner_ups > classes - 2:
+            raise ValueError(f"config.runner_ups: at most {classes - 2} (the classes other than the label and the "
+                             f"one found) for this logits_fn, got {config.runner_ups}")
         if labels is not None:
             lab = np.asarray(labels)
             if lab.shape != t.shape:
@@ -522,6 +591,8 @@ def _check_config(config):
         raise ValueError("config.refine_steps must be >= 0, config.refine_cuts >= 1, and config.refine_margin and "
                          f"config.refine_rtol >= 0; got {config.refine_steps}, {config.refine_cuts}, "
                          f"{config.refine_margin}, {config.refine_rtol}")
+    if config.runner_ups < 0:
+        raise ValueError(f"config.runner_ups: must be >= 0, got {config.runner_ups}")
     if config.lanes is not None and config.lanes < 1:
         raise ValueError(f"config.lanes: must be >= 1 or None, got {config.lanes}")
 
