@@ -36,7 +36,7 @@ import numpy as np
 from experiments.common import (add_common_args, experiment_dir, markdown_table, resolve_workdir,
                                 save_figure_atomic, write_json_atomic, write_text_atomic, run_main)
 from jaxadv.adversarial_training import INPUT, AdversarialTrainingConfig, adversarial_train, logits_above
-from jaxadv.attacks import AttackConfig, lbfgs_attack, lbfgs_attack_untargeted, random_wrong_targets
+from jaxadv.attacks import UNTARGETED, AttackConfig, lbfgs_attack, lbfgs_attack_untargeted, random_wrong_targets
 from jaxadv.data import load_dataset
 from jaxadv.models import get_model
 from jaxadv.train import error_rate
@@ -48,7 +48,7 @@ DROPOUT_RATE = 0.2
 #: Cheap attack for pool refreshes: 3 bracket moves of c, 2 bisections, 30 L-BFGS iterations per c.
 POOL_ATTACK = AttackConfig(max_bracket_steps=3, bisection_steps=2, max_iterations=30)
 #: The full attack (the library's defaults) for the final distortion of each model.
-EVAL_ATTACK = AttackConfig()
+EVAL_ATTACK = UNTARGETED
 BASE = AdversarialTrainingConfig(epochs=40, batch_size=128, learning_rate=1e-3, pool_size=2000,
                                  pool_batch_size=32, refresh_every=100, refresh_fraction=0.25)
 QUICK = dict(train_images=6000, epochs=3, pool_size=200, refresh_every=20, eval_images=50, curve_images=2000)

@@ -5,18 +5,19 @@
 
 `box_lbfgs`: projected L-BFGS for one flat box-constrained problem (ask/tell).
 `lbfgs`: the attack (objective, per-image c search, lanes).
-`boundary`: refinement to the nearest boundary point (SQP on the exact problem).
+`boundary`: refinement to the nearest boundary point (SQP on the exact problem, then a
+    boundary walk where the SQP stalls).
 `exact`: the exact minimum of a linear model (a scipy reference).
 `targets`: target-label helpers and the all-targets minimum.
 """
 from jaxadv.attacks.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState, minimize_box
 from jaxadv.attacks.boundary import RefineConfig, RefineResult, project_onto_cuts, refine_core
-from jaxadv.attacks.lbfgs import (PENALTIES, AttackConfig, AttackResult, lbfgs_attack, lbfgs_attack_core,
-                                  lbfgs_attack_untargeted)
+from jaxadv.attacks.lbfgs import (PENALTIES, UNTARGETED, AttackConfig, AttackResult, lbfgs_attack,
+                                  lbfgs_attack_core, lbfgs_attack_untargeted)
 from jaxadv.attacks.targets import (AllTargetsResult, all_wrong_targets, lbfgs_attack_all_targets,
                                     random_wrong_targets, runner_up_targets)
 
-__all__ = ["AttackConfig", "AttackResult", "AllTargetsResult", "BoxLBFGSConfig", "BoxLBFGSState", "PENALTIES",
+__all__ = ["AttackConfig", "AttackResult", "AllTargetsResult", "BoxLBFGSConfig", "BoxLBFGSState", "PENALTIES", "UNTARGETED",
            "all_wrong_targets", "lbfgs_attack", "lbfgs_attack_all_targets", "lbfgs_attack_core",
            "lbfgs_attack_untargeted", "project_onto_cuts", "RefineConfig", "RefineResult", "refine_core", "minimize_box",
            "random_wrong_targets", "runner_up_targets"]

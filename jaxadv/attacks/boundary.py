@@ -32,6 +32,17 @@ which is closer than that best (the norm is convex), and whose own cut
 corrects the linearisation. The result is the best adversarial point seen,
 never merely the last.
 
+On a piecewise-linear model (ReLU, max pooling) each trial lies in another
+linear piece, the cuts disagree, and the projections stall short of the
+minimum. An image whose SQP has not converged in `steps` evaluations then
+walks along the boundary as DDN does (Rony et al., 2019): a step along the
+constraint's gradient, back onto a sphere about x whose radius shrinks while
+the walk stays adversarial and grows while it does not. On 100 ConvNet test
+images the SQP alone ended at 1.009 × DDN's (1,000 steps) distance at the
+median even after 200 evaluations; 60 walk steps took the untargeted attack
+below DDN's distance on about half of them. Smooth models converge first
+and never walk.
+
 Each `tell` consumes one logits vector and one gradient, so a batch vmaps in
 lock step with the L-BFGS lanes of `jaxadv.attacks.lbfgs`.
 """
@@ -58,6 +69,11 @@ class RefineConfig(NamedTuple):
     overshoot: after a trial that is not adversarial, the next projection is
       pushed this fraction further from x (doubled at each failure in a row).
     dual_iterations: semismooth Newton steps of the projection's dual.
+    walk_steps: evaluations of the boundary walk that follows when the SQP
+      has not converged in `steps` (0: none); see `tell`.
+    walk_step, walk_gamma: the walk's first step along the margin's gradient
+      and its first radius change, as fractions of the radius (both annealed
+      to 1% of that by a cosine over the walk).
     """
     steps: int = 20
     cuts: int = 4
@@ -66,6 +82,9 @@ class RefineConfig(NamedTuple):
     union: bool = False
     dual_iterations: int = 8
     overshoot: float = 0.02
+    walk_steps: int = 100
+    walk_step: float = 2.0
+    walk_gamma: float = 0.02
 
 
 class RefineState(NamedTuple):
@@ -82,6 +101,9 @@ class RefineState(NamedTuple):
     newest: jax.Array       # slot of the newest cut
     multipliers: jax.Array  # [cuts] the dual solution of the last projection (a warm start)
     seeds: jax.Array        # [cuts] classes still to linearise at `best` before projecting (-1: none)
+    walking: jax.Array      # the SQP has stalled: the boundary walk has taken over
+    radius: jax.Array       # the walk's distance from x
+    walked: jax.Array       # the walk's evaluations so far
     steps: jax.Array
     done: jax.Array
 
@@ -97,7 +119,8 @@ def init(origin, adversarial, anchor, num_classes: int, config: RefineConfig = R
         failures=jnp.zeros((), jnp.int32), cuts=jnp.zeros((m, origin.shape[0]), dtype),
         offsets=jnp.zeros((m,), dtype), cut_class=jnp.full((m,), -1, jnp.int32),
         newest=jnp.asarray(m - 1, jnp.int32), multipliers=jnp.zeros((m,), dtype),
-        seeds=jnp.full((m,), -1, jnp.int32), steps=jnp.zeros((), jnp.int32),
+        seeds=jnp.full((m,), -1, jnp.int32), walking=jnp.zeros((), bool), radius=jnp.zeros((), dtype),
+        walked=jnp.zeros((), jnp.int32), steps=jnp.zeros((), jnp.int32),
         done=~jnp.asarray(success, bool) | (config.steps == 0))
 
 
@@ -180,13 +203,33 @@ def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
     converged = (adversarial & ~seeding
                  & (jnp.linalg.norm(projection - z) <= config.rtol * jnp.maximum(l2, jnp.finfo(dtype).tiny)))
     steps = state.steps + 1
-    done = state.done | converged | (steps >= config.steps) | ~jnp.isfinite(best_l2)
+
+    # A piecewise-linear model (ReLU, max pooling) changes its linearisation from one trial to the next,
+    # and the projections stall short of the minimum (ConvNet: 1.009 × DDN's distance at the median
+    # after 200 steps). Then walk along the boundary as DDN does: a step along ∇m of `walk_step` × the
+    # radius, back onto the sphere of that radius about x, and the radius shrinks while the walk is
+    # adversarial and grows while it is not, both annealed; the best point seen stays the result.
+    stalled = ~state.walking & ~converged & (steps >= config.steps) & jnp.isfinite(best_l2)
+    walking = state.walking | (stalled & (config.walk_steps > 0))
+    anneal = 0.01 + 0.99 * 0.5 * (1 + jnp.cos(jnp.pi * state.walked / max(config.walk_steps, 1)))
+    gamma = config.walk_gamma * anneal
+    radius = jnp.where(adversarial, jnp.minimum(state.radius, best_l2) * (1 - gamma), state.radius * (1 + gamma))
+    ascent = grad / jnp.maximum(jnp.linalg.norm(grad), jnp.finfo(dtype).tiny)
+    away = z + config.walk_step * anneal * radius * ascent - state.origin
+    on_sphere = jnp.clip(state.origin + radius * away / jnp.maximum(jnp.linalg.norm(away), jnp.finfo(dtype).tiny),
+                         lower, upper)
+    walked = state.walked + state.walking
+    next_trial = jnp.where(stalled, best, jnp.where(state.walking, on_sphere, next_trial))
+    radius = jnp.where(stalled, best_l2, jnp.where(state.walking, radius, state.radius))
+    done = (state.done | (converged & ~state.walking) | ((steps >= config.steps) & ~walking)
+            | (state.walking & (walked >= config.walk_steps)) | ~jnp.isfinite(best_l2))
     new = RefineState(
         origin=state.origin, anchor=state.anchor, best=best, best_l2=best_l2,
         trial=jnp.where(done, best, next_trial), failures=failures.astype(jnp.int32),
         cuts=cuts, offsets=offsets, cut_class=cut_class, newest=jnp.where(usable & ~jnp.any(has_slot), slot,
                                                                              state.newest).astype(jnp.int32),
-        multipliers=multipliers, seeds=seeds, steps=steps, done=done)
+        multipliers=multipliers, seeds=seeds, walking=walking, radius=radius.astype(dtype),
+        walked=walked.astype(jnp.int32), steps=steps, done=done)
     return jax.tree.map(lambda old, upd: jnp.where(state.done, old, upd), state, new)
 
 
@@ -317,7 +360,7 @@ def refine_core(logits_fn, origins, starts, anchors, success, lower=0.0, upper=1
                    evaluations=jnp.zeros((num_images,), jnp.int32), step=jnp.zeros((), jnp.int32))
     # Lanes whose image needs no refinement (no adversarial start) hand it back before any evaluation.
     state = retire_and_refill(state, state.ref.done & (state.image < num_images))
-    cap = (-(-num_images // lanes) + 1) * (config.steps + 1)
+    cap = (-(-num_images // lanes) + 1) * (config.steps + config.walk_steps + 1)
     state = jax.lax.while_loop(lambda s: jnp.any(s.image < num_images) & (s.step < cap), step, state)
     state = retire_and_refill(state, state.image < num_images)
     return RefineResult(best=state.best, l2=jnp.linalg.norm(state.best - origins, axis=-1),
