@@ -178,11 +178,12 @@ def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
     valid = cut_class >= 0
 
     # Untargeted: after the first evaluation at the found point, linearise the next-best classes there too.
-    first = state.steps == 0
-    ranked = jnp.argsort(-jnp.where((jnp.arange(logits.shape[-1]) == state.anchor)
-                                    | (jnp.arange(logits.shape[-1]) == j), -jnp.inf, logits))
-    planned = jnp.concatenate([ranked[:config.cuts - 1], jnp.full((1,), -1, ranked.dtype)]).astype(jnp.int32)
-    seeds = jnp.where(first & config.union, planned, jnp.concatenate([state.seeds[1:], jnp.full((1,), -1, jnp.int32)]))
+    seeds = jnp.concatenate([state.seeds[1:], jnp.full((1,), -1, jnp.int32)])
+    if config.union:
+        ranked = jnp.argsort(-jnp.where((jnp.arange(logits.shape[-1]) == state.anchor)
+                                        | (jnp.arange(logits.shape[-1]) == j), -jnp.inf, logits))
+        planned = jnp.concatenate([ranked[:config.cuts - 1], jnp.full((1,), -1, ranked.dtype)]).astype(jnp.int32)
+        seeds = jnp.where(state.steps == 0, planned, seeds)
     seeding = seeds[0] >= 0
 
     projection, multipliers = _project(state.origin, cuts, offsets, valid, lower, upper,
@@ -211,16 +212,18 @@ def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
     # adversarial and grows while it is not, both annealed; the best point seen stays the result.
     stalled = ~state.walking & ~converged & (steps >= config.steps) & jnp.isfinite(best_l2)
     walking = state.walking | (stalled & (config.walk_steps > 0))
-    anneal = 0.01 + 0.99 * 0.5 * (1 + jnp.cos(jnp.pi * state.walked / max(config.walk_steps, 1)))
-    gamma = config.walk_gamma * anneal
-    radius = jnp.where(adversarial, jnp.minimum(state.radius, best_l2) * (1 - gamma), state.radius * (1 + gamma))
-    ascent = grad / jnp.maximum(jnp.linalg.norm(grad), jnp.finfo(dtype).tiny)
-    away = z + config.walk_step * anneal * radius * ascent - state.origin
-    on_sphere = jnp.clip(state.origin + radius * away / jnp.maximum(jnp.linalg.norm(away), jnp.finfo(dtype).tiny),
-                         lower, upper)
-    walked = state.walked + state.walking
-    next_trial = jnp.where(stalled, best, jnp.where(state.walking, on_sphere, next_trial))
-    radius = jnp.where(stalled, best_l2, jnp.where(state.walking, radius, state.radius))
+    walked, radius = state.walked, state.radius
+    if config.walk_steps > 0:
+        anneal = 0.01 + 0.99 * 0.5 * (1 + jnp.cos(jnp.pi * state.walked / config.walk_steps))
+        gamma = config.walk_gamma * anneal
+        shrunk = jnp.where(adversarial, jnp.minimum(radius, best_l2) * (1 - gamma), radius * (1 + gamma))
+        ascent = grad / jnp.maximum(jnp.linalg.norm(grad), jnp.finfo(dtype).tiny)
+        away = z + config.walk_step * anneal * shrunk * ascent - state.origin
+        on_sphere = jnp.clip(state.origin + shrunk * away / jnp.maximum(jnp.linalg.norm(away), jnp.finfo(dtype).tiny),
+                             lower, upper)
+        walked = walked + state.walking
+        next_trial = jnp.where(stalled, best, jnp.where(state.walking, on_sphere, next_trial))
+        radius = jnp.where(stalled, best_l2, jnp.where(state.walking, shrunk, radius))
     done = (state.done | (converged & ~state.walking) | ((steps >= config.steps) & ~walking)
             | (state.walking & (walked >= config.walk_steps)) | ~jnp.isfinite(best_l2))
     new = RefineState(
@@ -266,20 +269,30 @@ def project_onto_cuts(x, cuts, offsets, valid, lower, upper, multipliers=None, i
     mu = jnp.where(valid, jnp.maximum(multipliers, 0.0), 0.0)
     eye = jnp.eye(offsets.shape[0], dtype=dtype)
 
-    def newton(mu, _):
+    def piece(mu):
+        """The dual's gradient at mu and the piece it lies on (free coordinates, moving multipliers)."""
         unclipped = x + mu @ a
-        z = jnp.clip(unclipped, lower, upper)
-        ascent = jnp.where(valid, offsets - a @ z, 0.0)
-        inside = ((unclipped > lower) & (unclipped < upper)).astype(dtype)
-        hessian = (a * inside) @ a.T
-        moving = valid & ((mu > 0) | (ascent > 0))
+        ascent = jnp.where(valid, offsets - a @ jnp.clip(unclipped, lower, upper), 0.0)
+        return ascent, (unclipped > lower) & (unclipped < upper), valid & ((mu > 0) | (ascent > 0))
+
+    def newton(carry):
+        mu, ascent, inside, moving, _, k = carry
+        hessian = (a * inside.astype(dtype)) @ a.T
         both = moving[:, None] & moving[None, :]
         ridge = 1e-12 * jnp.maximum(jnp.max(jnp.diagonal(hessian)), jnp.finfo(dtype).tiny)
         h = jnp.where(both, hessian, 0.0) + jnp.where(both, ridge, 1.0) * eye
         step = jnp.linalg.solve(h, jnp.where(moving, ascent, 0.0))
-        return jnp.where(valid, jnp.maximum(mu + step, 0.0), 0.0), None
+        mu = jnp.where(valid, jnp.maximum(mu + step, 0.0), 0.0)
+        ascent, inside_next, moving_next = piece(mu)
+        settled = jnp.all(inside_next == inside) & jnp.all(moving_next == moving)
+        return mu, ascent, inside_next, moving_next, settled, k + 1
 
-    mu, _ = jax.lax.scan(newton, mu, None, length=iterations)
+    # The dual is piecewise quadratic and a Newton step solves the piece it starts on exactly: once a
+    # step lands on the piece it started from, the multipliers are optimal and the loop ends (after
+    # 1-3 steps from the previous projection's multipliers instead of always `iterations`: a refinement
+    # step cost 0.69 ms for 32 lanes with 8 fixed steps on this CPU).
+    mu, *_ = jax.lax.while_loop(lambda c: ~c[4] & (c[5] < iterations), newton,
+                                (mu, *piece(mu), jnp.zeros((), bool), 0))
     return jnp.clip(x + mu @ a, lower, upper), mu
 
 

@@ -67,7 +67,10 @@ class AttackConfig(NamedTuple):
       the nearest boundary point after the search (`boundary.RefineConfig`);
       refine_steps = 0 is the paper's method.
     walk_steps, walk_step: the boundary walk that takes over where the
-      refinement stalls (piecewise-linear models; `boundary.tell`).
+      refinement stalls (piecewise-linear models; `boundary.tell`). Off in
+      the targeted default: on FC100-100-10 (sigmoid) 60 walk steps cost 27%
+      more evaluations per image (123 against 97) for 0.2% less mean
+      distortion (0.0318 against 0.0319); `UNTARGETED` turns it on.
     runner_ups: untargeted mode only: after the untargeted run, targeted runs
       toward this many other classes, those nearest by the linear estimate
       at x (see `lbfgs_attack_untargeted`).
@@ -129,7 +132,7 @@ class AttackConfig(NamedTuple):
     refine_cuts: int = 4
     refine_margin: float = 1e-3
     refine_rtol: float = 1e-4
-    walk_steps: int = 60
+    walk_steps: int = 0
     walk_step: float = 2.0
     runner_ups: int = 1
 
@@ -155,11 +158,11 @@ class AttackConfig(NamedTuple):
 
 
 #: The untargeted mode's defaults. Its c search stops once c is bracketed (no bisections): the
-#: refinement, the walk and the runner-up run do the rest. On 100 ConvNet test images, against the
+#: refinement, a 60-step walk and the runner-up run do the rest. On 100 ConvNet test images, against the
 #: smaller of DDN (1,000 steps) and nine refined targeted runs: within 1% on 97% of images at 291
 #: gradients per image (6 bisections and a 100-step walk: 96% at 550); on 300 FC100-100-10 images
 #: 97.0% at 160 (6 bisections: 97.3% at 205).
-UNTARGETED = AttackConfig(bisection_steps=0)
+UNTARGETED = AttackConfig(bisection_steps=0, walk_steps=60)
 
 
 class AttackResult(NamedTuple):
