@@ -31,7 +31,7 @@ from jaxadv.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from jaxadv.data import DATASETS, Dataset, load_dataset
 from jaxadv.io import atomic_path, write_atomic
 from jaxadv.models import get_model
-from jaxadv.sweep import chunk_size_for_memory, fingerprint_arrays, run_sweep, sharded
+from jaxadv.sweep import SweepMismatch, chunk_size_for_memory, fingerprint_arrays, run_sweep, sharded
 from jaxadv.train import error_rate, train, zoo_config
 
 #: --quick trains on this many training images (the first ones).
@@ -229,6 +229,10 @@ def run_main(main) -> None:
         print("\ninterrupted: trained models and finished attack chunks are saved in the workdir; "
               "run the same command again to resume.", file=sys.stderr)
         raise SystemExit(130) from None
+    except SweepMismatch as error:
+        # Saved chunks of other inputs or another attack (e.g. after an upgrade): the user's call, not a bug.
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 # -- the attack over a data set: sharded over all devices, in resumable chunks ---------------------
 

@@ -211,6 +211,10 @@ class SweepInterrupted(RuntimeError):
     """Raised by `run_sweep(..., stop_after=k)` after k new chunks: a stand-in for a crash."""
 
 
+class SweepMismatch(ValueError):
+    """A sweep directory holds results of other inputs or another configuration (never mixed in)."""
+
+
 def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any], directory: str,
               chunk_size: int, *, config: Any = None, progress: bool = True,
               success_key: str | None = "success", label: str = "",
@@ -227,7 +231,8 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
     The manifest fingerprints the inputs (names, dtypes, shapes, bytes) and
     `config` (any JSON-serialisable description of `fn`: model, parameters'
     fingerprint, attack settings); a rerun with a different fingerprint,
-    config or chunk size raises ValueError instead of mixing results.
+    config or chunk size raises SweepMismatch (a ValueError) instead of mixing
+    results.
     Finished chunks are never recomputed.
 
     Returns the outputs of all chunks concatenated, read back from the chunk
@@ -390,7 +395,7 @@ def _check_or_write_manifest(directory: str, manifest: dict, writer: bool) -> No
             if key == "config_hash" and isinstance(old, dict) and isinstance(new, dict):
                 detail = "; ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}"
                                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)) or detail
-            raise ValueError(
+            raise SweepMismatch(
                 f"directory: {directory!r} holds a sweep with different {what} ({detail}); "
                 "refusing to mix results. Use another directory or delete this one to start over.")
 

@@ -129,13 +129,28 @@ def test_a_rerun_with_other_inputs_or_config_refuses_to_mix_results(tmp_path, ch
         config = {"model": "b"}
     else:
         chunk = 4
-    with pytest.raises(ValueError, match="refusing to mix") as error:
+    with pytest.raises(sweep.SweepMismatch, match="refusing to mix") as error:
         sweep.run_sweep(_sweep_fn(calls), other, str(tmp_path), chunk, config=config, progress=False)
     if change == "config":
         assert "model: 'a' != 'b'" in str(error.value)   # names what changed
     assert len(calls) == 1
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["num_items"] == 10 and manifest["num_chunks"] == 2 and manifest["config"] == {"model": "a"}
+
+
+def test_an_experiment_meeting_a_foreign_sweep_says_so_in_one_line_and_exits_2(tmp_path, capsys):
+    from experiments.common import run_main
+    data = {"x": np.arange(4, dtype=np.float32)}
+    sweep.run_sweep(lambda c: {"y": c["x"]}, data, str(tmp_path), 2, config={"attack": "old"}, progress=False)
+
+    def main():   # the same sweep after an upgrade of the attack
+        sweep.run_sweep(lambda c: {"y": c["x"]}, data, str(tmp_path), 2, config={"attack": "new"}, progress=False)
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(main)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: directory:") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_progress_line_reports_images_success_and_rate(tmp_path, capsys):
