@@ -2,8 +2,12 @@
 
 References: scipy's SLSQP for the projection QP; the exact minimum of softmax
 regression (jaxadv.attacks.exact, scipy L-BFGS-B on the dual, float64, KKT
-checked) for the whole attack; bit-identity under rotations and shuffles.
+checked) for the whole attack; the exact minimum of a small ReLU net (one QP
+per activation pattern and class, scipy SLSQP) for the boundary walk;
+bit-identity under rotations and shuffles.
 """
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +15,8 @@ import pytest
 import scipy.optimize
 from hypothesis import given, settings, strategies as st
 
-from jaxadv.attacks import (AttackConfig, lbfgs_attack, lbfgs_attack_all_targets, lbfgs_attack_untargeted,
-                            project_onto_cuts, random_wrong_targets)
+from jaxadv.attacks import (UNTARGETED, AttackConfig, lbfgs_attack, lbfgs_attack_all_targets,
+                            lbfgs_attack_untargeted, project_onto_cuts, random_wrong_targets)
 from jaxadv.attacks.exact import exact_linear_minimum
 from conftest import train_on_fashion_mnist
 
@@ -126,10 +130,14 @@ def test_an_image_gets_the_same_bits_under_rotations_and_shuffles(trained_mlp, s
         for field in base._fields:
             np.testing.assert_array_equal(np.asarray(getattr(base, field))[order], np.asarray(getattr(moved, field)),
                                           err_msg=field)
-    untargeted = lbfgs_attack_untargeted(logits_fn, images, labels, SMALL)
+    # The untargeted mode with every stage: its runner-up run, and a walk where the short SQP stalls.
+    small_untargeted = SMALL._replace(bisection_steps=0, refine_steps=4, walk_steps=6)
+    untargeted = lbfgs_attack_untargeted(logits_fn, images, labels, small_untargeted)
     order = rng.permutation(len(index))
-    moved = lbfgs_attack_untargeted(logits_fn, images[order], labels[order], SMALL)
-    np.testing.assert_array_equal(np.asarray(untargeted.l2)[order], np.asarray(moved.l2))
+    moved = lbfgs_attack_untargeted(logits_fn, images[order], labels[order], small_untargeted)
+    for field in untargeted._fields:
+        np.testing.assert_array_equal(np.asarray(getattr(untargeted, field))[order], np.asarray(getattr(moved, field)),
+                                      err_msg=field)
 
 
 def test_untargeted_is_no_worse_than_the_all_targets_minimum_on_most_images(trained_mlp):
@@ -147,3 +155,91 @@ def test_untargeted_is_no_worse_than_the_all_targets_minimum_on_most_images(trai
     assert np.sum(untargeted.evaluations) < 0.25 * np.sum(every.evaluations)
     # Refinement never returns a point farther than the search's own.
     assert np.all(np.asarray(untargeted.distortion) <= np.asarray(untargeted.search_distortion) * (1 + 1e-6))
+
+
+def test_runner_up_runs_only_ever_shorten_the_untargeted_result(trained_mlp):
+    logits_fn, test = trained_mlp
+    images, labels = test.images[40:64], test.labels[40:64]
+    alone = lbfgs_attack_untargeted(logits_fn, images, labels, UNTARGETED._replace(runner_ups=0))
+    with_runner_up = lbfgs_attack_untargeted(logits_fn, images, labels)
+    assert np.all(np.asarray(with_runner_up.success))
+    assert np.all(np.asarray(with_runner_up.l2) <= np.asarray(alone.l2))
+    assert np.all(np.asarray(with_runner_up.evaluations) > np.asarray(alone.evaluations))
+    predicted = np.argmax(np.asarray(logits_fn(with_runner_up.adversarial)), -1)
+    assert np.all(predicted != labels)
+
+
+@pytest.mark.parametrize("field, value", [("runner_ups", -1), ("runner_ups", 9), ("walk_steps", -1),
+                                          ("walk_step", 0.0)])
+def test_untargeted_settings_out_of_range_are_refused_naming_the_field(field, value):
+    logits_fn = lambda x: x.reshape(len(x), -1)[:, :10]
+    images = jnp.full((2, 12), 0.5)
+    with pytest.raises(ValueError, match=f"config.{field}"):
+        lbfgs_attack_untargeted(logits_fn, images, jnp.array([0, 1]), UNTARGETED._replace(**{field: value}))
+
+
+# -- a piecewise-linear model: the boundary walk, against the exact minimum --------------------------
+
+def _small_relu_net(seed, inputs=5, hidden=6, classes=3):
+    rng = np.random.default_rng(seed)
+    w, b = rng.normal(size=(hidden, inputs)), 0.5 * rng.normal(size=hidden)
+    v, d = rng.normal(size=(classes, hidden)), 0.5 * rng.normal(size=classes)
+
+    def logits_fn(x):
+        cast = lambda a: jnp.asarray(a, x.dtype)
+        return jnp.maximum(x @ cast(w.T) + cast(b), 0.0) @ cast(v.T) + cast(d)
+    return logits_fn, (w, b, v, d)
+
+
+def _exact_relu_untargeted_minimum(x, label, w, b, v, d):
+    """min ‖z − x‖ over z in [0, 1]^n with some class above `label`: on each activation pattern the net is
+    linear, so the minimum is the smallest of one QP per (pattern, class), each solved by scipy's SLSQP."""
+    best = np.inf
+    for pattern in itertools.product((0.0, 1.0), repeat=w.shape[0]):
+        on = np.array(pattern)
+        sign = 2 * on - 1
+        for j in range(v.shape[0]):
+            if j == label:
+                continue
+            g = (v[j] - v[label]) * on
+            a = np.vstack([sign[:, None] * w, (g @ w)[None]])            # a z >= rhs: the pattern, then Z_j >= Z_label
+            rhs = np.concatenate([-sign * b, [-(g @ b) - (d[j] - d[label])]])
+            r = scipy.optimize.minimize(lambda z: 0.5 * np.sum((z - x) ** 2), x, jac=lambda z: z - x, method="SLSQP",
+                                        bounds=[(0, 1)] * len(x), options=dict(ftol=1e-12, maxiter=200),
+                                        constraints=[dict(type="ineq", fun=lambda z: a @ z - rhs, jac=lambda z: a)])
+            if r.success and np.min(a @ r.x - rhs) >= -1e-8:
+                best = min(best, float(np.linalg.norm(r.x - x)))
+    return best
+
+
+def test_untargeted_attack_with_the_walk_finds_the_exact_minimum_of_a_relu_net():
+    logits_fn, weights = _small_relu_net(0)
+    images = np.random.default_rng(1).uniform(0, 1, (16, 5)).astype(np.float32)
+    labels = np.asarray(jnp.argmax(logits_fn(jnp.asarray(images)), -1))
+    exact = np.array([_exact_relu_untargeted_minimum(x.astype(np.float64), y, *weights) for x, y in zip(images, labels)])
+    result = lbfgs_attack_untargeted(logits_fn, images, labels)
+    assert np.all(np.asarray(result.success))
+    ratio = np.asarray(result.l2, np.float64) / exact
+    assert np.all(ratio >= 1 - 1e-4), ratio.min()                        # nothing beats the true minimum
+    assert np.median(ratio) <= 1.005 and np.mean(ratio <= 1.01) >= 0.85, np.sort(ratio)
+    # The walk starts from the SQP's best point and keeps the best it sees: never farther, image by image.
+    walked = lbfgs_attack_untargeted(logits_fn, images, labels, UNTARGETED._replace(runner_ups=0, refine_steps=3))
+    stopped = lbfgs_attack_untargeted(logits_fn, images, labels,
+                                      UNTARGETED._replace(runner_ups=0, refine_steps=3, walk_steps=0))
+    both = np.asarray(walked.success) & np.asarray(stopped.success)
+    assert both.mean() >= 0.8
+    assert np.all(np.asarray(walked.l2)[both] <= np.asarray(stopped.l2)[both])
+    assert np.mean(np.asarray(walked.l2)[both]) < np.mean(np.asarray(stopped.l2)[both])
+
+
+def test_the_attack_runs_in_float64_under_x64():
+    """Researchers turn x64 on to compare with float64 references: the attack must run, in the images' dtype."""
+    with jax.enable_x64(True):
+        logits_fn, weights = _small_relu_net(2, inputs=8, classes=4)
+        images = jnp.asarray(np.random.default_rng(3).uniform(0, 1, (12, 8)))
+        labels = jnp.argmax(logits_fn(images), -1)
+        targeted = lbfgs_attack(logits_fn, images, (labels + 1) % 4, labels=labels)
+        untargeted = lbfgs_attack_untargeted(logits_fn, images, labels)
+        for result in (targeted, untargeted):
+            assert result.adversarial.dtype == jnp.float64 and result.l2.dtype == jnp.float64
+            assert np.mean(np.asarray(result.success)) >= 0.75

@@ -124,9 +124,14 @@ def init(origin, adversarial, anchor, num_classes: int, config: RefineConfig = R
         done=~jnp.asarray(success, bool) | (config.steps == 0))
 
 
+def without_class(logits, k):
+    """The logits with class k's set to -inf (so that max and logsumexp run over the other classes)."""
+    return jnp.where(jnp.arange(logits.shape[-1]) == k, -jnp.inf, logits)
+
+
 def is_adversarial(logits, anchor, union: bool):
     """Finite logits with the target strictly on top (targeted), or the label not on top (untargeted)."""
-    others = jnp.where(jnp.arange(logits.shape[-1]) == anchor, -jnp.inf, logits)
+    others = without_class(logits, anchor)
     gap = logits[anchor] - jnp.max(others)
     finite = jnp.all(jnp.isfinite(logits))
     return finite & jnp.where(union, gap < 0, gap > 0)
@@ -140,7 +145,7 @@ def _margin_shift(logits, anchor, amount, union: bool):
 
 def linearise_class(state: RefineState, logits):
     """The class j whose constraint the next gradient linearises: a pending seed, else the top competitor."""
-    others = jnp.where(jnp.arange(logits.shape[-1]) == state.anchor, -jnp.inf, logits)
+    others = without_class(logits, state.anchor)
     return jnp.where(state.seeds[0] >= 0, state.seeds[0], jnp.argmax(others)).astype(jnp.int32)
 
 
