@@ -76,9 +76,9 @@ class RefineConfig(NamedTuple):
       to 1% of that by a cosine over the walk).
     """
     steps: int = 20
-    cuts: int = 4
-    margin: float = 1e-3
-    rtol: float = 1e-4
+    cuts: int = 6
+    margin: float = 1e-4
+    rtol: float = 1e-3
     union: bool = False
     dual_iterations: int = 8
     overshoot: float = 0.02
@@ -260,10 +260,10 @@ def project_onto_cuts(x, cuts, offsets, valid, lower, upper, multipliers=None, i
     dual, which has one variable per cut: for multipliers μ ≥ 0 the primal
     minimiser is z(μ) = clip(x + Aᵀμ, lower, upper), and the dual
     g(μ) = ½‖z(μ) − x‖² − μ·(A z(μ) − b) is concave with gradient b − A z(μ)
-    and generalised Hessian −A_F A_Fᵀ (F: the coordinates strictly inside
-    the box). A few semismooth Newton steps on the multipliers that are
-    positive or want to grow solve it; with one cut the dual is a monotone
-    concave function of one variable and Newton converges monotonically.
+    and generalised Hessian −A_F A_Fᵀ (F: the coordinates inside the box,
+    bounds included). A few semismooth Newton steps on the multipliers that
+    are positive or want to grow solve it; with one cut, started below the
+    solution, the steps increase monotonically to it.
     `tests/test_boundary.py` checks the result against scipy on random QPs.
     Returns z in the box always (the constraints hold up to the solver's tolerance).
     """
@@ -275,10 +275,17 @@ def project_onto_cuts(x, cuts, offsets, valid, lower, upper, multipliers=None, i
     eye = jnp.eye(offsets.shape[0], dtype=dtype)
 
     def piece(mu):
-        """The dual's gradient at mu and the piece it lies on (free coordinates, moving multipliers)."""
+        """The dual's gradient at mu and the piece it lies on (free coordinates, moving multipliers).
+
+        A coordinate exactly at a bound counts as free: if the step moves it inwards it is free, and if
+        outwards the curvature is overestimated and the step falls short, never past the solution.
+        Counting it as clipped made the first step from x (whose background pixels sit at 0) overshoot
+        by orders of magnitude and cycle between 0 and that overshoot on FC10(1) (13 of 100 images
+        ended 6-16% above the exact minimum).
+        """
         unclipped = x + mu @ a
         ascent = jnp.where(valid, offsets - a @ jnp.clip(unclipped, lower, upper), 0.0)
-        return ascent, (unclipped > lower) & (unclipped < upper), valid & ((mu > 0) | (ascent > 0))
+        return ascent, (unclipped >= lower) & (unclipped <= upper), valid & ((mu > 0) | (ascent > 0))
 
     def newton(carry):
         mu, ascent, inside, moving, _, k = carry
