@@ -40,8 +40,10 @@ constraint's gradient, back onto a sphere about x whose radius shrinks while
 the walk stays adversarial and grows while it does not. On 100 ConvNet test
 images the SQP alone ended at 1.009 × DDN's (1,000 steps) distance at the
 median even after 200 evaluations; 60 walk steps took the untargeted attack
-below DDN's distance on about half of them. Smooth models converge first
-and never walk.
+below DDN's distance on about half of them. An image whose SQP converges
+never walks; on FC100-100-10 (sigmoid) the untargeted mode's rough start
+(no bisections) often left it unconverged, and the walk lifted the share
+within 1% of the best known from 87.7% to 97.0%.
 
 Each `tell` consumes one logits vector and one gradient, so a batch vmaps in
 lock step with the L-BFGS lanes of `jaxadv.attacks.lbfgs`.
