@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import run_main
+from experiments.common import attack_source_fingerprint, run_main
 from jaxadv import spectral
 from jaxadv.models import ZOO, Layer, Model
 
@@ -120,7 +120,8 @@ def radius_against_attack(model: Model, params, images: np.ndarray, lipschitz: f
                 "attained": l2, "adversarial_class": adversarial_class.astype(jnp.int32)}
 
     sweep_config = {"model": model.name, "params": fingerprint_arrays({"params": params}),
-                    "attack": repr(config), "lipschitz": lipschitz, "what": "untargeted, away from the prediction"}
+                    "attack": repr(config), "attack_source": attack_source_fingerprint(), "lipschitz": lipschitz,
+                    "what": "untargeted, away from the prediction"}
     return run_sweep(measure, {"images": images}, directory, chunk_size, config=sweep_config,
                      label=f"radius {model.name}")
 

@@ -169,8 +169,7 @@ def test_runner_up_runs_only_ever_shorten_the_untargeted_result(trained_mlp):
     assert np.all(predicted != labels)
 
 
-@pytest.mark.parametrize("field, value", [("runner_ups", -1), ("runner_ups", 9), ("walk_steps", -1),
-                                          ("walk_step", 0.0)])
+@pytest.mark.parametrize("field, value", [("runner_ups", -1), ("walk_steps", -1), ("walk_step", 0.0)])
 def test_untargeted_settings_out_of_range_are_refused_naming_the_field(field, value):
     logits_fn = lambda x: x.reshape(len(x), -1)[:, :10]
     images = jnp.full((2, 12), 0.5)
@@ -243,3 +242,14 @@ def test_the_attack_runs_in_float64_under_x64():
         for result in (targeted, untargeted):
             assert result.adversarial.dtype == jnp.float64 and result.l2.dtype == jnp.float64
             assert np.mean(np.asarray(result.success)) >= 0.75
+
+
+def test_untargeted_defaults_serve_a_binary_classifier():
+    """Two classes leave no runner-up (the label and the class found are all there is): the run alone counts."""
+    logits_fn, _ = _small_relu_net(4, inputs=6, classes=2)
+    images = jnp.asarray(np.random.default_rng(5).uniform(0, 1, (10, 6)), jnp.float32)
+    labels = jnp.argmax(logits_fn(images), -1)
+    alone = lbfgs_attack_untargeted(logits_fn, images, labels, UNTARGETED._replace(runner_ups=0))
+    result = lbfgs_attack_untargeted(logits_fn, images, labels)
+    np.testing.assert_array_equal(np.asarray(result.l2), np.asarray(alone.l2))
+    assert np.all(np.asarray(result.success) <= (np.argmax(np.asarray(logits_fn(result.adversarial)), -1) != labels))
