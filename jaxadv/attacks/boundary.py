@@ -356,8 +356,8 @@ def refine_core(logits_fn, origins, starts, anchors, success, lower=0.0, upper=1
     def evaluate(z, state):
         logits, pullback = jax.vjp(lambda v: logits_fn(v.reshape((1,) + shape))[0], z)
         j = linearise_class(state, logits)
-        (grad,) = pullback(constraint_cotangent(state.anchor, j, num_classes, config.union, dtype))
-        return logits, grad, j
+        (grad,) = pullback(constraint_cotangent(state.anchor, j, num_classes, config.union, logits.dtype))
+        return logits.astype(dtype), grad, j      # a model may promote (x64): work in the images' dtype
 
     evaluate = jax.vmap(evaluate)
     tell_lanes = jax.vmap(functools.partial(tell, config=config), in_axes=(0, 0, 0, 0, lower_axis, upper_axis))

@@ -451,7 +451,7 @@ def _with_runner_ups(logits_fn, images, labels, bounds, initial_c, config, resul
         run = lbfgs_attack_core(logits_fn, images, target, *bounds, initial_c, config=config, untargeted=False)
         closer = run.success & (target != labels) & (~result.success | (run.l2 < result.l2))
         iterations, evaluations = iterations + run.iterations, evaluations + run.evaluations
-        result = jax.tree.map(lambda a, b: jnp.where(closer.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), run, result)
+        result = _where(closer, run, result)
     return result._replace(iterations=iterations, evaluations=evaluations)
 
 
