@@ -267,14 +267,15 @@ def test_kept_memory_is_the_memory_of_the_new_c_computed_densely():
 
 
 def test_warm_starts_and_kept_memory_do_not_lose_distortion():
-    # Against a cold start from x at every c (the paper's literal reading) on the tiny model.
-    x = np.concatenate([_images(40), _images(41)])
+    # Against a cold start from x at every c (the paper's literal reading) on the tiny model. Either
+    # may settle on another local piece of the boundary for an image, so compare over many images.
+    x = np.concatenate([_images(seed) for seed in range(40, 48)])
     labels = np.asarray(jnp.argmax(LOGITS(jnp.asarray(x)), -1))
     targets = np.asarray(random_wrong_targets(jax.random.PRNGKey(8), labels))
     warm = lbfgs_attack(LOGITS, x, targets, FAST)
     cold = lbfgs_attack(LOGITS, x, targets, FAST._replace(warm_start="none", keep_memory=False))
     both = np.asarray(warm.success) & np.asarray(cold.success)
-    assert both.sum() >= 4
+    assert both.sum() >= 12
     assert np.mean(np.asarray(warm.distortion)[both]) <= 1.02 * np.mean(np.asarray(cold.distortion)[both])
     assert np.sum(warm.evaluations) < np.sum(cold.evaluations)
 

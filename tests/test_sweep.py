@@ -34,7 +34,7 @@ def _descent(x, target):
             v, _, i = s
             g = jax.grad(loss)(v, t)
             return v - 0.5 * g, loss(v, t), i + 1
-        v, last, i = jax.lax.while_loop(cond, body, (v0, jnp.float32(0), 0))
+        v, last, i = jax.lax.while_loop(cond, body, (v0, loss(v0, t), 0))
         return v, i, loss(v, t) < 0.1
 
     v, iters, ok = jax.vmap(solve)(x, target)

@@ -35,8 +35,9 @@ never merely the last.
 
 On a piecewise-linear model (ReLU, max pooling) each trial lies in another
 linear piece, the cuts disagree, and the projections stall short of the
-minimum. An image whose SQP has not converged in `steps` evaluations then
-walks along the boundary as DDN does (Rony et al., 2019): a step along the
+minimum. An image whose SQP has not converged in `steps` evaluations, or
+has not come closer in `patience` evaluations in a row, then walks along the
+boundary as DDN does (Rony et al., 2019): a step along the
 constraint's gradient, back onto a sphere about x whose radius shrinks while
 the walk stays adversarial and grows while it does not. On 100 ConvNet test
 images the SQP alone ended at 1.009 × DDN's (1,000 steps) distance at the
@@ -44,7 +45,11 @@ median even after 200 evaluations; 60 walk steps took the untargeted attack
 below DDN's distance on about half of them. An image whose SQP converges
 never walks; on FC100-100-10 (sigmoid) the untargeted mode's rough start
 (no bisections) often left it unconverged, and the walk lifted the share
-within 1% of the best known from 87.7% to 97.0%.
+within 1% of the best known from 87.7% to 97.0%. The patience (5) moves
+the ConvNet's walk earlier: 287 instead of 312 gradients per image for the
+untargeted default (96.6% against 97.2% of 500 test images within 1% of the
+best known), while FC100-100-10's converging SQPs are rarely cut short
+(150 instead of 130).
 
 Each `tell` consumes one logits vector and one gradient, so a batch vmaps in
 lock step with the L-BFGS lanes of `jaxadv.attacks.lbfgs`.
@@ -74,6 +79,9 @@ class RefineConfig(NamedTuple):
     dual_iterations: semismooth Newton steps of the projection's dual, at most.
     walk_steps: evaluations of the boundary walk that follows when the SQP
       has not converged in `steps` (0: none); see `tell`.
+    patience: with a walk to follow, the SQP also hands over once this many
+      evaluations in a row (seeds aside) brought the best point no closer by
+      `rtol` of its distance.
     walk_step, walk_gamma: the walk's first step along the margin's gradient
       and its first radius change, as fractions of the radius (both annealed
       to 1% of that by a cosine over the walk).
@@ -88,6 +96,7 @@ class RefineConfig(NamedTuple):
     walk_steps: int = 0
     walk_step: float = 2.0
     walk_gamma: float = 0.02
+    patience: int = 5
 
 
 class RefineState(NamedTuple):
@@ -98,6 +107,7 @@ class RefineState(NamedTuple):
     best_l2: jax.Array      # its distance to x (inf: none)
     trial: jax.Array        # [n] the point to evaluate next
     failures: jax.Array     # trials in a row that were not adversarial
+    idle: jax.Array         # evaluations in a row (seeds aside) that brought the best no closer by rtol
     cuts: jax.Array         # [cuts, n] gradients a of the kept linearisations
     offsets: jax.Array      # [cuts] right-hand sides: a·z ≥ offset
     cut_class: jax.Array    # [cuts] the class j of each cut (-1: empty)
@@ -119,7 +129,7 @@ def init(origin, adversarial, anchor, num_classes: int, config: RefineConfig = R
     return RefineState(
         origin=origin, anchor=jnp.asarray(anchor, jnp.int32), best=adversarial,
         best_l2=jnp.where(success, l2, jnp.inf).astype(dtype), trial=adversarial,
-        failures=jnp.zeros((), jnp.int32), cuts=jnp.zeros((m, origin.shape[0]), dtype),
+        failures=jnp.zeros((), jnp.int32), idle=jnp.zeros((), jnp.int32), cuts=jnp.zeros((m, origin.shape[0]), dtype),
         offsets=jnp.zeros((m,), dtype), cut_class=jnp.full((m,), -1, jnp.int32),
         newest=jnp.asarray(m - 1, jnp.int32), multipliers=jnp.zeros((m,), dtype),
         seeds=jnp.full((m,), -1, jnp.int32), walking=jnp.zeros((), bool), radius=jnp.zeros((), dtype),
@@ -220,7 +230,12 @@ def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
     # after 200 steps). Then walk along the boundary as DDN does: a step along ∇m of `walk_step` × the
     # radius, back onto the sphere of that radius about x, and the radius shrinks while the walk is
     # adversarial and grows while it is not, both annealed; the best point seen stays the result.
-    stalled = ~state.walking & ~converged & (steps >= config.steps) & jnp.isfinite(best_l2)
+    # It takes over when the SQP has used its steps or, with a walk to follow, has come no closer in
+    # `patience` evaluations (seeds aside: they evaluate the same point).
+    progress = best_l2 < (1 - config.rtol) * state.best_l2
+    idle = jnp.where(progress | seeding | (state.seeds[0] >= 0), 0, state.idle + 1)
+    stuck = (steps >= config.steps) | ((idle >= config.patience) & (config.walk_steps > 0))
+    stalled = ~state.walking & ~converged & stuck & jnp.isfinite(best_l2)
     walking = state.walking | (stalled & (config.walk_steps > 0))
     walked, radius = state.walked, state.radius
     if config.walk_steps > 0:
@@ -235,11 +250,11 @@ def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
         seeds = jnp.where(stalled, -1, seeds)                 # the walk follows the top competitor
         next_trial = jnp.where(stalled, best, jnp.where(state.walking, on_sphere, next_trial))
         radius = jnp.where(stalled, best_l2, jnp.where(state.walking, shrunk, radius))
-    done = (state.done | (converged & ~state.walking) | ((steps >= config.steps) & ~walking)
+    done = (state.done | (converged & ~state.walking) | (stuck & ~walking)
             | (state.walking & (walked >= config.walk_steps)) | ~jnp.isfinite(best_l2))
     new = RefineState(
         origin=state.origin, anchor=state.anchor, best=best, best_l2=best_l2,
-        trial=jnp.where(done, best, next_trial), failures=failures.astype(jnp.int32),
+        trial=jnp.where(done, best, next_trial), failures=failures.astype(jnp.int32), idle=idle.astype(jnp.int32),
         cuts=cuts, offsets=offsets, cut_class=cut_class, newest=jnp.where(usable & ~jnp.any(has_slot), slot,
                                                                              state.newest).astype(jnp.int32),
         multipliers=multipliers, seeds=seeds, walking=walking, radius=radius.astype(dtype),
@@ -297,11 +312,13 @@ def project_onto_cuts(x, cuts, offsets, valid, lower, upper, multipliers=None, i
     def newton(carry):
         mu, ascent, below, above, moving, _, k = carry
         inside = ~below & ~above
-        hessian = (a * inside.astype(dtype)) @ a.T
+        # The small system in at least float32: LAPACK has no half precision (and the ridge would be 0).
+        wide = jnp.promote_types(dtype, jnp.float32)
+        hessian = ((a * inside.astype(dtype)) @ a.T).astype(wide)
         both = moving[:, None] & moving[None, :]
-        ridge = 1e-12 * jnp.maximum(jnp.max(jnp.diagonal(hessian)), jnp.finfo(dtype).tiny)
-        h = jnp.where(both, hessian, 0.0) + jnp.where(both, ridge, 1.0) * eye
-        step = jnp.linalg.solve(h, jnp.where(moving, ascent, 0.0))
+        ridge = 1e-12 * jnp.maximum(jnp.max(jnp.diagonal(hessian)), jnp.finfo(wide).tiny)
+        h = jnp.where(both, hessian, 0.0) + jnp.where(both, ridge, 1.0) * eye.astype(wide)
+        step = jnp.linalg.solve(h, jnp.where(moving, ascent, 0.0).astype(wide)).astype(dtype)
         cut_short = jnp.any(valid & (mu + step < 0))          # a multiplier clipped at 0: not the piece's optimum
         mu = jnp.where(valid, jnp.maximum(mu + step, 0.0), 0.0)
         ascent, below_next, above_next, moving_next = piece(mu)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.attacks.lbfgs import AttackConfig, AttackResult, lbfgs_attack
+from jaxadv.attacks.lbfgs import AttackConfig, AttackResult, _check_images, _num_classes, lbfgs_attack
 
 
 def random_wrong_targets(key: jax.Array, labels, num_classes: int = 10) -> jax.Array:
@@ -30,8 +30,11 @@ def runner_up_targets(logits, labels=None) -> jax.Array:
     exclude = jnp.argmax(logits, axis=-1) if labels is None else jnp.asarray(_check_labels(labels, logits.shape[1]))
     if exclude.shape != logits.shape[:1]:
         raise ValueError(f"labels: expected shape {logits.shape[:1]}, got {exclude.shape}")
-    masked = jnp.where(jax.nn.one_hot(exclude, logits.shape[1], dtype=bool), -jnp.inf, logits)
-    return jnp.argmax(masked, axis=-1).astype(jnp.int32)
+    excluded = jax.nn.one_hot(exclude, logits.shape[1], dtype=bool)
+    pick = jnp.argmax(jnp.where(excluded, -jnp.inf, logits), axis=-1)
+    # Where every other logit is -inf too, argmax may land on the excluded class: take the first other.
+    pick = jnp.where(jnp.take_along_axis(excluded, pick[:, None], axis=-1)[:, 0], jnp.argmax(~excluded, axis=-1), pick)
+    return pick.astype(jnp.int32)
 
 
 def all_wrong_targets(labels, num_classes: int = 10) -> jax.Array:
@@ -48,14 +51,24 @@ class AllTargetsResult(NamedTuple):
 
 
 def lbfgs_attack_all_targets(logits_fn: Callable, images, labels, config: AttackConfig = AttackConfig(),
-                             num_classes: int = 10, lower=0.0, upper=1.0) -> AllTargetsResult:
+                             num_classes: int | None = None, lower=0.0, upper=1.0) -> AllTargetsResult:
     """Attack every wrong label; per image keep the successful one with the smallest distortion.
 
     That minimum is the untargeted minimal distortion (the smallest r that
     changes the label at all). Iterations and evaluations of `best` are summed
     over all targets. Each target is one `lbfgs_attack` call on the same
-    shapes (one compilation).
+    shapes (one compilation). num_classes: None (the model's), or the model's
+    class count stated (checked: a smaller one would leave classes untried).
     """
+    if not callable(logits_fn):
+        raise TypeError(f"logits_fn: expected a callable, got {type(logits_fn).__name__}")
+    images_t = _check_images(images, "images")
+    classes = _num_classes(logits_fn, images_t)
+    if num_classes is None:
+        num_classes = classes
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes != classes:
+        raise ValueError(f"num_classes: {num_classes!r}, but logits_fn gives {classes} classes; "
+                         "pass num_classes=None to use the model's")
     labels = _check_labels(labels, num_classes)
     all_targets = all_wrong_targets(labels, num_classes)
     results = [lbfgs_attack(logits_fn, images, all_targets[:, k], config, lower, upper, labels=labels)
