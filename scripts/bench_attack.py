@@ -165,7 +165,7 @@ def summary(success, l2, n_pixels):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--scipy-images", type=int, default=100, help="images for the scipy loop (and the paired run)")
     parser.add_argument("--workdir", default="runs/fashion_mnist")

@@ -132,7 +132,7 @@ def score(logits_fn, images, labels, found):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["FC10(1e-4)", "FC100-100-10", "ConvNet"])
     parser.add_argument("--num-images", type=int, default=500)
     parser.add_argument("--workdir", default="runs/fashion_mnist")
