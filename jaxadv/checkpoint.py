@@ -5,10 +5,14 @@ each array's raw bytes) and `meta.json` (anything JSON-serialisable: the model
 name, training settings, errors, timings). Each file is written to a temporary
 name and moved into place with `os.replace`, and `meta.json` goes last: a
 folder with `meta.json` is a complete checkpoint, so a run killed mid-save
-never leaves one that loads.
+never leaves one that loads. Both files are encoded before either is touched,
+so a save that fails (a meta that is not JSON) leaves the old checkpoint as it
+was. `meta.json` carries the SHA-256 of `params.msgpack`, checked on load: a
+truncated, extended or bit-flipped params file is named, never used.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,18 +27,27 @@ from jaxadv.models import Model
 
 PARAMS_FILE = "params.msgpack"
 META_FILE = "meta.json"
+CHECKSUM_KEY = "params_sha256"    # in meta.json, beside the caller's meta (removed again on load)
 
 
 def save_checkpoint(directory: str | os.PathLike, params, meta: dict) -> None:
     """Write `params` (a model's tuple of per-layer dicts) and `meta` to `directory`."""
     if not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
+    if CHECKSUM_KEY in meta:
+        raise ValueError(f"meta: the key {CHECKSUM_KEY!r} is reserved for the params' checksum")
+    # Everything is encoded before anything on disk changes.
+    params_bytes = flax.serialization.to_bytes(jax.tree.map(np.asarray, params))
+    try:
+        meta_bytes = json.dumps({**meta, CHECKSUM_KEY: hashlib.sha256(params_bytes).hexdigest()},
+                                indent=2, sort_keys=True, allow_nan=False).encode()
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"meta: not JSON-serialisable ({error}); the checkpoint was not touched") from None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / META_FILE).unlink(missing_ok=True)  # incomplete until the new meta lands
-    host_params = jax.tree.map(np.asarray, params)
-    write_atomic(directory / PARAMS_FILE, flax.serialization.to_bytes(host_params))
-    write_atomic(directory / META_FILE, json.dumps(meta, indent=2, sort_keys=True).encode())
+    write_atomic(directory / PARAMS_FILE, params_bytes)
+    write_atomic(directory / META_FILE, meta_bytes)
 
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
@@ -48,8 +61,19 @@ def load_checkpoint(directory: str | os.PathLike, model: Model):
     if not has_checkpoint(directory):
         raise FileNotFoundError(f"no complete checkpoint in {str(directory)!r} "
                                 f"(needs {PARAMS_FILE} and {META_FILE})")
-    meta = json.loads((directory / META_FILE).read_text())
-    state = flax.serialization.msgpack_restore((directory / PARAMS_FILE).read_bytes())
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(directory / META_FILE)!r} is not valid JSON ({error}): the checkpoint is "
+                         "damaged; delete the folder to retrain") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get(CHECKSUM_KEY), str):
+        raise ValueError(f"{str(directory / META_FILE)!r} holds no {CHECKSUM_KEY!r} (damaged, or saved before "
+                         "checkpoints carried one): delete the folder to retrain")
+    params_bytes = (directory / PARAMS_FILE).read_bytes()
+    if hashlib.sha256(params_bytes).hexdigest() != meta.pop(CHECKSUM_KEY):
+        raise ValueError(f"{str(directory / PARAMS_FILE)!r} does not match the checksum in {META_FILE} "
+                         "(truncated, extended or altered): delete the folder to retrain")
+    state = flax.serialization.msgpack_restore(params_bytes)
     template = jax.eval_shape(model.init, jax.random.PRNGKey(0))
     if not isinstance(state, dict) or len(state) != len(template):
         raise ValueError(f"checkpoint {str(directory)!r} does not hold {len(template)} layers "

@@ -131,6 +131,42 @@ def test_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "c", get_model("FC100-100-10"))
 
 
+def test_a_failed_save_leaves_the_good_checkpoint_as_it_was(tmp_path):
+    model = get_model("FC10(1)")
+    good, other = model.init(jax.random.PRNGKey(0)), model.init(jax.random.PRNGKey(1))
+    save_checkpoint(tmp_path / "c", good, {"epochs": 3})
+    before = {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()}
+    for meta in ({"error": jnp.float32(0.1)}, {"error": float("nan")}, {"params_sha256": "x"}):
+        with pytest.raises((TypeError, ValueError), match="meta"):
+            save_checkpoint(tmp_path / "c", other, meta)
+        assert {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()} == before
+    assert leaves_equal_bitwise(load_checkpoint(tmp_path / "c", model)[0], good)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "extend", "flip", "empty", "meta-garbage", "meta-list"])
+def test_a_damaged_checkpoint_is_named_never_used(tmp_path, damage):
+    model = get_model("FC10(1)")
+    save_checkpoint(tmp_path / "c", model.init(jax.random.PRNGKey(0)), {})
+    params_file, meta_file = tmp_path / "c" / "params.msgpack", tmp_path / "c" / "meta.json"
+    data = bytearray(params_file.read_bytes())
+    if damage == "truncate":
+        params_file.write_bytes(bytes(data[:-7]))
+    elif damage == "extend":
+        params_file.write_bytes(bytes(data) + b"\0")
+    elif damage == "flip":                     # one bit of one weight: msgpack still loads it
+        data[len(data) // 2] ^= 1
+        params_file.write_bytes(bytes(data))
+    elif damage == "empty":
+        params_file.write_bytes(b"")
+    elif damage == "meta-garbage":
+        meta_file.write_text("{not json")
+    else:
+        meta_file.write_text("[1, 2]")
+    named = meta_file.name if damage.startswith("meta") else params_file.name
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        load_checkpoint(tmp_path / "c", model)
+
+
 # -- experiments/common.py and train_zoo --------------------------------------------
 
 def test_trained_models_saves_then_reuses(tmp_path, synthetic, monkeypatch):
