@@ -43,7 +43,8 @@ from jaxadv.io import TEMP_PREFIX, atomic_path, write_atomic
 
 BATCH_AXIS = "batch"
 MANIFEST = "manifest.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2        # 2: each chunk carries the sweep's identity (SIGNATURE_KEY)
+SIGNATURE_KEY = "__sweep_signature__"
 
 
 # -- sharding ---------------------------------------------------------------
@@ -267,7 +268,10 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
     if writer:
         _remove_stale_temporaries(directory)
 
-    done = {i for i in range(num_chunks) if os.path.exists(_chunk_path(directory, i))}
+    # A chunk that cannot be read (emptied, truncated, overwritten with garbage) is recomputed; one
+    # from another sweep (a copied file, or old chunks under a rewritten manifest) is refused.
+    done = {i for i in range(num_chunks) if os.path.exists(_chunk_path(directory, i))
+            and _chunk_is_readable(directory, i, manifest, writer)}
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("jaxadv.sweep: chunks listed")
@@ -296,8 +300,10 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
         if bad:
             raise ValueError(f"fn: every output needs a leading axis of the chunk's {chunk_size} rows, got {bad}")
         outputs = {k: v[:rows] for k, v in outputs.items()}
+        if SIGNATURE_KEY in outputs:
+            raise ValueError(f"fn: the output name {SIGNATURE_KEY!r} is reserved")
         if writer:
-            _save_npz_atomic(_chunk_path(directory, i), outputs)
+            _save_npz_atomic(_chunk_path(directory, i), {**outputs, SIGNATURE_KEY: np.asarray(_signature(manifest, i))})
         computed += 1
         successes = float(np.sum(outputs[success_key])) if success_key in outputs else None
         meter.computed(rows, successes)
@@ -314,6 +320,9 @@ def load_sweep(directory: str) -> dict[str, np.ndarray]:
     if manifest is None:
         raise ValueError(f"directory: no {MANIFEST} in {directory!r}")
     num_chunks, chunk_size, num_items = manifest["num_chunks"], manifest["chunk_size"], manifest["num_items"]
+    for i in range(num_chunks):
+        if os.path.exists(_chunk_path(directory, i)) and not _chunk_is_readable(directory, i, manifest, False):
+            raise ValueError(f"{_chunk_path(directory, i)!r} is damaged: rerun the sweep to recompute it")
     missing = [i for i in range(num_chunks) if not os.path.exists(_chunk_path(directory, i))]
     if missing:
         raise ValueError(f"directory: sweep in {directory!r} is unfinished; missing chunks {missing[:10]}")
@@ -321,9 +330,12 @@ def load_sweep(directory: str) -> dict[str, np.ndarray]:
     for i in range(num_chunks):
         with np.load(_chunk_path(directory, i)) as data:
             rows = _chunk_rows(i, chunk_size, num_items)
-            if parts and set(data.files) != set(parts):
-                raise ValueError(f"directory: chunk {i} has outputs {sorted(data.files)}, expected {sorted(parts)}")
+            names = set(data.files) - {SIGNATURE_KEY}
+            if parts and names != set(parts):
+                raise ValueError(f"directory: chunk {i} has outputs {sorted(names)}, expected {sorted(parts)}")
             for key in data.files:
+                if key == SIGNATURE_KEY:
+                    continue
                 value = data[key]
                 if value.shape[:1] != (rows,):
                     raise ValueError(f"directory: chunk {i} output {key!r} has {value.shape[:1]} rows, expected {rows}")
@@ -348,6 +360,30 @@ def _chunk_rows(i: int, chunk_size: int, num_items: int) -> int:
 
 def _chunk_path(directory: str, i: int) -> str:
     return os.path.join(directory, f"chunk_{i:06d}.npz")
+
+
+def _signature(manifest: dict, i: int) -> str:
+    """What chunk i of this sweep is: its inputs, config, chunking and position (stored in the chunk)."""
+    identity = {k: manifest[k] for k in ("format", "inputs_fingerprint", "config_hash", "chunk_size", "num_items")}
+    return _hash_json({**identity, "chunk": i})
+
+
+def _chunk_is_readable(directory: str, i: int, manifest: dict, writer: bool) -> bool:
+    """True for a good chunk of this sweep; False (said on stderr) for an unreadable one; SweepMismatch for a foreign one."""
+    path = _chunk_path(directory, i)
+    try:
+        with np.load(path) as data:
+            signature = str(data[SIGNATURE_KEY]) if SIGNATURE_KEY in data.files else None
+            for key in data.files:
+                data[key]                               # every member decompresses
+    except Exception as error:                          # EOFError, BadZipFile, ValueError, OSError, ...
+        if writer:
+            print(f"jaxadv.sweep: {path!r} is unreadable ({type(error).__name__}); recomputing it", file=sys.stderr)
+        return False
+    if signature != _signature(manifest, i):
+        raise SweepMismatch(f"{path!r} is not chunk {i} of this sweep (copied from another run, or left under a "
+                            "rewritten manifest); refusing to mix results. Delete it, or the folder to start over.")
+    return True
 
 
 def _chunk_summary(directory, i, rows, success_key):
@@ -377,8 +413,14 @@ def _read_manifest(directory: str):
     path = os.path.join(directory, MANIFEST)
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SweepMismatch(f"{path!r} is not valid JSON ({error}); delete the folder {directory!r} to start over") from None
+    if not isinstance(manifest, dict) or not all(k in manifest for k in ("num_chunks", "chunk_size", "num_items")):
+        raise SweepMismatch(f"{path!r} is not a sweep manifest; delete the folder {directory!r} to start over")
+    return manifest
 
 
 def _check_or_write_manifest(directory: str, manifest: dict, writer: bool) -> None:

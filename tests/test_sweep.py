@@ -138,6 +138,57 @@ def test_a_rerun_with_other_inputs_or_config_refuses_to_mix_results(tmp_path, ch
     assert manifest["num_items"] == 10 and manifest["num_chunks"] == 2 and manifest["config"] == {"model": "a"}
 
 
+@pytest.mark.parametrize("how", ["manifest deleted", "chunk copied in"])
+def test_a_chunk_of_another_sweep_is_refused_by_its_own_signature(tmp_path, how):
+    # The manifest alone guarded the folder: deleting it let old chunks stand for new inputs and a
+    # new config, and a chunk file copied in from another run was taken as one of this run's.
+    data, other = _inputs(10), _inputs(10, seed=1)
+    calls = []
+    sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path / "a"), 5, config={"model": "a"}, progress=False)
+    if how == "manifest deleted":
+        (tmp_path / "a" / "manifest.json").unlink()
+        target = tmp_path / "a"
+    else:
+        with pytest.raises(sweep.SweepInterrupted):
+            sweep.run_sweep(_sweep_fn(calls), other, str(tmp_path / "b"), 5, config={"model": "b"}, progress=False,
+                            stop_after=1)
+        (tmp_path / "b" / "chunk_000001.npz").write_bytes((tmp_path / "a" / "chunk_000001.npz").read_bytes())
+        target = tmp_path / "b"
+    with pytest.raises(sweep.SweepMismatch, match="chunk_00000[01].npz"):
+        sweep.run_sweep(_sweep_fn(calls), other, str(target), 5, config={"model": "b"}, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "member garbled"])
+def test_a_damaged_chunk_is_named_and_recomputed(tmp_path, damage, capsys):
+    data = _inputs(10)
+    calls = []
+    clean = sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path / "clean"), 5, progress=False)
+    sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path / "d"), 5, progress=False)
+    chunk = tmp_path / "d" / "chunk_000001.npz"
+    raw = chunk.read_bytes()
+    chunk.write_bytes({"empty": b"", "truncated": raw[:len(raw) // 2], "garbage": b"\x93NUMPY garbage",
+                       "member garbled": raw[:200] + bytes(b ^ 0xFF for b in raw[200:260]) + raw[260:]}[damage])
+    with pytest.raises(ValueError, match="chunk_000001.npz"):
+        sweep.load_sweep(str(tmp_path / "d"))
+    before = len(calls)
+    out = sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path / "d"), 5, progress=False)
+    assert len(calls) == before + 1                      # that chunk alone, again
+    assert "chunk_000001.npz" in capsys.readouterr().err
+    for key in clean:
+        np.testing.assert_array_equal(out[key], clean[key])
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"format": 2}'])
+def test_a_damaged_manifest_is_named(tmp_path, content):
+    data = _inputs(10)
+    sweep.run_sweep(_sweep_fn([]), data, str(tmp_path), 5, progress=False)
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(sweep.SweepMismatch, match="manifest.json"):
+        sweep.run_sweep(_sweep_fn([]), data, str(tmp_path), 5, progress=False)
+    with pytest.raises(sweep.SweepMismatch, match="manifest.json"):
+        sweep.load_sweep(str(tmp_path))
+
+
 def test_an_experiment_meeting_a_foreign_sweep_says_so_in_one_line_and_exits_2(tmp_path, capsys):
     from experiments.common import run_main
     data = {"x": np.arange(4, dtype=np.float32)}
