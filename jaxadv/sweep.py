@@ -254,7 +254,6 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
     num_chunks = math.ceil(num_items / chunk_size)
     writer = jax.process_index() == 0
 
-    os.makedirs(directory, exist_ok=True)
     manifest = {
         "format": _FORMAT_VERSION,
         "inputs_fingerprint": fingerprint_arrays(inputs),
@@ -264,6 +263,7 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
         "num_items": num_items,
         "num_chunks": num_chunks,
     }
+    os.makedirs(directory, exist_ok=True)          # after the config is known to be describable
     _check_or_write_manifest(directory, manifest, writer)
     if writer:
         _remove_stale_temporaries(directory)
@@ -442,12 +442,37 @@ def _check_or_write_manifest(directory: str, manifest: dict, writer: bool) -> No
                 "refusing to mix results. Use another directory or delete this one to start over.")
 
 
+def _canonical(obj, where="config"):
+    """`obj` as plain JSON values, exactly: arrays by their content's fingerprint, never by `repr`.
+
+    repr elides the middle of a long numpy array (two vectors that differ in one element looked the
+    same) and carries a function's memory address (every new process refused to resume).
+    """
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, jax.Array)):
+        a = np.asarray(obj)
+        return a.item() if a.ndim == 0 else {"array": fingerprint_arrays({"a": a}), "dtype": a.dtype.str,
+                                              "shape": list(a.shape)}
+    if isinstance(obj, Mapping):
+        bad = [k for k in obj if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"{where}: keys must be strings, got {bad[0]!r}")
+        return {k: _canonical(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    raise TypeError(f"{where}: {type(obj).__name__} is not a JSON value or an array; describe it by its "
+                    "settings (numbers, strings, lists, dicts) or fingerprint it (fingerprint_arrays)")
+
+
 def _jsonable(obj):
-    return json.loads(json.dumps(obj, sort_keys=True, default=repr))
+    return _canonical(obj)
 
 
 def _hash_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_canonical(obj), sort_keys=True).encode()).hexdigest()
 
 
 class _Progress:

@@ -189,6 +189,26 @@ def test_a_damaged_manifest_is_named(tmp_path, content):
         sweep.load_sweep(str(tmp_path))
 
 
+def test_config_values_are_fingerprinted_exactly_or_refused(tmp_path):
+    # Hashed by repr, numpy elided the middle of a long array (a one-element change resumed into a
+    # mixed result), and a function's repr (its address) made every new process refuse to resume.
+    data = _inputs(10)
+    vector = np.linspace(0, 1, 5000)
+    changed = vector.copy()
+    changed[2500] += 1e-9
+    assert repr(vector) == repr(changed)
+    calls = []
+    with pytest.raises(sweep.SweepInterrupted):
+        sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path), 5, config={"w": vector}, progress=False, stop_after=1)
+    with pytest.raises(sweep.SweepMismatch, match="refusing to mix"):
+        sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path), 5, config={"w": changed}, progress=False)
+    sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path), 5, config={"w": np.array(vector)}, progress=False)
+    assert len(calls) == 2                       # an equal array, built anew, resumes
+    with pytest.raises(TypeError, match=r"config\['fn'\]"):
+        sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path / "f"), 5, config={"fn": len}, progress=False)
+    assert len(calls) == 2 and not (tmp_path / "f").exists()
+
+
 def test_an_experiment_meeting_a_foreign_sweep_says_so_in_one_line_and_exits_2(tmp_path, capsys):
     from experiments.common import run_main
     data = {"x": np.arange(4, dtype=np.float32)}
