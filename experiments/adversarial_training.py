@@ -129,7 +129,7 @@ def results_table(records, dataset, num_eval):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
     parser.add_argument("--epochs", type=int, default=None, help=f"epochs per variant (default {BASE.epochs})")
     parser.add_argument("--train-images", type=int, default=None, help="training subset size (default: all)")

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from jaxadv.attacks import lbfgs_attack_core, random_wrong_targets
-from jaxadv.checkpoint import CHECKSUM_KEY, has_checkpoint, load_checkpoint, save_checkpoint
+from jaxadv.checkpoint import has_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from jaxadv.data import DATASETS, Dataset, load_dataset
 from jaxadv.io import atomic_path, write_atomic
 from jaxadv.models import get_model
@@ -39,6 +39,7 @@ QUICK_TRAIN_SIZE = 2000
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.allow_abbrev = False      # a typo (--num-image) is an error, never a prefix of another flag
     parser.add_argument("--dataset", choices=DATASETS, default="fashion_mnist",
                         help="data set (default: fashion_mnist, complete offline; MNIST needs its training images)")
     parser.add_argument("--data-dir", default=None,
@@ -141,9 +142,7 @@ def trained_models(names: Iterable[str], dataset: str, workdir: str | os.PathLik
 
 def load_meta(workdir: str | os.PathLike, name: str, tag: str | None = None) -> dict:
     """The meta.json of a stored model (training settings, train_seconds, ...), without its params' checksum."""
-    meta = json.loads((model_dir(workdir, name, tag) / "meta.json").read_text())
-    meta.pop(CHECKSUM_KEY, None)
-    return meta
+    return read_meta(model_dir(workdir, name, tag))
 
 
 # -- output files ---------------------------------------------------------------

@@ -148,7 +148,7 @@ def figure7(models, chosen, images, labels, attacks, noise_key, class_names=None
 # -- entry point -------------------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_attack_args(parser, "images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
     parser.add_argument("--split", choices=("train", "test"), default="train",

@@ -145,7 +145,7 @@ def pct(x):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_attack_args(parser, "training images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
     args = parser.parse_args(argv)

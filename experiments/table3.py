@@ -68,7 +68,7 @@ PAPER_TABLE4 = [  # rows: adversarial x3, Gaussian 0.06, amplified x3, Gaussian 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_attack_args(parser, "test images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
     args = parser.parse_args(argv)

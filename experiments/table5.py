@@ -236,7 +236,7 @@ def main(argv=None):
     from experiments.common import (add_common_args, experiment_dir, resolve_workdir, save_figure_atomic,
                                     write_json_atomic, write_text_atomic)
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--num-images", type=int, default=None,
                         help=f"test images for the certified radius (default {DEFAULT_NUM_IMAGES}, "

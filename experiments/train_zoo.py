@@ -35,7 +35,7 @@ QUICK_TEST_SIZE = 2000
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = add_common_args(argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0]))
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
     workdir = resolve_workdir(args)
     start = time.perf_counter()

@@ -153,7 +153,7 @@ def results_table(results, k):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
     parser.add_argument("--num-random", type=int, default=None,
                         help="random directions per model (default: 100; 20 with --quick)")

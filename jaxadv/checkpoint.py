@@ -55,12 +55,12 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
     return (directory / META_FILE).is_file() and (directory / PARAMS_FILE).is_file()
 
 
-def load_checkpoint(directory: str | os.PathLike, model: Model):
-    """Return (params, meta) saved in `directory` for `model`; shapes are checked against it."""
-    directory = Path(directory)
-    if not has_checkpoint(directory):
-        raise FileNotFoundError(f"no complete checkpoint in {str(directory)!r} "
-                                f"(needs {PARAMS_FILE} and {META_FILE})")
+def read_meta(directory: str | os.PathLike) -> dict:
+    """The caller's meta saved in `directory` (without the params' checksum); a damaged meta.json is named."""
+    return _read_meta_and_checksum(Path(directory))[0]
+
+
+def _read_meta_and_checksum(directory: Path):
     try:
         meta = json.loads((directory / META_FILE).read_text())
     except (ValueError, UnicodeDecodeError) as error:
@@ -69,8 +69,19 @@ def load_checkpoint(directory: str | os.PathLike, model: Model):
     if not isinstance(meta, dict) or not isinstance(meta.get(CHECKSUM_KEY), str):
         raise ValueError(f"{str(directory / META_FILE)!r} holds no {CHECKSUM_KEY!r} (damaged, or saved before "
                          "checkpoints carried one): delete the folder to retrain")
+    checksum = meta.pop(CHECKSUM_KEY)
+    return meta, checksum
+
+
+def load_checkpoint(directory: str | os.PathLike, model: Model):
+    """Return (params, meta) saved in `directory` for `model`; shapes are checked against it."""
+    directory = Path(directory)
+    if not has_checkpoint(directory):
+        raise FileNotFoundError(f"no complete checkpoint in {str(directory)!r} "
+                                f"(needs {PARAMS_FILE} and {META_FILE})")
+    meta, checksum = _read_meta_and_checksum(directory)
     params_bytes = (directory / PARAMS_FILE).read_bytes()
-    if hashlib.sha256(params_bytes).hexdigest() != meta.pop(CHECKSUM_KEY):
+    if hashlib.sha256(params_bytes).hexdigest() != checksum:
         raise ValueError(f"{str(directory / PARAMS_FILE)!r} does not match the checksum in {META_FILE} "
                          "(truncated, extended or altered): delete the folder to retrain")
     state = flax.serialization.msgpack_restore(params_bytes)

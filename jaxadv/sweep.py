@@ -270,15 +270,24 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
 
     # A chunk that cannot be read (emptied, truncated, overwritten with garbage) is recomputed; one
     # from another sweep (a copied file, or old chunks under a rewritten manifest) is refused.
-    done = {i for i in range(num_chunks) if os.path.exists(_chunk_path(directory, i))
-            and _chunk_is_readable(directory, i, manifest, writer)}
+    done, resumed = set(), []
+    for i in range(num_chunks):
+        if not os.path.exists(_chunk_path(directory, i)):
+            continue
+        outputs = _read_chunk(directory, i, manifest)
+        if outputs is None:
+            if writer:
+                print(f"jaxadv.sweep: {_chunk_path(directory, i)!r} is unreadable; recomputing it", file=sys.stderr)
+            continue
+        done.add(i)
+        resumed.append((_chunk_rows(i, chunk_size, num_items),
+                        float(np.sum(outputs[success_key])) if success_key in outputs else None))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("jaxadv.sweep: chunks listed")
 
     meter = _Progress(num_items, label, enabled=progress and writer)
-    for i in sorted(done):
-        rows, successes = _chunk_summary(directory, i, _chunk_rows(i, chunk_size, num_items), success_key)
+    for rows, successes in resumed:
         meter.resumed(rows, successes)
 
     meter.announce_resumed(len(done), num_chunks)
@@ -320,26 +329,21 @@ def load_sweep(directory: str) -> dict[str, np.ndarray]:
     if manifest is None:
         raise ValueError(f"directory: no {MANIFEST} in {directory!r}")
     num_chunks, chunk_size, num_items = manifest["num_chunks"], manifest["chunk_size"], manifest["num_items"]
-    for i in range(num_chunks):
-        if os.path.exists(_chunk_path(directory, i)) and not _chunk_is_readable(directory, i, manifest, False):
-            raise ValueError(f"{_chunk_path(directory, i)!r} is damaged: rerun the sweep to recompute it")
     missing = [i for i in range(num_chunks) if not os.path.exists(_chunk_path(directory, i))]
     if missing:
         raise ValueError(f"directory: sweep in {directory!r} is unfinished; missing chunks {missing[:10]}")
     parts: dict[str, list[np.ndarray]] = {}
     for i in range(num_chunks):
-        with np.load(_chunk_path(directory, i)) as data:
-            rows = _chunk_rows(i, chunk_size, num_items)
-            names = set(data.files) - {SIGNATURE_KEY}
-            if parts and names != set(parts):
-                raise ValueError(f"directory: chunk {i} has outputs {sorted(names)}, expected {sorted(parts)}")
-            for key in data.files:
-                if key == SIGNATURE_KEY:
-                    continue
-                value = data[key]
-                if value.shape[:1] != (rows,):
-                    raise ValueError(f"directory: chunk {i} output {key!r} has {value.shape[:1]} rows, expected {rows}")
-                parts.setdefault(key, []).append(value)
+        outputs = _read_chunk(directory, i, manifest)
+        if outputs is None:
+            raise ValueError(f"{_chunk_path(directory, i)!r} is damaged: rerun the sweep to recompute it")
+        rows = _chunk_rows(i, chunk_size, num_items)
+        if parts and set(outputs) != set(parts):
+            raise ValueError(f"directory: chunk {i} has outputs {sorted(outputs)}, expected {sorted(parts)}")
+        for key, value in outputs.items():
+            if value.shape[:1] != (rows,):
+                raise ValueError(f"directory: chunk {i} output {key!r} has {value.shape[:1]} rows, expected {rows}")
+            parts.setdefault(key, []).append(value)
     return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
 
 
@@ -368,29 +372,19 @@ def _signature(manifest: dict, i: int) -> str:
     return _hash_json({**identity, "chunk": i})
 
 
-def _chunk_is_readable(directory: str, i: int, manifest: dict, writer: bool) -> bool:
-    """True for a good chunk of this sweep; False (said on stderr) for an unreadable one; SweepMismatch for a foreign one."""
+def _read_chunk(directory: str, i: int, manifest: dict) -> dict[str, np.ndarray] | None:
+    """Chunk i's outputs; None if it cannot be read; SweepMismatch if it belongs to another sweep."""
     path = _chunk_path(directory, i)
     try:
         with np.load(path) as data:
-            signature = str(data[SIGNATURE_KEY]) if SIGNATURE_KEY in data.files else None
-            for key in data.files:
-                data[key]                               # every member decompresses
-    except Exception as error:                          # EOFError, BadZipFile, ValueError, OSError, ...
-        if writer:
-            print(f"jaxadv.sweep: {path!r} is unreadable ({type(error).__name__}); recomputing it", file=sys.stderr)
-        return False
-    if signature != _signature(manifest, i):
+            outputs = {key: data[key] for key in data.files}      # every member decompresses
+    except Exception:                                            # EOFError, BadZipFile, ValueError, OSError, ...
+        return None
+    signature = outputs.pop(SIGNATURE_KEY, None)
+    if signature is None or str(signature) != _signature(manifest, i):
         raise SweepMismatch(f"{path!r} is not chunk {i} of this sweep (copied from another run, or left under a "
                             "rewritten manifest); refusing to mix results. Delete it, or the folder to start over.")
-    return True
-
-
-def _chunk_summary(directory, i, rows, success_key):
-    if success_key is None:
-        return rows, None
-    with np.load(_chunk_path(directory, i)) as data:
-        return rows, (float(np.sum(data[success_key])) if success_key in data.files else None)
+    return outputs
 
 
 def _save_npz_atomic(path: str, arrays: Mapping[str, np.ndarray]) -> None:

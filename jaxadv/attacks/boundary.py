@@ -232,9 +232,11 @@ def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
     # adversarial and grows while it is not, both annealed; the best point seen stays the result.
     # It takes over when the SQP has used its steps or, with a walk to follow, has come no closer in
     # `patience` evaluations (seeds aside: they evaluate the same point).
-    progress = best_l2 < (1 - config.rtol) * state.best_l2
-    idle = jnp.where(progress | seeding | (state.seeds[0] >= 0), 0, state.idle + 1)
-    stuck = (steps >= config.steps) | ((idle >= config.patience) & (config.walk_steps > 0))
+    stuck, idle = steps >= config.steps, state.idle
+    if config.walk_steps > 0:         # (static: the targeted default's loop body stays as small as before)
+        progress = best_l2 < (1 - config.rtol) * state.best_l2
+        idle = jnp.where(progress | seeding | (state.seeds[0] >= 0), 0, state.idle + 1)
+        stuck = stuck | (idle >= config.patience)
     stalled = ~state.walking & ~converged & stuck & jnp.isfinite(best_l2)
     walking = state.walking | (stalled & (config.walk_steps > 0))
     walked, radius = state.walked, state.radius
