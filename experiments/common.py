@@ -44,7 +44,7 @@ from jaxadv.train import error_rate, train, zoo_config
 #: --quick trains on this many training images (the first ones).
 QUICK_TRAIN_SIZE = 2000
 #: Options that change no result (where things are, how the work is split): left out of run names.
-NOT_IN_RUN_NAME = frozenset({"help", "workdir", "data_dir", "dataset", "distributed", "chunk_size"})
+NOT_IN_RUN_NAME = frozenset({"help", "workdir", "data_dir", "distributed", "chunk_size"})
 
 
 class UsageError(ValueError):
