@@ -21,7 +21,8 @@ minimal distortion (per-pixel RMS) that the full untargeted L-BFGS attack
 (`lbfgs_attack_untargeted`: the smallest change of its prediction) needs to fool
 it on the same test images.
 
-Writes WORKDIR/adversarial_training/results.json, table.md, learning_curves.png.
+Writes WORKDIR/adversarial_training/<run>/results.json, table.md, learning_curves.png
+(<run>: see `experiments.common.run_name`).
 """
 from __future__ import annotations
 
@@ -33,11 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (add_common_args, experiment_dir, markdown_table, resolve_workdir,
+from experiments.common import (add_common_args, int_in, markdown_table, output_dir,
                                 save_figure_atomic, write_json_atomic, write_text_atomic, run_main)
 from jaxadv.adversarial_training import INPUT, AdversarialTrainingConfig, adversarial_train, logits_above
 from jaxadv.attacks import UNTARGETED, AttackConfig, lbfgs_attack, lbfgs_attack_untargeted, random_wrong_targets
-from jaxadv.data import load_dataset
+from jaxadv.data import NUM_EXAMPLES, load_dataset
 from jaxadv.models import get_model
 from jaxadv.train import error_rate
 
@@ -51,6 +52,7 @@ POOL_ATTACK = AttackConfig(max_bracket_steps=3, bisection_steps=2, max_iteration
 EVAL_ATTACK = UNTARGETED
 BASE = AdversarialTrainingConfig(epochs=40, batch_size=128, learning_rate=1e-3, pool_size=2000,
                                  pool_batch_size=32, refresh_every=100, refresh_fraction=0.25)
+DEFAULT_EVAL_IMAGES = 500
 QUICK = dict(train_images=6000, epochs=3, pool_size=200, refresh_every=20, eval_images=50, curve_images=2000)
 VARIANTS = ("weight_decay", "dropout", "adversarial_per_layer", "adversarial_input_only")
 PAPER_MNIST_TEST_ERROR = {"weight_decay": "1.6%", "dropout": "~1.3%", "adversarial_per_layer": "<1.2%"}
@@ -128,27 +130,42 @@ def results_table(records, dataset, num_eval):
             "successful attacks.\n")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
-    parser.add_argument("--epochs", type=int, default=None, help=f"epochs per variant (default {BASE.epochs})")
-    parser.add_argument("--train-images", type=int, default=None, help="training subset size (default: all)")
-    parser.add_argument("--eval-images", type=int, default=500, help="test images attacked per final model")
+    parser.add_argument("--epochs", type=int_in(1), default=None,
+                        help=f"epochs per variant (default {BASE.epochs}, {QUICK['epochs']} with --quick)")
+    parser.add_argument("--train-images", type=int_in(1, NUM_EXAMPLES["train"]), default=None,
+                        help=f"training subset size (default: all, {QUICK['train_images']} with --quick)")
+    parser.add_argument("--eval-images", type=int_in(1, NUM_EXAMPLES["test"]), default=None,
+                        help=f"test images attacked per final model (default {DEFAULT_EVAL_IMAGES}, "
+                             f"{QUICK['eval_images']} with --quick)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
 
-    base = BASE
-    train_images, eval_images, curve_images = args.train_images, args.eval_images, None
+
+def sizes(args: argparse.Namespace):
+    """(training config, training images, attacked test images, test images of the curves; None: all).
+
+    --quick sets small sizes; a flag given explicitly wins over them.
+    """
+    base, train_images, eval_images, curve_images = BASE, None, DEFAULT_EVAL_IMAGES, None
     if args.quick:
         base = base._replace(epochs=QUICK["epochs"], pool_size=QUICK["pool_size"], refresh_every=QUICK["refresh_every"])
-        train_images = train_images or QUICK["train_images"]
-        eval_images, curve_images = QUICK["eval_images"], QUICK["curve_images"]
+        train_images, eval_images, curve_images = QUICK["train_images"], QUICK["eval_images"], QUICK["curve_images"]
     if args.epochs is not None:
         base = base._replace(epochs=args.epochs)
+    train_images = args.train_images if args.train_images is not None else train_images
+    eval_images = args.eval_images if args.eval_images is not None else eval_images
+    return base, train_images, eval_images, curve_images
 
-    workdir = resolve_workdir(args)
-    out_dir = str(experiment_dir(workdir, NAME))
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    base, train_images, eval_images, curve_images = sizes(args)
+    out_dir = str(output_dir(parser, args, NAME))
     train, test = load_dataset(args.dataset, "train", args.data_dir), load_dataset(args.dataset, "test", args.data_dir)
     train_x, train_y = train.images[:train_images], train.labels[:train_images]
     curve_x, curve_y = test.images[:curve_images], test.labels[:curve_images]

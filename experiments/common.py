@@ -2,9 +2,14 @@
 
     parser = argparse.ArgumentParser(); add_common_args(parser); args = parser.parse_args()
     workdir = resolve_workdir(args)                             # runs/<dataset> by default
+    out = output_dir(parser, args, "cross_model")               # WORKDIR/cross_model/<run>/, checked writable
     models = trained_models(ZOO, args.dataset, workdir, args.data_dir, args.quick)
-    out = experiment_dir(workdir, "cross_model")                # WORKDIR/cross_model/
     write_json_atomic(out / "results.json", {...})
+    ...
+    if __name__ == "__main__": run_main(main)                  # user errors: one line, exit 2
+
+Each run writes under a folder named by the options that change its results
+(`run_name`), so runs of other configurations never overwrite each other.
 
 Trained models live in WORKDIR/models/<name>/ (see jaxadv.checkpoint) and are
 reused by every later experiment; a model trained on custom data is stored
@@ -17,7 +22,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -28,18 +35,48 @@ import numpy as np
 
 from jaxadv.attacks import lbfgs_attack_core, random_wrong_targets
 from jaxadv.checkpoint import has_checkpoint, load_checkpoint, read_meta, save_checkpoint
-from jaxadv.data import DATASETS, Dataset, load_dataset
-from jaxadv.io import atomic_path, write_atomic
+from jaxadv.data import DATASETS, DataError, Dataset, load_dataset
+from jaxadv.io import TEMP_PREFIX, atomic_path, write_atomic
 from jaxadv.models import get_model
 from jaxadv.sweep import SweepMismatch, chunk_size_for_memory, fingerprint_arrays, run_sweep, sharded
 from jaxadv.train import error_rate, train, zoo_config
 
 #: --quick trains on this many training images (the first ones).
 QUICK_TRAIN_SIZE = 2000
+#: Options that change no result (where things are, how the work is split): left out of run names.
+NOT_IN_RUN_NAME = frozenset({"help", "workdir", "data_dir", "distributed", "chunk_size"})
+
+
+class UsageError(ValueError):
+    """A mistake of the command line or its surroundings (a workdir that is a file, ...), not a bug."""
+
+
+#: What `run_main` reports in one line with exit status 2 instead of a traceback: the user's to fix.
+USER_ERRORS = (UsageError, DataError, SweepMismatch)
+
+
+def int_in(low: int, high: int | None = None):
+    """An argparse type: an int in [low, high] (no upper bound when high is None), refused at parse time."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {f'in [{low}, {high}]' if high is not None else f'>= {low}'}, "
+                                             f"got {value}")
+        return value
+    parse.__name__ = "int"     # argparse names the type in its messages
+    return parse
+
+
+positive_int = int_in(1)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.allow_abbrev = False      # a typo (--num-image) is an error, never a prefix of another flag
+    # One line, naming the flag, exit 2: not the usage block before it (--help shows that).
+    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
     parser.add_argument("--dataset", choices=DATASETS, default="fashion_mnist",
                         help="data set (default: fashion_mnist, complete offline; MNIST needs its training images)")
     parser.add_argument("--data-dir", default=None,
@@ -47,7 +84,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(default: $JAXADV_DATA_DIR, else tensorflow-datasets)")
     parser.add_argument("--workdir", default=None, help="output folder (default: runs/<dataset>)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: {QUICK_TRAIN_SIZE} training images, 1-2 epochs, small sizes")
+                        help=f"smoke test: zoo models trained on {QUICK_TRAIN_SIZE} training images for 1-2 epochs "
+                             "(adversarial_training: 3 epochs on 6000), small sizes")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first: one process per host (SLURM, TPU pods, or "
                              "JAX's coordinator environment variables); attacks then shard over every host's devices")
@@ -72,11 +110,60 @@ def resolve_workdir(args: argparse.Namespace) -> Path:
     return Path(args.workdir) if args.workdir else Path("runs") / args.dataset
 
 
-def experiment_dir(workdir: str | os.PathLike, name: str) -> Path:
-    """WORKDIR/<name>/, created if needed: where experiment `name` writes its outputs."""
-    path = Path(workdir) / name
-    path.mkdir(parents=True, exist_ok=True)
+def run_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The options of this run that change its results, as a folder name: "default" when there are none.
+
+    E.g. `table1 --split test --num-images 10000` -> "num-images=10000_split=test"; `--quick` -> "quick".
+    Characters other than letters, digits and .,=+- are dropped, and a name so changed (or over 100
+    characters) ends in a hash of the options, so two configurations never share a name.
+    """
+    parts = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest in NOT_IN_RUN_NAME:
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[-1].lstrip("-")
+        if value is True:
+            parts.append(flag)
+        else:
+            parts.append(f"{flag}={','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
+    name = "_".join(parts) or "default"
+    safe = re.sub(r"[^\w.,=+-]", "", name)
+    if safe != name or len(safe) > 100:
+        safe = f"{safe[:80]}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+    return safe
+
+
+def output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace, experiment: str) -> Path:
+    """WORKDIR/<experiment>/<run_name>/: where this run writes, checked writable now, before any work.
+
+    Nothing is created here: the first write makes the folder, so a run that stops on a user error
+    leaves nothing behind.
+    """
+    path = Path(args.workdir) / experiment / run_name(parser, args)
+    check_writable(path)
     return path
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--workdir") -> None:
+    """UsageError naming the folder unless `path` is, or can be created as, a folder this process can write.
+
+    Writes (and removes) a probe file in the deepest folder that exists: permissions alone do not tell
+    (root ignores them; a read-only mount does not).
+    """
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag}: {str(existing)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=f"{TEMP_PREFIX}probe.")
+    except OSError as error:
+        raise UsageError(f"{flag}: cannot write in {str(existing)!r} ({error.strerror}); nothing was computed") from None
+    os.close(fd)
+    os.remove(probe)
 
 
 def model_dir(workdir: str | os.PathLike, name: str, tag: str | None = None) -> Path:
@@ -119,6 +206,7 @@ def trained_models(names: Iterable[str], dataset: str, workdir: str | os.PathLik
             if _reusable(meta, dataset, quick, fingerprint, directory):
                 out[stored] = (model, params)
                 continue
+        check_writable(directory)          # before the training, not after
         if data is None:
             data = load_dataset(dataset, "train", data_dir)
         subset = _quick_subset(data) if quick else data
@@ -197,7 +285,7 @@ def _fingerprint(data: Dataset) -> str:
 
 def _reusable(meta: dict, dataset: str, quick: bool, fingerprint: str | None, directory: Path) -> bool:
     if meta.get("dataset") != dataset:
-        raise ValueError(f"{str(directory)!r} holds a model trained on {meta.get('dataset')!r}, not "
+        raise UsageError(f"{str(directory)!r} holds a model trained on {meta.get('dataset')!r}, not "
                          f"{dataset!r}: use another --workdir (the default is runs/<dataset>)")
     if meta.get("quick") and not quick:
         return False  # a smoke-test model never stands in for a real one
@@ -222,18 +310,22 @@ def _to_json(value):
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def run_main(main) -> None:
-    """Run an experiment's `main`; on Ctrl-C, say what is kept instead of printing a traceback."""
+def run_main(main, argv: Sequence[str] | None = None) -> None:
+    """Run an experiment's `main` (with `argv` if given) as a command.
+
+    On Ctrl-C it says what is kept; a user error (USER_ERRORS: missing data, an unusable workdir,
+    saved results that refuse to mix) ends in one line and exit status 2. Tracebacks are for bugs.
+    """
     try:
-        main()
+        main() if argv is None else main(argv)
     except KeyboardInterrupt:
         print("\ninterrupted: trained models and finished attack chunks are saved in the workdir; "
               "run the same command again to resume.", file=sys.stderr)
         raise SystemExit(130) from None
-    except SweepMismatch as error:
-        # Saved chunks of other inputs or another attack (e.g. after an upgrade): the user's call, not a bug.
-        print(f"error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         raise SystemExit(2) from None
+
 
 # -- the attack over a data set: sharded over all devices, in resumable chunks ---------------------
 
@@ -241,13 +333,6 @@ NUM_CLASSES = 10
 DEFAULT_BLOCK_SIZE = 1000       # images per device pass: several rounds of the attack's lanes
 MAX_CHUNK_PER_DEVICE = 2000     # a chunk is the unit of loss on interruption: keep it minutes, not hours
 RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations", "search_distortion")
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 def add_attack_args(parser: argparse.ArgumentParser, images: str, default_num_images: int,
                     quick_num_images: int) -> None:
@@ -262,6 +347,24 @@ def add_attack_args(parser: argparse.ArgumentParser, images: str, default_num_im
     parser.add_argument("--block-size", type=positive_int, default=None,
                         help=f"images one device attacks at once (default {DEFAULT_BLOCK_SIZE}, fewer for small "
                              "runs); results do not depend on the number of devices for a fixed block size")
+
+
+def check_attack_args(parser: argparse.ArgumentParser, args: argparse.Namespace, default_num_images: int,
+                      quick_num_images: int, available: int, where: str) -> int:
+    """The number of images to attack, with --num-images and --chunk-size checked now, before any work.
+
+    `available`: how many images `where` (e.g. "the training set") holds.
+    """
+    num_images = args.num_images or (quick_num_images if args.quick else default_num_images)
+    if num_images > available:
+        parser.error(f"argument --num-images: must be in [1, {available}] ({where}), got {num_images}")
+    if args.chunk_size is not None:
+        devices = len(jax.devices())
+        block = args.block_size or min(DEFAULT_BLOCK_SIZE, math.ceil(num_images / devices))
+        if args.chunk_size % (devices * block):
+            parser.error(f"argument --chunk-size: must be a multiple of devices x block = {devices} x {block}, "
+                         f"got {args.chunk_size}")
+    return num_images
 
 
 def attack_bytes_per_image(model, config, block_size) -> int:

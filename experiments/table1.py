@@ -13,8 +13,10 @@ resumes where it stopped. "Av. min. distortion" is the mean per-pixel RMS
 distortion sqrt(Σ(x'−x)²/n) of the successful adversarial examples; the
 success rate is reported beside it.
 
-Writes WORKDIR/table1/results.json (list `rows`), table.md (the paper's MNIST
-values beside ours) and figure7.png (the paper's Fig. 7 layout).
+Writes WORKDIR/table1/<run>/results.json (list `rows`), table.md (the paper's
+MNIST values beside ours) and figure7.png (the paper's Fig. 7 layout); <run>
+names the options that change the results ("default" for none; see
+`experiments.common.run_name`).
 """
 from __future__ import annotations
 
@@ -26,11 +28,11 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_attack_args, add_common_args, attack_images, choose_sizes, experiment_dir,
-                                markdown_table, resolve_workdir, run_main, save_figure_atomic, select_images,
-                                trained_models, write_json_atomic, write_text_atomic)
+from experiments.common import (add_attack_args, add_common_args, attack_images, check_attack_args, choose_sizes,
+                                markdown_table, output_dir, resolve_workdir, run_main, save_figure_atomic,
+                                select_images, trained_models, write_json_atomic, write_text_atomic)
 from jaxadv.attacks import AttackConfig, runner_up_targets
-from jaxadv.data import CLASS_NAMES, load_dataset
+from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset
 from jaxadv.models import ZOO
 from jaxadv.plots import DistortionPanel, distortion_grid_figure
 from jaxadv.train import error_rate
@@ -147,7 +149,7 @@ def figure7(models, chosen, images, labels, attacks, noise_key, class_names=None
 
 # -- entry point -------------------------------------------------------------------------------------
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_attack_args(parser, "images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
@@ -157,10 +159,16 @@ def main(argv=None):
                         help="random: one seeded uniformly random wrong label per image, shared by all models; "
                              "runner-up: each model's second most likely class")
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO), help="subset of Table 1's models")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
+    num_images = check_attack_args(parser, args, DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES, NUM_EXAMPLES[args.split],
+                                   f"the {args.split} set")
     workdir = resolve_workdir(args)
-    out_dir = str(experiment_dir(workdir, NAME))
+    out_dir = str(output_dir(parser, args, NAME))
     start = time.time()
 
     models = trained_models(list(args.models), args.dataset, workdir, args.data_dir, args.quick)
@@ -189,7 +197,7 @@ def main(argv=None):
         run = f"{args.split}-n{num_images}-seed{args.seed}-{args.targets}"
         t0 = time.time()
         attacks[name] = attack_images(model, params, images, targets,
-                                      os.path.join(out_dir, "chunks", name, run), config, chunk_size, block)
+                                      os.path.join(workdir, NAME, "chunks", name, run), config, chunk_size, block)
         timing[name] = {"seconds_this_invocation": time.time() - t0, "chunk_size": chunk_size, "block_size": block}
         adversarial_predictions = predict(model, params, attacks[name]["adversarial"])
         rows.append(summarize(name, attacks[name], labels, targets, adversarial_predictions,

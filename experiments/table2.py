@@ -9,7 +9,7 @@ set, and two Gaussian-noise controls (stddev 0.1 and 0.3, clipped to [0, 1]).
 Entry [set, model] is the fraction of the set the model does not classify as the
 image's true label; the last column is the set's average per-pixel RMS distortion.
 
-Writes WORKDIR/table2/results.json, table.md, heatmap.png and figure5.png (the
+Writes WORKDIR/table2/<run>/results.json, table.md, heatmap.png and figure5.png (the
 paper's Fig. 5 layout for a few images, captioned with every model's label).
 The attack is table1's (sharded over devices, saved chunk by chunk, resumed if
 interrupted) and its chunks live in table1's folder
@@ -27,11 +27,11 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_attack_args, add_common_args, attack_images, choose_sizes, experiment_dir,
-                                markdown_table, resolve_workdir, run_main, save_figure_atomic, select_images,
-                                trained_models, write_json_atomic, write_text_atomic)
+from experiments.common import (add_attack_args, add_common_args, attack_images, check_attack_args, choose_sizes,
+                                markdown_table, output_dir, resolve_workdir, run_main, save_figure_atomic,
+                                select_images, trained_models, write_json_atomic, write_text_atomic)
 from jaxadv.attacks import AttackConfig
-from jaxadv.data import CLASS_NAMES, load_dataset
+from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset
 from jaxadv.models import ZOO
 from jaxadv.plots import adversarial_triplets_figure
 from jaxadv.transfer import PerturbedSet, error_rate_matrix, gaussian_noise, transfer_table, transfer_versus_noise
@@ -144,14 +144,20 @@ def pct(x):
     return f"{100 * x:.1f}%"
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_attack_args(parser, "training images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
+    num_images = check_attack_args(parser, args, DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES, NUM_EXAMPLES["train"],
+                                   "the training set")
     workdir = str(resolve_workdir(args))
-    out_dir = str(experiment_dir(workdir, NAME))
+    out_dir = str(output_dir(parser, args, NAME))
     start = time.time()
 
     models = trained_models(list(ZOO), args.dataset, workdir, args.data_dir, args.quick)

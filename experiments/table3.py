@@ -18,7 +18,8 @@ that the distortion *after* clipping is 0.1. results.json also holds, as extra
 rows, the unclipped rescaling and the paper's formula read literally
 (x + 0.1·(x'−x)/‖x'−x‖₂, a per-pixel RMS of 0.1/√784).
 
-Writes WORKDIR/table3/results.json, table.md, heatmap.png and figure5.png.
+Writes WORKDIR/table3/<run>/results.json, table.md, heatmap.png and figure5.png
+(<run>: see `experiments.common.run_name`).
 """
 from __future__ import annotations
 
@@ -30,12 +31,12 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_attack_args, add_common_args, experiment_dir, markdown_table, resolve_workdir,
-                                run_main, select_images, trained_models)
+from experiments.common import (add_attack_args, add_common_args, check_attack_args, markdown_table, output_dir,
+                                resolve_workdir, run_main, select_images, trained_models)
 from experiments.table2 import (attack_models, describe_comparison, heatmap_figure, noise_sets, pct,
                                 triplets_figure, write_outputs)
 from jaxadv.attacks import AttackConfig
-from jaxadv.data import CLASS_NAMES, load_dataset, training_halves
+from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset, training_halves
 from jaxadv.transfer import (PerturbedSet, error_rate_matrix, rescale_perturbations, transfer_table,
                              transfer_versus_noise)
 
@@ -67,14 +68,20 @@ PAPER_TABLE4 = [  # rows: adversarial x3, Gaussian 0.06, amplified x3, Gaussian 
 ]
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_attack_args(parser, "test images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
+    num_images = check_attack_args(parser, args, DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES, NUM_EXAMPLES["test"],
+                                   "the test set")
     workdir = str(resolve_workdir(args))
-    out_dir = str(experiment_dir(workdir, NAME))
+    out_dir = str(output_dir(parser, args, NAME))
     start = time.time()
 
     train = load_dataset(args.dataset, "train", args.data_dir)
@@ -97,7 +104,7 @@ def main(argv=None):
     run = f"test-n{num_images}-seed{args.seed}-random"
     attacks, attack_seconds = attack_models(
         models, names, images, targets,
-        lambda name: os.path.join(out_dir, "chunks", name.replace("'", "_prime"), run),
+        lambda name: os.path.join(workdir, NAME, "chunks", name.replace("'", "_prime"), run),
         config, args.chunk_size, args.block_size)
 
     # Table 3: clean errors on P1, P2, test (full sets) and the minimal distortion.

@@ -12,8 +12,9 @@
    perturbation the L-BFGS attack finds over all wrong targets; their ratio
    says how loose the bound is.
 
-Writes WORKDIR/table5/results.json, table.md and radius_scatter.png. The
-attacks are saved chunk by chunk under WORKDIR/table5/attacks/<model>/.
+Writes WORKDIR/table5/<run>/results.json, table.md and radius_scatter.png
+(<run>: see `experiments.common.run_name`). The attacks are saved chunk by
+chunk under WORKDIR/table5/attacks/<model>/.
 """
 from __future__ import annotations
 
@@ -232,38 +233,44 @@ def table_markdown(results: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def main(argv=None):
-    from experiments.common import (add_common_args, experiment_dir, resolve_workdir, save_figure_atomic,
-                                    write_json_atomic, write_text_atomic)
+def build_parser() -> argparse.ArgumentParser:
+    from experiments.common import add_common_args, int_in
+    from jaxadv.data import NUM_EXAMPLES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--num-images", type=int, default=None,
+    parser.add_argument("--num-images", type=int_in(1, NUM_EXAMPLES["test"]), default=None,
                         help=f"test images for the certified radius (default {DEFAULT_NUM_IMAGES}, "
                              f"{QUICK_NUM_IMAGES} with --quick)")
-    parser.add_argument("--power-iterations", type=int, default=None,
+    parser.add_argument("--power-iterations", type=int_in(0), default=None,
                         help=f"per dense/conv layer (default {DEFAULT_POWER_ITERATIONS}, "
                              f"{QUICK_POWER_ITERATIONS} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="picks the test images and the power-iteration starts")
-    parser.add_argument("--chunk-size", type=int, default=100, help="images per saved attack chunk")
+    parser.add_argument("--chunk-size", type=int_in(1), default=100, help="images per saved attack chunk")
     parser.add_argument("--alexnet-only", action="store_true", help="only the AlexNet-shaped table (no data needed)")
     parser.add_argument("--no-alexnet", action="store_true", help="skip the AlexNet-shaped table")
+    return parser
+
+
+def main(argv=None):
+    from experiments.common import output_dir, resolve_workdir, save_figure_atomic, write_json_atomic, write_text_atomic
+
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.alexnet_only and args.no_alexnet:
+        parser.error("--alexnet-only and --no-alexnet exclude each other")
     num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
     iterations = args.power_iterations if args.power_iterations is not None else (
         QUICK_POWER_ITERATIONS if args.quick else DEFAULT_POWER_ITERATIONS)
-    if num_images < 1:
-        parser.error(f"--num-images must be >= 1, got {num_images}")
-    if iterations < 0:
-        parser.error(f"--power-iterations must be >= 0, got {iterations}")
     workdir = resolve_workdir(args)
-    out_dir = str(experiment_dir(workdir, NAME))
+    out_dir = str(output_dir(parser, args, NAME))
     start = time.time()
     key = jax.random.PRNGKey(args.seed)
     alex_key, zoo_key, pick_key = jax.random.split(key, 3)
+    if not args.alexnet_only:     # a missing data folder is found now, not after the AlexNet table
+        from jaxadv.data import load_dataset
+        test = load_dataset(args.dataset, "test", args.data_dir)
 
-    if args.alexnet_only and args.no_alexnet:
-        parser.error("--alexnet-only and --no-alexnet exclude each other")
     alex = None
     if not args.no_alexnet:
         alexnet = alexnet_shaped()
@@ -279,14 +286,12 @@ def main(argv=None):
     if not args.alexnet_only:
         from experiments.common import trained_models
         from jaxadv.attacks import UNTARGETED
-        from jaxadv.data import load_dataset
 
         models = trained_models(SPECTRAL_MODELS, args.dataset, workdir, args.data_dir, args.quick)
         results["zoo"] = [network_spectrum(models[name][0], models[name][1], jax.random.fold_in(zoo_key, i),
                                            iterations) for i, name in enumerate(SPECTRAL_MODELS)]
         bound_of = {net["name"]: net["network_bound"] for net in results["zoo"]}
 
-        test = load_dataset(args.dataset, "test", args.data_dir)
         index = np.sort(np.asarray(jax.random.choice(pick_key, len(test.labels), (num_images,), replace=False)))
         images = test.images[index]
         config = UNTARGETED
@@ -295,7 +300,7 @@ def main(argv=None):
             model, params = models[name]
             t0 = time.time()
             out = radius_against_attack(model, params, images, bound_of[name],
-                                        os.path.join(out_dir, "attacks", name), config, min(args.chunk_size, num_images))
+                                        os.path.join(workdir, NAME, "attacks", name), config, min(args.chunk_size, num_images))
             per_model[name] = out
             summaries[name] = {"network_bound": bound_of[name], **looseness_summary(out),
                                "attack_seconds": time.time() - t0}

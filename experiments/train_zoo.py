@@ -3,8 +3,8 @@
     python -m experiments.train_zoo --dataset fashion_mnist [--data-dir DIR] [--workdir DIR] [--quick]
 
 Models already trained in WORKDIR/models/ are loaded, not retrained. Writes
-WORKDIR/train_zoo/results.json (`rows`: model, train_error, test_error,
-num_params, train_seconds) and WORKDIR/train_zoo/table.md.
+WORKDIR/train_zoo/<run>/results.json (`rows`: model, train_error, test_error,
+num_params, train_seconds) and table.md (<run>: "default", or "quick").
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 import time
 
 from experiments.common import (
-    add_common_args, experiment_dir, load_meta, markdown_table, percent, resolve_workdir,
+    add_common_args, load_meta, markdown_table, output_dir, percent, resolve_workdir,
     trained_models, write_json_atomic, write_text_atomic, run_main)
 from jaxadv.data import load_dataset
 from jaxadv.models import ALL_MODELS
@@ -34,10 +34,15 @@ PAPER_ERRORS = {
 QUICK_TEST_SIZE = 2000
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser = build_parser()
     args = parser.parse_args(argv)
     workdir = resolve_workdir(args)
+    out = output_dir(parser, args, "train_zoo")
     start = time.perf_counter()
 
     models = trained_models(ALL_MODELS, args.dataset, workdir, args.data_dir, args.quick)
@@ -62,7 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: train error {percent(train_error)}, test error {percent(rows[-1]['test_error'])}",
               file=sys.stderr, flush=True)
 
-    out = experiment_dir(workdir, "train_zoo")
     results = {"dataset": args.dataset, "quick": args.quick, "num_test": len(test.labels),
                "optimizer": "minibatch Adam, cosine-decayed learning rate (the paper: L-BFGS to convergence)",
                "wall_seconds": round(time.perf_counter() - start, 2), "rows": rows}
@@ -79,7 +83,7 @@ def _table(results: dict) -> str:
              percent(r["paper_train_error"]),
              percent(r["paper_test_error"]), f"{r['train_seconds']:.1f}"] for r in results["rows"]]
     note = (f"Trained on {results['dataset']}"
-            f"{' (QUICK smoke test: subset, 1-2 epochs)' if results['quick'] else ''}; test error on "
+            f"{' (QUICK smoke test: a subset, 1-2 epochs)' if results['quick'] else ''}; test error on "
             f"{results['num_test']} test images. The paper's figures are for MNIST (Table 1; FC123-456-10 "
             f"from Table 3, trained on P1 only). Optimiser: {results['optimizer']}. "
             f"Wall time of this run: {results['wall_seconds']:.0f} s.\n\n")

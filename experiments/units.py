@@ -15,7 +15,8 @@ test set. Per model:
   (and against random k-subsets of I, the chance level), with two-sided
   permutation tests of the difference of means.
 
-Writes WORKDIR/units/results.json, table.md, the grids and coherence.png.
+Writes WORKDIR/units/<run>/results.json, table.md, the grids and coherence.png
+(<run>: see `experiments.common.run_name`).
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_common_args, experiment_dir, markdown_table, resolve_workdir,
+from experiments.common import (add_common_args, int_in, markdown_table, output_dir, resolve_workdir,
                                 save_figure_atomic, trained_models, write_json_atomic, write_text_atomic, run_main)
-from jaxadv.data import load_dataset
+from jaxadv.data import NUM_EXAMPLES, load_dataset
 from jaxadv.units import (
     layer_features, live_units, majority_label_share, mean_pairwise_cosine, natural_basis, permutation_test,
     random_unit_directions, top_k_images)
@@ -152,20 +153,26 @@ def results_table(results, k):
             "the smallest reportable p is 1/(permutations+1)):\n\n" + markdown_table(test_headers, test_rows) + "\n")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
-    parser.add_argument("--num-random", type=int, default=None,
-                        help="random directions per model (default: 100; 20 with --quick)")
-    parser.add_argument("--k", type=int, default=10, help="top images per direction (the paper shows 10)")
+    parser.add_argument("--num-random", type=int_in(2), default=None,
+                        help=f"random directions per model (default: 100; {QUICK_NUM_RANDOM} with --quick)")
+    parser.add_argument("--k", type=int_in(2, NUM_EXAMPLES["test"]), default=10,
+                        help="top images per direction (the paper shows 10)")
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    num_random = args.num_random or (QUICK_NUM_RANDOM if args.quick else 100)
-    if num_random < 2 or args.k < 2:
-        parser.error("--num-random and --k must be at least 2")
+    num_random = args.num_random if args.num_random is not None else (QUICK_NUM_RANDOM if args.quick else 100)
+    if args.quick and args.k > QUICK_TEST_IMAGES:
+        parser.error(f"argument --k: must be in [2, {QUICK_TEST_IMAGES}] with --quick (its test images), got {args.k}")
 
     workdir = resolve_workdir(args)
-    out_dir = str(experiment_dir(workdir, NAME))
+    out_dir = str(output_dir(parser, args, NAME))
     test = load_dataset(args.dataset, "test", args.data_dir)
     images, labels = test.images, test.labels
     if args.quick:

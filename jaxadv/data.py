@@ -10,11 +10,18 @@ Where the data comes from, in order:
      when one is given, no network is tried and a missing file is an error.
   2. Debian's `dataset-fashion-mnist` package folder (Fashion-MNIST only).
   3. tensorflow-datasets, which needs the internet (or prepared data) to serve.
+     When its download hosts cannot be reached, that is an error at once
+     (tensorflow-datasets itself would retry each file for minutes).
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import os
+import socket
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,9 +33,13 @@ DATA_DIR_ENV = "JAXADV_DATA_DIR"
 #: Where Debian's `dataset-fashion-mnist` package installs the IDX files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+#: Seconds the check that tensorflow-datasets could download may wait for a host to answer.
+DOWNLOAD_PROBE_TIMEOUT = 5.0
+
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
 _FILE_STEMS = {"train": "train", "test": "t10k"}
-_NUM_EXAMPLES = {"train": 60_000, "test": 10_000}
+#: Examples per split, in MNIST and Fashion-MNIST alike.
+NUM_EXAMPLES = {"train": 60_000, "test": 10_000}
 
 
 #: Class names for captions (Fashion-MNIST's short names; MNIST's classes are its digits).
@@ -167,28 +178,71 @@ def _to_dataset(images: np.ndarray, labels: np.ndarray) -> Dataset:
 
 def _load_tfds(name: str, split: str) -> Dataset:
     """Serve from tensorflow-datasets: ArrayRecord (no TensorFlow) first, then tfds.load."""
-    errors = []
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - tfds is a dependency
-        errors.append(f"import tensorflow_datasets: {e}")
-    else:
+        raise DataError(_no_data(name, split, f"tensorflow-datasets cannot be imported ({e})")) from None
+    with _quiet("absl"):      # "Variant folder ... has no dataset_info.json" merely means: not prepared
+        builder = tfds.builder(name)
+        prepared = builder.is_prepared()
+    if not prepared:
+        # Offline, tensorflow-datasets retried every file for about 7 minutes (urllib3's backoff, once
+        # for data_source and again for load) and left *.tmp.* folders behind: probe its hosts first.
+        unreachable = _unreachable_host(builder.url_infos or {})
+        if unreachable:
+            raise DataError(_no_data(name, split, f"tensorflow-datasets has no copy prepared under "
+                                                  f"{str(Path(builder.data_dir).parent.parent)!r} and cannot download "
+                                                  f"one ({unreachable})"))
+    errors = []
+    try:
+        source = tfds.data_source(name, split=split)
+        examples = [source[i] for i in range(len(source))]
+        images = np.stack([np.asarray(ex["image"], np.uint8).reshape(28, 28) for ex in examples])
+        labels = np.asarray([ex["label"] for ex in examples])
+        return _to_dataset(images, labels)
+    except Exception as e:  # noqa: BLE001 - any failure falls through to the next source
+        errors.append(f"tfds.data_source: {type(e).__name__}: {e}")
+    try:
+        batch = tfds.as_numpy(tfds.load(name, split=split, batch_size=NUM_EXAMPLES[split]))
+        batch = next(iter(batch))
+        return _to_dataset(np.asarray(batch["image"]).reshape(-1, 28, 28), np.asarray(batch["label"]))
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"tfds.load: {type(e).__name__}: {e}")
+    details = "; ".join(" ".join(error.split())[:300] for error in errors)
+    raise DataError(_no_data(name, split, f"tensorflow-datasets could not serve it ({details})"))
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    """Silence `logger`'s warnings for the block."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _no_data(name: str, split: str, why: str) -> str:
+    return (f"could not load {name} {split}: no local data folder was given and {why}. Pass --data-dir DIR "
+            f"(or set ${DATA_DIR_ENV}) naming a folder that holds {name}/ with the IDX files (e.g. ../shared/data)")
+
+
+def _unreachable_host(urls) -> str | None:
+    """"host:port: reason" for the first download host that does not accept a connection, else None.
+
+    Behind a proxy (http_proxy, https_proxy, ...) a direct connection says nothing: no verdict then.
+    """
+    if urllib.request.getproxies():
+        return None
+    hosts = set()
+    for url in map(urllib.parse.urlsplit, urls):
+        if url.hostname:
+            hosts.add((url.hostname, url.port or (443 if url.scheme == "https" else 80)))
+    for host, port in sorted(hosts):
         try:
-            source = tfds.data_source(name, split=split)
-            examples = [source[i] for i in range(len(source))]
-            images = np.stack([np.asarray(ex["image"], np.uint8).reshape(28, 28) for ex in examples])
-            labels = np.asarray([ex["label"] for ex in examples])
-            return _to_dataset(images, labels)
-        except Exception as e:  # noqa: BLE001 - any failure falls through to the next source
-            errors.append(f"tfds.data_source: {type(e).__name__}: {e}")
-        try:
-            batch = tfds.as_numpy(tfds.load(name, split=split, batch_size=_NUM_EXAMPLES[split]))
-            batch = next(iter(batch))
-            return _to_dataset(np.asarray(batch["image"]).reshape(-1, 28, 28), np.asarray(batch["label"]))
-        except Exception as e:  # noqa: BLE001
-            errors.append(f"tfds.load: {type(e).__name__}: {e}")
-    details = "\n  ".join(line[:300] for line in errors)
-    raise DataError(
-        f"could not load {name} {split}: no local data folder was given and tensorflow-datasets "
-        f"could not serve it. Pass --data-dir DIR (or set ${DATA_DIR_ENV}) naming a folder that "
-        f"holds {name}/ with the IDX files (e.g. ../shared/data).\n  {details}")
+            socket.create_connection((host, port), timeout=DOWNLOAD_PROBE_TIMEOUT).close()
+        except OSError as error:
+            return f"{host}:{port} cannot be reached: {error.strerror or error}"
+    return None

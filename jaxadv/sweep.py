@@ -21,11 +21,15 @@ inputs. `batch_mesh()` spans `jax.devices()`, which then lists every host's
 devices; `sharded` builds global arrays with `jax.make_array_from_callback`
 (each process supplies only the rows its own devices hold) and `to_host`
 gathers results with `multihost_utils.process_allgather`; `run_sweep` writes
-files from process 0 only and expects a directory every process can read.
+files from process 0 only and expects a directory every process can read;
+there every process must take the same chunks, so chunks are not locked: run
+one multi-host job per folder.
 This path is JAX's own machinery but could only be tested single-host here.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -45,6 +49,7 @@ BATCH_AXIS = "batch"
 MANIFEST = "manifest.json"
 _FORMAT_VERSION = 2        # 2: each chunk carries the sweep's identity (SIGNATURE_KEY)
 SIGNATURE_KEY = "__sweep_signature__"
+LOCK_PREFIX = ".lock-"      # a lock file exists while a process holds it (or after its holder was killed)
 
 
 # -- sharding ---------------------------------------------------------------
@@ -236,6 +241,13 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
     results.
     Finished chunks are never recomputed.
 
+    Other processes may run the same sweep in `directory` at the same time
+    (single-host): a process computes a chunk only under that chunk's lock,
+    and only if no other process has saved it meanwhile; it first takes the
+    chunks no other process holds, then waits (saying so on stderr) for the
+    rest, and computes any whose holder died without saving it. The folder
+    must be writable (PermissionError naming it otherwise, before any work).
+
     Returns the outputs of all chunks concatenated, read back from the chunk
     files, so a resumed sweep returns exactly what an uninterrupted one would.
     `progress` prints images done, the mean of `outputs[success_key]` so far
@@ -264,9 +276,16 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
         "num_chunks": num_chunks,
     }
     os.makedirs(directory, exist_ok=True)          # after the config is known to be describable
-    _check_or_write_manifest(directory, manifest, writer)
+    # Multi-host, every process computes every chunk in step with the others: no chunk may be skipped.
+    locking = writer and jax.process_count() == 1
     if writer:
-        _remove_stale_temporaries(directory)
+        # One process at a time checks or writes the manifest and clears what a killed one left.
+        with _lock(directory, "manifest", wait=True):
+            _check_or_write_manifest(directory, manifest, writer)
+            # Another process may be writing a chunk right now: chunk i's leftovers wait for chunk i's lock.
+            _remove_temporaries(directory, lambda name: not (locking and name.startswith("chunk_")))
+    else:
+        _check_or_write_manifest(directory, manifest, writer)
 
     # A chunk that cannot be read (emptied, truncated, overwritten with garbage) is recomputed; one
     # from another sweep (a copied file, or old chunks under a rewritten manifest) is refused.
@@ -280,8 +299,7 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
                 print(f"jaxadv.sweep: {_chunk_path(directory, i)!r} is unreadable; recomputing it", file=sys.stderr)
             continue
         done.add(i)
-        resumed.append((_chunk_rows(i, chunk_size, num_items),
-                        float(np.sum(outputs[success_key])) if success_key in outputs else None))
+        resumed.append((_chunk_rows(i, chunk_size, num_items), _successes(outputs, success_key)))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("jaxadv.sweep: chunks listed")
@@ -292,35 +310,60 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
 
     meter.announce_resumed(len(done), num_chunks)
     computed = 0
-    for i in range(num_chunks):
-        if i in done:
-            continue
-        if stop_after is not None and computed >= stop_after:
-            meter.close()
-            raise SweepInterrupted(f"stopped after {computed} new chunk(s) in {directory}")
-        start = i * chunk_size
-        rows = _chunk_rows(i, chunk_size, num_items)
-        chunk = pad_to_multiple({k: v[start:start + rows] for k, v in inputs.items()}, chunk_size)
-        outputs = fn(chunk)
-        if not isinstance(outputs, Mapping) or not outputs:
-            raise TypeError(f"fn: must return a non-empty dict of arrays, got {type(outputs).__name__}")
-        outputs = to_host(dict(outputs))
-        bad = {k: np.shape(v) for k, v in outputs.items() if np.shape(v)[:1] != (chunk_size,)}
-        if bad:
-            raise ValueError(f"fn: every output needs a leading axis of the chunk's {chunk_size} rows, got {bad}")
-        outputs = {k: v[:rows] for k, v in outputs.items()}
-        if SIGNATURE_KEY in outputs:
-            raise ValueError(f"fn: the output name {SIGNATURE_KEY!r} is reserved")
-        if writer:
-            _save_npz_atomic(_chunk_path(directory, i), {**outputs, SIGNATURE_KEY: np.asarray(_signature(manifest, i))})
-        computed += 1
-        successes = float(np.sum(outputs[success_key])) if success_key in outputs else None
-        meter.computed(rows, successes)
+    pending = [i for i in range(num_chunks) if i not in done]
+    for wait in (False, True):     # first the chunks no other process holds, then wait for the others
+        held_elsewhere = []
+        for i in pending:
+            with (_lock(directory, f"chunk_{i:06d}", wait=wait) if locking else contextlib.nullcontext(True)) as held:
+                if not held:
+                    held_elsewhere.append(i)
+                    continue
+                if locking and os.path.exists(_chunk_path(directory, i)):
+                    outputs = _read_chunk(directory, i, manifest)     # saved by another process meanwhile
+                    if outputs is not None:
+                        meter.resumed(_chunk_rows(i, chunk_size, num_items), _successes(outputs, success_key))
+                        continue
+                if stop_after is not None and computed >= stop_after:
+                    meter.close()
+                    raise SweepInterrupted(f"stopped after {computed} new chunk(s) in {directory}")
+                if locking:   # a temporary of this chunk is a dead writer's: we hold the chunk's lock
+                    _remove_temporaries(directory, lambda name: name.startswith(f"chunk_{i:06d}."))
+                outputs = _compute_chunk(fn, inputs, i, chunk_size, num_items)
+                if writer:
+                    _save_npz_atomic(_chunk_path(directory, i), {**outputs, SIGNATURE_KEY: np.asarray(_signature(manifest, i))})
+                computed += 1
+                meter.computed(_chunk_rows(i, chunk_size, num_items), _successes(outputs, success_key))
+        pending = held_elsewhere
+        if pending and progress:
+            print(f"jaxadv.sweep: waiting for chunk(s) {pending[:10]} of {directory!r}, which another process "
+                  "is computing", file=sys.stderr, flush=True)
     meter.close()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("jaxadv.sweep: chunks written")
     return load_sweep(directory)
+
+
+def _successes(outputs, success_key):
+    return float(np.sum(outputs[success_key])) if success_key in outputs else None
+
+
+def _compute_chunk(fn, inputs, i, chunk_size, num_items):
+    """fn's outputs for chunk i (padded to `chunk_size` rows for fn, the padding dropped), checked."""
+    start = i * chunk_size
+    rows = _chunk_rows(i, chunk_size, num_items)
+    chunk = pad_to_multiple({k: v[start:start + rows] for k, v in inputs.items()}, chunk_size)
+    outputs = fn(chunk)
+    if not isinstance(outputs, Mapping) or not outputs:
+        raise TypeError(f"fn: must return a non-empty dict of arrays, got {type(outputs).__name__}")
+    outputs = to_host(dict(outputs))
+    bad = {k: np.shape(v) for k, v in outputs.items() if np.shape(v)[:1] != (chunk_size,)}
+    if bad:
+        raise ValueError(f"fn: every output needs a leading axis of the chunk's {chunk_size} rows, got {bad}")
+    outputs = {k: v[:rows] for k, v in outputs.items()}
+    if SIGNATURE_KEY in outputs:
+        raise ValueError(f"fn: the output name {SIGNATURE_KEY!r} is reserved")
+    return outputs
 
 
 def load_sweep(directory: str) -> dict[str, np.ndarray]:
@@ -396,11 +439,51 @@ def _write_json_atomic(path: str, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-def _remove_stale_temporaries(directory: str) -> None:
-    # Left by a process killed mid-write; never a finished chunk.
+def _remove_temporaries(directory: str, which: Callable[[str], bool]) -> None:
+    """Remove the temporaries (what a process killed mid-write left) whose name after the prefix passes `which`.
+
+    Only a lock's holder removes what the lock guards: chunk i's temporaries under chunk i's lock,
+    the manifest's under the manifest's; removing another's file in flight made its os.replace fail.
+    """
     for name in os.listdir(directory):
-        if name.startswith(TEMP_PREFIX):
-            os.remove(os.path.join(directory, name))
+        if name.startswith(TEMP_PREFIX) and which(name[len(TEMP_PREFIX):]):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(directory, name))
+
+
+@contextlib.contextmanager
+def _lock(directory: str, name: str, wait: bool):
+    """Hold an exclusive lock on `directory`/.lock-<name>: yields True, or False when `wait` is False
+    and another process holds it.
+
+    flock locks belong to the open file and the kernel drops them when their process dies, so a killed
+    sweep leaves no stale lock. The file is removed before its lock is released, and a process that
+    locked a file already removed (no longer at its path) tries again on a new one.
+    """
+    path = os.path.join(directory, LOCK_PREFIX + name)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise PermissionError(f"directory: cannot write in {directory!r} ({error.strerror}); a sweep "
+                                  "saves its chunks there: give a writable folder") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield True
+    finally:
+        os.remove(path)
+        os.close(fd)
 
 
 def _read_manifest(directory: str):

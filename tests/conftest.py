@@ -1,7 +1,9 @@
 """Shared fixtures: the real-data folder (or a skip) and a tiny synthetic problem."""
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 import sys
 from pathlib import Path
 
@@ -68,3 +70,12 @@ def train_on_fashion_mnist(data_dir: str, name: str, num_train: int, epochs: int
     params = train(model, train_set.images[:num_train], train_set.labels[:num_train], jax.random.PRNGKey(0),
                    TrainConfig(epochs=epochs, verbose=False))
     return jax.tree_util.Partial(model.apply, params), params, load_dataset("fashion_mnist", "test", data_dir)
+
+
+def write_idx_split(folder: Path, stem: str, data: Dataset) -> None:
+    """`data` as the gzipped IDX files <stem>-images-idx3-ubyte.gz and <stem>-labels-idx1-ubyte.gz in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.round(data.images[..., 0] * 255).astype(np.uint8)
+    for kind, array in (("images-idx3", images), ("labels-idx1", data.labels.astype(np.uint8))):
+        header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+        (folder / f"{stem}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.tobytes()))

@@ -1,7 +1,21 @@
-"""The experiments' command lines, tried as a new user would."""
+"""The experiments' command lines, tried as a new user would (issue 10, classes 14-20).
+
+Every mistake ends with one line on stderr that names the flag or the file, exit status 2, within
+seconds, and leaves nothing behind; tracebacks are for bugs.
+"""
 import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+
+from conftest import REPO_ROOT, make_synthetic, write_idx_split
 
 EXPERIMENTS = ["train_zoo", "table1", "table2", "table3", "table5", "units", "adversarial_training"]
 
@@ -14,3 +28,226 @@ def test_a_mistyped_flag_is_an_error_not_a_prefix_match(experiment, capsys):
         main(["--data", "somewhere", "--num-image", "5", "--quic"])
     assert exit_info.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def _fails_in_one_line(experiment, argv, capsys, tmp_path):
+    """Run `experiment` as its command does (run_main); its one line on stderr, after checking the rest."""
+    from experiments.common import run_main
+    main = importlib.import_module(f"experiments.{experiment}").main
+    before = sorted(tmp_path.rglob("*"))
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert seconds < 30
+    assert sorted(tmp_path.rglob("*")) == before          # no partial output: not even a folder
+    return err
+
+
+@pytest.fixture
+def no_data(tmp_path):
+    """A --data-dir that does not exist: a run that got past its checks would stop there, not train."""
+    return ["--data-dir", str(tmp_path / "no-data"), "--workdir", str(tmp_path / "w")]
+
+
+# -- class 14: every flag checked at parse time ----------------------------------------------------
+
+@pytest.mark.parametrize("experiment, argv, flag", [
+    ("table5", ["--no-alexnet", "--num-images", "0"], "--num-images"),          # ran 10 images
+    ("table5", ["--no-alexnet", "--num-images", "99999999"], "--num-images"),   # a JAX traceback
+    ("table5", ["--no-alexnet", "--power-iterations", "-1"], "--power-iterations"),
+    ("table5", ["--no-alexnet", "--chunk-size", "0"], "--chunk-size"),
+    ("units", ["--num-random", "0"], "--num-random"),                          # ran 20 directions
+    ("units", ["--k", "1"], "--k"),
+    ("units", ["--quick", "--k", "5000"], "--k"),                              # --quick ranks 2000 images
+    ("adversarial_training", ["--train-images", "-3"], "--train-images"),      # trained on 59,997
+    ("adversarial_training", ["--train-images", "0"], "--train-images"),       # fell back to 6,000
+    ("adversarial_training", ["--epochs", "0"], "--epochs"),                   # a traceback
+    ("adversarial_training", ["--eval-images", "0"], "--eval-images"),
+    ("table1", ["--split", "test", "--num-images", "10001"], "--num-images"),  # the test set has 10,000
+    ("table1", ["--num-images", "10", "--chunk-size", "7"], "--chunk-size"),   # found after training
+    ("table3", ["--num-images", "20000"], "--num-images"),
+    ("table2", ["--num-images", "three"], "--num-images"),
+])
+def test_nonsense_values_are_refused_at_parse_time(experiment, argv, flag, capsys, tmp_path, no_data):
+    err = _fails_in_one_line(experiment, argv + no_data, capsys, tmp_path)
+    assert f"argument {flag}" in err
+
+
+def test_a_size_given_with_quick_is_used():
+    # --eval-images was ignored under --quick.
+    from experiments import adversarial_training as at
+    base, train_images, eval_images, curve_images = at.sizes(at.build_parser().parse_args(["--quick", "--eval-images", "7"]))
+    assert (eval_images, train_images, base.epochs) == (7, at.QUICK["train_images"], at.QUICK["epochs"])
+    base, train_images, eval_images, _ = at.sizes(at.build_parser().parse_args(["--epochs", "2", "--train-images", "100"]))
+    assert (base.epochs, train_images, eval_images) == (2, 100, at.DEFAULT_EVAL_IMAGES)
+
+
+# -- class 15: user errors in one line, exit 2 -------------------------------------------------------
+
+def test_a_missing_data_folder_is_one_line(capsys, tmp_path, no_data):
+    err = _fails_in_one_line("train_zoo", no_data, capsys, tmp_path)
+    assert err.startswith("error: data folder") and str(tmp_path / "no-data") in err and "--data-dir" in err
+
+
+def test_a_workdir_that_is_a_file_is_one_line(capsys, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    err = _fails_in_one_line("table1", ["--workdir", str(tmp_path / "file"), "--quick"], capsys, tmp_path)
+    assert err.startswith("error: --workdir:") and str(tmp_path / "file") in err and "is a file" in err
+
+
+def test_mnist_without_its_training_images_is_one_line(capsys, tmp_path):
+    write_idx_split(tmp_path / "data" / "mnist", "t10k", make_synthetic(20))      # the test split only
+    err = _fails_in_one_line("train_zoo", ["--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+                                           "--workdir", str(tmp_path / "w"), "--quick"], capsys, tmp_path)
+    assert "train-images-idx3-ubyte" in err and "MNIST training images are not in this folder" in err
+
+
+# -- class 16: an unwritable workdir is found before any work ----------------------------------------
+
+def _read_only_command(folder: Path, argv):
+    """A command running `argv` where `folder` is really read-only (root ignores file permissions)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return argv
+    if shutil.which("unshare") is None:
+        pytest.skip("root without unshare: no way to make a folder read-only for this test")
+    wrap = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+            'mount -t tmpfs -o ro none "$0" && exec "$@"', str(folder)]
+    probe = subprocess.run(wrap + ["true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a read-only folder here: {probe.stderr.strip()}")
+    return wrap + argv
+
+
+def test_a_read_only_workdir_is_refused_before_any_work(tmp_path):
+    data = tmp_path / "data" / "fashion_mnist"
+    write_idx_split(data, "train", make_synthetic(256))
+    write_idx_split(data, "t10k", make_synthetic(64, seed=1))
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    command = _read_only_command(read_only, [sys.executable, "-m", "experiments.train_zoo", "--quick",
+                                             "--data-dir", str(tmp_path / "data"), "--workdir", str(read_only / "w")])
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    seconds = time.perf_counter() - start
+    try:
+        assert proc.returncode == 2, proc.stderr
+        # One line, before training (which prints "training ..." on stderr): the work was not done to be lost.
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("error: --workdir: cannot write in") and str(read_only) in proc.stderr
+        assert seconds < 30
+    finally:
+        read_only.chmod(0o755)
+
+
+# -- class 17: offline, no data folder: a clear error within seconds, nothing left behind --------------
+
+def test_offline_without_a_data_folder_fails_within_seconds(tmp_path):
+    from jaxadv.data import _unreachable_host
+    if _unreachable_host(["https://storage.googleapis.com/cvdf-datasets/mnist/"]) is None:
+        pytest.skip("MNIST's download host answers here: tensorflow-datasets would really download it")
+    env = {k: v for k, v in os.environ.items() if k != "JAXADV_DATA_DIR"}
+    env.update(TFDS_DATA_DIR=str(tmp_path / "tfds"), HOME=str(tmp_path / "home"))
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "experiments.train_zoo", "--dataset", "mnist", "--quick",
+                           "--workdir", str(tmp_path / "w")], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env=env, timeout=300)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "could not load mnist train" in proc.stderr and "cannot be reached" in proc.stderr
+    assert "--data-dir" in proc.stderr
+    assert seconds < 30              # tensorflow-datasets alone retried for about 7 minutes
+    assert list(tmp_path.iterdir()) == []     # no *.tmp.* or incomplete.* folders, no workdir
+
+
+# -- class 18: runs of other configurations never overwrite each other ---------------------------------
+
+def _parser(experiment):
+    return importlib.import_module(f"experiments.{experiment}").build_parser()
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_each_configuration_has_its_own_output_folder(experiment, tmp_path):
+    from experiments.common import output_dir
+    parser = _parser(experiment)
+    flags = {a.option_strings[-1]: a for a in parser._actions if a.option_strings}
+    configurations = [[], ["--quick"], ["--quick", "--workdir", str(tmp_path / "w2")]]
+    for flag, value in (("--num-images", "7"), ("--seed", "3"), ("--split", "test"), ("--num-random", "5"),
+                        ("--epochs", "2"), ("--power-iterations", "3"), ("--block-size", "4"),
+                        ("--variants", "dropout"), ("--models", "FC10(1)")):
+        if flag in flags:
+            configurations.append([flag, value])
+            configurations.append(["--quick", flag, value])
+    names = {}
+    for argv in configurations:
+        args = parser.parse_args(argv + ["--data-dir", "d"] + ([] if "--workdir" in argv else ["--workdir", str(tmp_path)]))
+        path = output_dir(parser, args, experiment)
+        assert path.parent.name == experiment and re.fullmatch(r"[\w.,=+-]+", path.name), path
+        names.setdefault(path.name, set()).add(tuple(a for a in argv if not a.startswith(str(tmp_path))))
+    # Only the --workdir (where, not what) and nothing else may share a name.
+    shared = {name: argvs for name, argvs in names.items() if len(argvs) > 1}
+    assert shared == {"quick": {("--quick",), ("--quick", "--workdir")}}
+
+
+def test_run_names_read_as_the_options_that_changed():
+    from experiments.common import run_name
+    parser = _parser("table1")
+    name = lambda argv: run_name(parser, parser.parse_args(argv + ["--workdir", "w"]))   # noqa: E731
+    assert name([]) == "default"
+    assert name(["--split", "test", "--num-images", "10000"]) == "num-images=10000_split=test"
+    assert name(["--chunk-size", "50", "--data-dir", "x", "--split", "test"]) == "split=test"   # where and how only
+    odd = name(["--models", "FC10(1e-4)", "FC10(1)"])
+    assert odd.startswith("models=FC101e-4,FC101-") and odd != name(["--models", "FC10(1e-4)", "FC10(1e-2)"])
+
+
+def test_a_rerun_with_other_options_keeps_the_earlier_results(tmp_path, monkeypatch):
+    from experiments import train_zoo
+    write_idx_split(tmp_path / "data" / "fashion_mnist", "train", make_synthetic(256, seed=2))
+    write_idx_split(tmp_path / "data" / "fashion_mnist", "t10k", make_synthetic(64, seed=3))
+    monkeypatch.setattr(train_zoo, "ALL_MODELS", ("FC10(1)",))
+    argv = ["--data-dir", str(tmp_path / "data"), "--workdir", str(tmp_path / "run")]
+    train_zoo.main(argv + ["--quick"])
+    train_zoo.main(argv)          # the full schedule: was written over the quick run's results
+    out = tmp_path / "run" / "train_zoo"
+    assert sorted(p.name for p in out.iterdir()) == ["default", "quick"]
+    assert json.loads((out / "quick" / "results.json").read_text())["quick"] is True
+    assert json.loads((out / "default" / "results.json").read_text())["quick"] is False
+
+
+# -- class 20: the documentation says what the code does ----------------------------------------------
+
+README = (REPO_ROOT / "README.md").read_text()
+
+
+def test_readme_and_help_agree_on_adversarial_training_epochs():
+    from experiments import adversarial_training as at
+    help_text = at.build_parser().format_help()
+    assert f"default {at.BASE.epochs}, {at.QUICK['epochs']} with --quick" in " ".join(help_text.split())
+    stated = set(re.findall(r"(\d+) epochs of Adam", README)) | set(re.findall(r"FC100-100-10, (\d+) epochs", README))
+    assert stated == {str(at.BASE.epochs)}
+
+
+def test_quick_says_how_many_epochs_it_trains():
+    from experiments import adversarial_training as at
+    from jaxadv.models import ALL_MODELS, get_model
+    from jaxadv.train import zoo_config
+    quick_help = " ".join(_parser("train_zoo")._option_string_actions["--quick"].help.split())
+    zoo_epochs = {zoo_config(get_model(name), quick=True, verbose=False).epochs for name in ALL_MODELS}
+    assert f"for {min(zoo_epochs)}-{max(zoo_epochs)} epochs" in quick_help
+    assert f"adversarial_training: {at.QUICK['epochs']} epochs" in quick_help
+
+
+def test_readme_commands_name_their_environment_and_data():
+    first_block = README.split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
+    venvs = [re.search(r"-m venv (\S+)", command).group(1) for command in commands]
+    assert len(venvs) == 2 and venvs[0] != venvs[1]       # command 2 does not silently reuse command 1's
+    experiments = README.split("## Experiments", 1)[1].split("\n## ", 1)[0]
+    runs = re.findall(r"`([^`]*-m experiments\.\w+[^`]*)`", experiments)
+    assert runs and all(run.startswith(".venv/bin/python -m") for run in runs), runs
+    assert "JAXADV_DATA_DIR" in experiments

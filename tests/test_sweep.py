@@ -394,3 +394,114 @@ def test_four_forced_host_devices_give_bit_identical_results():
     assert proc.stdout.strip().endswith("OK")
     if _attack_fn() is not None:
         assert "attack checked" in proc.stdout
+
+
+# -- processes that die, and processes that share a folder (issue 10, class 10) ----------------------
+
+# A cheap sweep in its own process. fn logs "start i pid" and "done i pid" for each chunk i it computes;
+# `hang` is a chunk on which it sleeps until killed; with `barrier` > 0 it waits until that many
+# processes are ready, so that they really start the sweep together.
+_WORKER = textwrap.dedent("""
+    import os, sys, time
+    import numpy as np
+    from jaxadv import sweep
+    directory, log, hang, barrier = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+    def note(what):
+        with open(log, "a") as f:      # O_APPEND: one line per write, whoever writes
+            f.write(f"{what} {os.getpid()}\\n")
+
+    def fn(chunk):
+        i = int(chunk["row"][0]) // 3
+        note(f"start {i}")
+        if i == hang:
+            time.sleep(600)            # killed here, in the middle of the chunk
+        time.sleep(0.15)
+        note(f"done {i}")
+        return {"y": chunk["x"] * 2.0 + chunk["row"], "row": chunk["row"]}
+
+    open(f"{log}.ready.{os.getpid()}", "w").close()
+    while len([f for f in os.listdir(os.path.dirname(log)) if ".ready." in f]) < barrier:
+        time.sleep(0.01)
+    out = sweep.run_sweep(fn, {"x": np.linspace(0, 1, 25, dtype=np.float32), "row": np.arange(25)},
+                          directory, 3, progress=True)
+    np.save(f"{log}.result.{os.getpid()}.npy", out["y"])
+""")
+_WORKER_CHUNKS = 9     # 25 rows in chunks of 3
+
+
+def _start_worker(tmp_path, hang=-1, barrier=0):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path / "sweep"), str(tmp_path / "log"),
+                             str(hang), str(barrier)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _log(tmp_path):
+    path = tmp_path / "log"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait_for(condition, timeout=60):
+    import time
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _check_one_clean_result(tmp_path, processes):
+    """Every finished process returned one clean run's result, and each chunk was computed once in all."""
+    clean = np.linspace(0, 1, 25, dtype=np.float32) * 2.0 + np.arange(25)
+    results = sorted(tmp_path.glob("log.result.*.npy"))
+    assert len(results) == processes
+    for path in results:
+        np.testing.assert_array_equal(np.load(path), clean)
+    done = sorted(int(i) for what, i, _ in _log(tmp_path) if what == "done")
+    assert done == list(range(_WORKER_CHUNKS)), done          # each chunk computed once, none twice
+    names = os.listdir(tmp_path / "sweep")
+    assert sorted(names) == [f"chunk_{i:06d}.npz" for i in range(_WORKER_CHUNKS)] + ["manifest.json"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_a_sweep_killed_mid_chunk_resumes_to_one_clean_run(tmp_path, signal_name):
+    import signal
+    first = _start_worker(tmp_path, hang=4)
+    _wait_for(lambda: ["start", "4", str(first.pid)] in _log(tmp_path))
+    first.send_signal(getattr(signal, signal_name))
+    assert first.wait(timeout=30) == -getattr(signal, signal_name)
+    # What a kill during the chunk's write leaves: only the holder of chunk 4's lock may remove it.
+    (tmp_path / "sweep" / ".tmp-chunk_000004.x1y2z3.npz").write_bytes(b"half a chunk")
+    second = _start_worker(tmp_path)
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert "resuming: 4/9 chunks" in err
+    _check_one_clean_result(tmp_path, processes=1)
+    starts = [int(i) for what, i, _ in _log(tmp_path) if what == "start"]
+    assert sorted(starts) == sorted(list(range(_WORKER_CHUNKS)) + [4])    # only the killed chunk restarted
+
+
+def test_two_processes_started_together_share_the_chunks(tmp_path):
+    workers = [_start_worker(tmp_path, barrier=2) for _ in range(2)]
+    for worker in workers:
+        out, err = worker.communicate(timeout=120)
+        assert worker.returncode == 0, err
+        assert "Traceback" not in err
+    _check_one_clean_result(tmp_path, processes=2)
+    # Both took chunks: they shared the work rather than one waiting for the other throughout.
+    assert {pid for what, _, pid in _log(tmp_path) if what == "done"} == {str(w.pid) for w in workers}
+
+
+def test_a_process_waiting_for_a_killed_ones_chunk_computes_it(tmp_path):
+    import signal
+    first = _start_worker(tmp_path, hang=2)
+    _wait_for(lambda: ["start", "2", str(first.pid)] in _log(tmp_path))
+    second = _start_worker(tmp_path)
+    # The second takes every other chunk, says that chunk 2 is held, and waits for it.
+    _wait_for(lambda: sum(what == "done" for what, _, pid in _log(tmp_path) if pid == str(second.pid)) == 6)
+    first.send_signal(signal.SIGKILL)     # its lock dies with it
+    out, err = second.communicate(timeout=120)
+    assert second.returncode == 0, err
+    assert "waiting for chunk(s) [2]" in err
+    first.wait(timeout=30)
+    _check_one_clean_result(tmp_path, processes=1)

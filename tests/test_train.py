@@ -1,18 +1,16 @@
 """Training, evaluation, checkpoints, and the experiments' shared plumbing (small synthetic data)."""
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_synthetic
+from conftest import make_synthetic, write_idx_split
 from jaxadv.checkpoint import load_checkpoint, save_checkpoint
-from jaxadv.data import Dataset, load_dataset
+from jaxadv.data import load_dataset
 from jaxadv.models import Layer, Model, get_model
 from jaxadv.train import TrainConfig, error_rate, pretrain_sparse_autoencoder, train, zoo_config
 
@@ -186,7 +184,7 @@ def test_trained_models_saves_then_reuses(tmp_path, synthetic, monkeypatch):
     assert leaves_equal_bitwise(again["FC10(1)@syn"][1], params)
     with pytest.raises(AssertionError, match="retrained"):  # a quick model never stands in for a full one
         common.trained_models("FC10(1)", "fashion_mnist", tmp_path, train_set=synthetic, tag="syn")
-    with pytest.raises(ValueError, match="trained on 'fashion_mnist'"):
+    with pytest.raises(common.UsageError, match="trained on 'fashion_mnist'"):
         common.trained_models("FC10(1)", "mnist", tmp_path, quick=True, train_set=synthetic, tag="syn")
     with pytest.raises(ValueError, match="tag is required"):
         common.trained_models("FC10(1)", "fashion_mnist", tmp_path, train_set=synthetic)
@@ -203,28 +201,20 @@ def test_markdown_table_and_json(tmp_path):
     assert [p.name for p in (tmp_path / "sub").iterdir()] == ["r.json"]  # no temporary files left
 
 
-def _write_idx_split(folder, stem, data: Dataset):
-    folder.mkdir(parents=True, exist_ok=True)
-    images = np.round(data.images[..., 0] * 255).astype(np.uint8)
-    for kind, array in (("images-idx3", images), ("labels-idx1", data.labels.astype(np.uint8))):
-        header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
-        (folder / f"{stem}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.tobytes()))
-
-
 def test_train_zoo_quick_end_to_end(tmp_path, monkeypatch):
     from experiments import train_zoo
-    _write_idx_split(tmp_path / "data" / "fashion_mnist", "train", make_synthetic(256, seed=2))
-    _write_idx_split(tmp_path / "data" / "fashion_mnist", "t10k", make_synthetic(64, seed=3))
+    write_idx_split(tmp_path / "data" / "fashion_mnist", "train", make_synthetic(256, seed=2))
+    write_idx_split(tmp_path / "data" / "fashion_mnist", "t10k", make_synthetic(64, seed=3))
     monkeypatch.setattr(train_zoo, "ALL_MODELS", ("FC10(1e-4)", "FC10(1)"))
     argv = ["--data-dir", str(tmp_path / "data"), "--workdir", str(tmp_path / "run"), "--quick"]
     results = train_zoo.main(argv)
-    saved = json.loads((tmp_path / "run" / "train_zoo" / "results.json").read_text())
+    saved = json.loads((tmp_path / "run" / "train_zoo" / "quick" / "results.json").read_text())
     assert [r["model"] for r in saved["rows"]] == ["FC10(1e-4)", "FC10(1)"]
     for row in saved["rows"]:
         assert {"model", "train_error", "test_error", "num_params", "train_seconds"} <= set(row)
         assert 0.0 <= row["test_error"] <= 1.0 and row["num_params"] == 7850
     assert saved["rows"] == json.loads(json.dumps(results["rows"]))
-    table = (tmp_path / "run" / "train_zoo" / "table.md").read_text()
+    table = (tmp_path / "run" / "train_zoo" / "quick" / "table.md").read_text()
     assert "FC10(1e-4)" in table and "7.40%" in table  # the paper's test error beside ours
     assert (tmp_path / "run" / "models" / "FC10(1)" / "params.msgpack").is_file()
 
