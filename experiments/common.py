@@ -44,7 +44,8 @@ from jaxadv.train import error_rate, train, zoo_config
 #: --quick trains on this many training images (the first ones).
 QUICK_TRAIN_SIZE = 2000
 #: Options that change no result (where things are, how the work is split): left out of run names.
-NOT_IN_RUN_NAME = frozenset({"help", "workdir", "data_dir", "distributed", "chunk_size"})
+NOT_IN_RUN_NAME = frozenset({"help", "workdir", "data_dir", "distributed", "coordinator", "num_processes",
+                             "process_id", "chunk_size"})
 
 
 class UsageError(ValueError):
@@ -88,7 +89,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "(adversarial_training: 3 epochs on 6000), small sizes")
     parser.add_argument("--distributed", action="store_true",
                         help="call jax.distributed.initialize() first: one process per host (SLURM, TPU pods, or "
-                             "JAX's coordinator environment variables); attacks then shard over every host's devices")
+                             "JAX's coordinator environment variables); attacks then shard over every host's devices, "
+                             "and process 0 alone writes the outputs")
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                        help="with --distributed, where elsewhere no cluster is detected: process 0's address")
+    parser.add_argument("--num-processes", type=int_in(1), default=None, help="with --coordinator: how many processes")
+    parser.add_argument("--process-id", type=int_in(0), default=None, help="with --coordinator: this process's rank")
     # The default workdir depends on --dataset, which argparse defaults cannot express: fill it in
     # after parsing, so that every caller sees args.workdir already set.
     parse_known_args = parser.parse_known_args
@@ -97,8 +103,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         namespace, rest = parse_known_args(args, namespace)
         if getattr(namespace, "workdir", None) is None:
             namespace.workdir = str(Path("runs") / namespace.dataset)
+        explicit = [getattr(namespace, flag, None) for flag in ("coordinator", "num_processes", "process_id")]
+        if any(value is not None for value in explicit):
+            if not getattr(namespace, "distributed", False):
+                parser.error("--coordinator, --num-processes and --process-id need --distributed")
+            if None in explicit:
+                parser.error("--coordinator, --num-processes and --process-id go together")
+            if namespace.process_id >= namespace.num_processes:
+                parser.error(f"--process-id: must be below --num-processes ({namespace.num_processes}), "
+                             f"got {namespace.process_id}")
         if getattr(namespace, "distributed", False):
-            jax.distributed.initialize()   # before anything else touches a device
+            # CPU processes exchange the attack's results (process_allgather) through gloo.
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.distributed.initialize(*explicit)   # before anything else touches a device
         return namespace, rest
 
     parser.parse_known_args = parse_known_args_with_workdir
@@ -223,7 +240,8 @@ def trained_models(names: Iterable[str], dataset: str, workdir: str | os.PathLik
                 "num_params": model.num_params(), "train_seconds": round(seconds, 2),
                 "train_error": error_rate(model, params, subset.images, subset.labels),
                 "optimizer": "adam, cosine-decayed learning rate", "config": config._asdict()}
-        save_checkpoint(directory, params, meta)
+        if is_writer():     # (every process of a --distributed run trains the same model: training is deterministic)
+            save_checkpoint(directory, params, meta)
         out[stored] = (model, params)
     return out
 
@@ -235,8 +253,14 @@ def load_meta(workdir: str | os.PathLike, name: str, tag: str | None = None) -> 
 
 # -- output files ---------------------------------------------------------------
 
+def is_writer() -> bool:
+    """Whether this process writes the outputs: the only one, or process 0 of a --distributed run."""
+    return jax.process_index() == 0
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    write_atomic(path, text)
+    if is_writer():
+        write_atomic(path, text)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
@@ -246,6 +270,8 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
 
 def save_figure_atomic(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
     """fig.savefig to a temporary file in the same folder, then os.replace."""
+    if not is_writer():
+        return
     with atomic_path(path) as tmp:
         fig.savefig(tmp, **savefig_kwargs)
 

@@ -105,20 +105,67 @@ def apply_layer(layer: Layer, p: dict, h: jax.Array) -> jax.Array:
     if kind == "dense":
         return h.reshape(h.shape[0], -1) @ p["w"] + p["b"]
     if kind == "conv":
-        y = jax.lax.conv_general_dilated(
-            h, p["w"], (layer.stride, layer.stride), layer.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return y + p["b"]
+        return conv2d(h, p["w"], layer.stride, layer.padding) + p["b"]
     if kind == "sigmoid":
         return jax.nn.sigmoid(h)
     if kind == "relu":
         return jax.nn.relu(h)
     if kind == "maxpool":
-        k, s = layer.kernel, layer.stride
-        return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, k, k, 1), (1, s, s, 1), "VALID")
+        return max_pool(h, layer.kernel, layer.stride)
     if kind == "flatten":
         return h.reshape(h.shape[0], -1)
     raise ValueError(f"unknown layer kind {kind!r}")
+
+
+def conv2d(h: jax.Array, kernel: jax.Array, stride: int, padding: str) -> jax.Array:
+    """NHWC activations ⊛ an HWIO kernel, as lax.conv_general_dilated computes it, written as one matmul.
+
+    The k × k shifted (and strided) views of the input are stacked along the
+    channels, the k·k·C_in columns of each output pixel, and multiplied by the
+    kernel reshaped to [k·k·C_in, C_out]. Its gradients are then matmuls too,
+    and XLA:CPU runs matmuls well: inside the training loop (a `lax.scan`, as
+    `jaxadv.train.fit` runs it) XLA:CPU's convolution took 310 ms per ConvNet
+    step of 128 images and this form 32 ms, on one CPU thread
+    (`scripts/bench_train.py`). The values equal lax.conv_general_dilated's
+    up to float32 rounding (tests/test_models.py). SAME pads as XLA does:
+    out = ceil(n / stride), the padding split with the odd pixel after.
+    """
+    size_h, size_w, _, features = kernel.shape
+    height, width = h.shape[1], h.shape[2]
+    if padding == "SAME":
+        out_h, out_w = -(-height // stride), -(-width // stride)
+        pad_h = max((out_h - 1) * stride + size_h - height, 0)
+        pad_w = max((out_w - 1) * stride + size_w - width, 0)
+        h = jnp.pad(h, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    elif padding == "VALID":
+        out_h, out_w = (height - size_h) // stride + 1, (width - size_w) // stride + 1
+    else:
+        raise ValueError(f"padding: expected 'SAME' or 'VALID', got {padding!r}")
+    views = [h[:, i:i + (out_h - 1) * stride + 1:stride, j:j + (out_w - 1) * stride + 1:stride]
+             for i in range(size_h) for j in range(size_w)]
+    return jnp.concatenate(views, axis=-1) @ kernel.reshape(-1, features)
+
+
+def max_pool(h: jax.Array, window: int, stride: int) -> jax.Array:
+    """Max pooling of NHWC activations over window × window patches, VALID.
+
+    Non-overlapping windows (window == stride) are a reshape and a max. The
+    gradient of XLA's reduce_window max (select-and-scatter, which XLA:CPU
+    lowers to iotas, a reduce_window over pairs and a scatter) took two
+    thirds of the ConvNet's training step; a reshape's max costs next to
+    nothing. One step of 128 images, forward and backward, one CPU thread:
+    71 ms with reduce_window, 24 ms with the reshape (`scripts/bench_train.py`).
+    The values are the same; so are the gradients, except that a window
+    whose maximum is tied splits it among the tied entries instead of giving
+    it to the first (after a ReLU the tied entries are zeros, whose ReLU
+    gradient is 0 either way).
+    """
+    if window == stride:
+        n, height, width, channels = h.shape
+        rows, cols = height // window, width // window
+        patches = h[:, :rows * window, :cols * window].reshape(n, rows, window, cols, window, channels)
+        return patches.max(axis=(2, 4))
+    return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, stride, stride, 1), "VALID")
 
 
 def _out_shape(layer: Layer, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -69,3 +69,36 @@ def test_frozen_encoder_is_not_decayed():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'FC7'"):
         get_model("FC7")
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding,channels", [
+    (28, 3, 1, "SAME", (1, 16)), (14, 3, 1, "SAME", (16, 32)), (13, 5, 2, "SAME", (3, 4)),
+    (12, 4, 2, "SAME", (2, 3)), (11, 3, 2, "VALID", (2, 5)), (27, 11, 4, "VALID", (3, 6)), (9, 1, 3, "SAME", (4, 2))])
+def test_conv2d_as_a_matmul_equals_xla_convolution(size, kernel, stride, padding, channels):
+    from jaxadv.models import conv2d
+    k1, k2 = jax.random.split(jax.random.PRNGKey(size * kernel + stride))
+    x = jax.random.normal(k1, (2, size, size + 1, channels[0]))
+    w = jax.random.normal(k2, (kernel, kernel) + channels)
+    reference = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = conv2d(x, w, stride, padding)
+    assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+    # The gradients too (they are what training runs): against the convolution's, through a fixed cotangent.
+    cotangent = jax.random.normal(jax.random.PRNGKey(7), reference.shape)
+    ours_grads = jax.grad(lambda x, w: jnp.vdot(conv2d(x, w, stride, padding), cotangent), (0, 1))(x, w)
+    reference_grads = jax.grad(lambda x, w: jnp.vdot(jax.lax.conv_general_dilated(
+        x, w, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")), cotangent), (0, 1))(x, w)
+    for a, b in zip(ours_grads, reference_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,window,stride", [(28, 2, 2), (15, 3, 3), (13, 3, 2)])
+def test_max_pool_equals_reduce_window_with_its_gradient(size, window, stride):
+    from jaxadv.models import max_pool
+    x = jax.random.normal(jax.random.PRNGKey(size), (2, size, size, 3))   # no ties
+    reference = lambda h: jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                                                (1, stride, stride, 1), "VALID")
+    np.testing.assert_array_equal(max_pool(x, window, stride), reference(x))
+    cotangent = jax.random.normal(jax.random.PRNGKey(1), reference(x).shape)
+    np.testing.assert_array_equal(jax.grad(lambda h: jnp.vdot(max_pool(h, window, stride), cotangent))(x),
+                                  jax.grad(lambda h: jnp.vdot(reference(h), cotangent))(x))
