@@ -145,8 +145,9 @@ def _percentile(values, q):
     return float(np.percentile(values, q)) if values.size else None
 
 
-def summarize(name, out, fine, fine_values):
+def summarize(name, out, fine, fine_values, true_labels):
     ok = out["lb_success"].astype(bool)
+    correct = out["label"] == true_labels
     pixels = np.where(out["mp_success"], out["mp_num_pixels"], np.inf).astype(float)
     ratio_l2 = np.where(out["fgm_need_success"], out["fgm_need_l2"], np.inf)[ok] / out["lb_l2"][ok]
     ratio_linf = np.where(out["fgsm_need_success"], out["fgsm_need_linf"], np.inf)[ok] / out["lb_linf"][ok]
@@ -159,6 +160,9 @@ def summarize(name, out, fine, fine_values):
     return {
         "model": name, "kind": KIND.get(name, ""), "images": int(len(ok)),
         "one_pixel_share": float(flipped.mean()),
+        "accuracy": float(correct.mean()),
+        "one_pixel_share_correct": float(flipped[correct].mean()) if correct.any() else None,
+        "one_pixel_share_wrong": float(flipped[~correct].mean()) if (~correct).any() else None,
         "flipping_pixels_per_flipped_image_median": _percentile(out["sp_flips"][flipped].sum(-1), 50),
         "min_pixels_median": _percentile(pixels, 50), "min_pixels_p90": _percentile(pixels, 90),
         "min_pixels_found_share": float(np.isfinite(pixels).mean()),
@@ -195,14 +199,14 @@ def _p(x):
 
 
 def table_markdown(results) -> str:
-    rows = [[r["model"], r["kind"], _p(r["one_pixel_share"]),
+    rows = [[r["model"], r["kind"], f"{_p(r['one_pixel_share'])} ({_p(r.get('one_pixel_share_correct'))})",
              f"{_f(r['min_pixels_median'])} / {_f(r['min_pixels_p90'])}",
              _f(r["lbfgs_l2_median"]), _p(r["fgm_at_min_l2_success"]),
              f"{_f(r['cosine_median'], 2)} ({_f(r['cosine_feasible_median'], 2)})",
              f"{_f(r['fgm_l2_ratio_median'])} / {_f(r['fgm_l2_ratio_p90'])}",
              _p(r["fgsm_at_linf_success"]),
              f"{_f(r['fgsm_linf_ratio_median'])} / {_f(r['fgsm_linf_ratio_p90'])}"] for r in results["rows"]]
-    main = markdown_table(["Model", "Kind", "One pixel flips", "Min. pixels: median / 90th",
+    main = markdown_table(["Model", "Kind", "One pixel flips (of correctly classified)", "Min. pixels: median / 90th",
                            "Min. L2 (L-BFGS), median", "FGM at min. L2: success",
                            "Cosine FGM dir. vs r: median (box-feasible)", "FGM L2 needed / min. L2: median / 90th",
                            "FGSM at r's L∞: success", "FGSM L∞ needed / r's L∞: median / 90th"], rows)
@@ -214,8 +218,10 @@ def table_markdown(results) -> str:
     fine = markdown_table(["Model", "Images", "One-pixel verdict changed", "Flipped only by the finer scan",
                            "Best margin lower with the finer scan", "Gap, mean", "Gap, max",
                            "Pixels an inner value helps more", "Images with such a pixel"], fine_rows)
-    timing = markdown_table(["Model", "Single pixel (s)", "Min. pixels (s)", "L-BFGS untargeted (s)", "Fast family (s)"],
-                            [[n, *(f"{t[k]:.1f}" for k in ("single_pixel", "min_pixels", "lbfgs", "fast"))]
+    timing = markdown_table(["Model", "Single pixel (s)", "Min. pixels (s)", "L-BFGS untargeted (s)", "Fast family (s)",
+                             "Finer scan (s)"],
+                            [[n, *(f"{t.get(k, 0.0):.1f}" for k in ("single_pixel", "min_pixels", "lbfgs", "fast",
+                                                                   "fine_scan"))]
                              for n, t in results["timing"].items()])
     return (f"# Single pixels and fast-gradient steps ({results['dataset']}{', quick' if results['quick'] else ''})\n\n"
             f"{results['num_images']} test images per model (seed {results['seed']}), each moved away from the model's "
@@ -233,7 +239,14 @@ def table_markdown(results) -> str:
             "look at every pixel, not only each image's best: the share of (image, pixel) pairs whose margin an "
             "inner value lowers below both bounds'.\n\n" + fine +
             "\n## Time on this machine (all images, compilation included)\n\n" + timing
-            + f"\nTotal: {results['elapsed_seconds']:.0f} s.\n")
+            + f"\nAll models: {_total_seconds(results['timing']):.0f} s of measurement; this invocation: "
+            f"{results['elapsed_seconds']:.0f} s (a model resumed from saved chunks keeps the seconds of the run that "
+            "computed them).\n")
+
+
+def _total_seconds(timing):
+    keys = ("single_pixel", "min_pixels", "lbfgs", "fast", "fine_scan")
+    return sum(t.get(k, 0.0) for t in timing.values() for k in keys)
 
 
 def single_pixels_figure(images_by_model, class_names):
@@ -269,7 +282,8 @@ def cosine_figure(per_model):
 
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
-    bins = np.linspace(-0.2, 1.0, 61)
+    lowest = min(float(np.min(o["cosine"][o["lb_success"].astype(bool)], initial=0.0)) for o in per_model.values())
+    bins = np.linspace(min(-0.2, np.floor(lowest * 10) / 10), 1.0, 61)
     for name, out in per_model.items():
         ok = out["lb_success"].astype(bool)
         ax.hist(out["cosine"][ok], bins=bins, histtype="step", linewidth=1.3, label=name)
@@ -360,9 +374,10 @@ def main(argv=None):
                              success_key="fine_success", label=f"{NAME} {name} fine scan")
             seconds["fine_scan"] = time.perf_counter() - t0
         per_model[name], timing[name] = out, seconds
-        rows.append(summarize(name, out, fine, args.fine_values))
+        rows.append(summarize(name, out, fine, args.fine_values, test.labels[index]))
         print(f"{name}: {rows[-1]}", flush=True)
 
+    timing = _carry_timing(os.path.join(out_dir, "results.json"), timing, num_images, args.seed)
     results = {"experiment": NAME, "dataset": args.dataset, "num_images": num_images, "seed": args.seed,
                "quick": args.quick, "test_indices": index.tolist(), "max_pixels": args.max_pixels,
                "fine_values": args.fine_values, "lbfgs_config": repr(UNTARGETED), "rows": rows, "timing": timing,
@@ -392,6 +407,24 @@ def main(argv=None):
     save_figure_atomic(fgm_curve_figure(per_model), os.path.join(out_dir, "fgm_vs_minimal.png"), dpi=120)
     print(table_markdown(results))
     return results
+
+
+def _carry_timing(path, timing, num_images, seed):
+    """A model whose chunks were all resumed took no time now: keep the seconds of the run that computed them."""
+    import json
+
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return timing
+    if old.get("num_images") != num_images or old.get("seed") != seed:
+        return timing
+    for name, seconds in timing.items():
+        previous = old.get("timing", {}).get(name)
+        if previous and not any(seconds.get(k) for k in ("single_pixel", "min_pixels", "lbfgs", "fast")):
+            timing[name] = {**previous, "carried_over": True}
+    return timing
 
 
 def positive(text: str) -> int:
