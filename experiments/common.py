@@ -426,12 +426,16 @@ def attack_images(model, params, images, targets, directory, config, chunk_size,
                      config=sweep_config, label=label or f"attack {model.name}")
 
 
-def attack_source_fingerprint() -> str:
-    """sha256 of the attack's source files: a resumed sweep must not mix two versions of the algorithm."""
+#: The L-BFGS attack's source files in jaxadv/attacks/ (the other attacks there change none of its results).
+LBFGS_SOURCES = ("box_lbfgs.py", "lbfgs.py", "boundary.py", "targets.py")
+
+
+def attack_source_fingerprint(files: Sequence[str] = LBFGS_SOURCES) -> str:
+    """sha256 of the attack's source `files`: a resumed sweep must not mix two versions of the algorithm."""
     import jaxadv.attacks as attacks
     folder = os.path.dirname(attacks.__file__)
     digest = hashlib.sha256()
-    for name in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
+    for name in sorted(files):
         with open(os.path.join(folder, name), "rb") as f:
             digest.update(name.encode() + b"\0" + f.read())
     return digest.hexdigest()

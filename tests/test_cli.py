@@ -17,7 +17,7 @@ import pytest
 
 from conftest import REPO_ROOT, make_synthetic, write_idx_split
 
-EXPERIMENTS = ["train_zoo", "table1", "table2", "table3", "table5", "units", "adversarial_training"]
+EXPERIMENTS = ["train_zoo", "table1", "table2", "table3", "table5", "units", "adversarial_training", "sparse_and_fast"]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -251,3 +251,13 @@ def test_readme_commands_name_their_environment_and_data():
     runs = re.findall(r"`([^`]*-m experiments\.\w+[^`]*)`", experiments)
     assert runs and all(run.startswith(".venv/bin/python -m") for run in runs), runs
     assert "JAXADV_DATA_DIR" in experiments
+
+
+@pytest.mark.parametrize("flag", [["--num-images", "0"], ["--num-images", "10001"], ["--fine-values", "2"],
+                                  ["--max-pixels", "0"]])
+def test_sparse_and_fast_checks_its_numbers_at_parse_time(flag, capsys):
+    from experiments.sparse_and_fast import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(flag + ["--workdir", "/nonexistent/never-made"])
+    assert exit_info.value.code == 2
+    assert flag[0] in capsys.readouterr().err

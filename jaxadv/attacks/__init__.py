@@ -9,15 +9,22 @@
     boundary walk where the SQP stalls).
 `exact`: the exact minimum of a linear model (a scipy reference).
 `targets`: target-label helpers and the all-targets minimum.
+`sparse`: the exhaustive single-pixel search and the fewest pixels that change the label.
+`fast`: FGSM / FGM, BIM / PGD, and the smallest fast-gradient step that succeeds.
 """
 from jaxadv.attacks.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState, minimize_box
 from jaxadv.attacks.boundary import RefineConfig, RefineResult, project_onto_cuts, refine_core
 from jaxadv.attacks.lbfgs import (PENALTIES, UNTARGETED, AttackConfig, AttackResult, lbfgs_attack,
                                   lbfgs_attack_core, lbfgs_attack_untargeted)
+from jaxadv.attacks.fast import (FastResult, fast_gradient_direction, fgm, fgsm, minimal_fast_gradient, pgd,
+                                 success_along_direction)
+from jaxadv.attacks.sparse import MinPixelsResult, SinglePixelResult, min_pixels_attack, single_pixel_attack
 from jaxadv.attacks.targets import (AllTargetsResult, all_wrong_targets, lbfgs_attack_all_targets,
                                     random_wrong_targets, runner_up_targets)
 
 __all__ = ["AttackConfig", "AttackResult", "AllTargetsResult", "BoxLBFGSConfig", "BoxLBFGSState", "PENALTIES", "UNTARGETED",
            "all_wrong_targets", "lbfgs_attack", "lbfgs_attack_all_targets", "lbfgs_attack_core",
            "lbfgs_attack_untargeted", "project_onto_cuts", "RefineConfig", "RefineResult", "refine_core", "minimize_box",
-           "random_wrong_targets", "runner_up_targets"]
+           "random_wrong_targets", "runner_up_targets",
+           "FastResult", "fast_gradient_direction", "fgm", "fgsm", "minimal_fast_gradient", "pgd", "success_along_direction",
+           "MinPixelsResult", "SinglePixelResult", "min_pixels_attack", "single_pixel_attack"]
