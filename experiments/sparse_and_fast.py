@@ -320,7 +320,7 @@ def fgm_curve_figure(per_model):
 
 # -- entry point ------------------------------------------------------------------------------------
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--num-images", type=num_images_arg, default=None,
@@ -333,6 +333,11 @@ def main(argv=None):
                         help="images the finer scan checks (default 100, 20 with --quick)")
     parser.add_argument("--max-pixels", type=positive, default=MAX_PIXELS,
                         help=f"the pixel search gives up after this many (default {MAX_PIXELS})")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
     fine_images = min(num_images, args.fine_images if args.fine_images is not None else (20 if args.quick else 100))
