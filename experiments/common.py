@@ -38,7 +38,8 @@ from jaxadv.checkpoint import has_checkpoint, load_checkpoint, read_meta, save_c
 from jaxadv.data import DATASETS, DataError, Dataset, load_dataset
 from jaxadv.io import TEMP_PREFIX, atomic_path, write_atomic
 from jaxadv.models import get_model
-from jaxadv.sweep import SweepMismatch, chunk_size_for_memory, fingerprint_arrays, run_sweep, sharded
+from jaxadv.sweep import (CPU_SIZES, SweepMismatch, chunk_size_for_memory, fingerprint_arrays, run_sweep, sharded,
+                          sizes_for_device)
 from jaxadv.train import error_rate, train, zoo_config
 
 #: --quick trains on this many training images (the first ones).
@@ -356,8 +357,8 @@ def run_main(main, argv: Sequence[str] | None = None) -> None:
 # -- the attack over a data set: sharded over all devices, in resumable chunks ---------------------
 
 NUM_CLASSES = 10
-DEFAULT_BLOCK_SIZE = 1000       # images per device pass: several rounds of the attack's lanes
-MAX_CHUNK_PER_DEVICE = 2000     # a chunk is the unit of loss on interruption: keep it minutes, not hours
+DEFAULT_BLOCK_SIZE = CPU_SIZES.block_size                # on a CPU; an accelerator's: `sizes_for_device`
+MAX_CHUNK_PER_DEVICE = CPU_SIZES.max_chunk_per_device
 RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations", "search_distortion")
 
 def add_attack_args(parser: argparse.ArgumentParser, images: str, default_num_images: int,
@@ -369,10 +370,11 @@ def add_attack_args(parser: argparse.ArgumentParser, images: str, default_num_im
     parser.add_argument("--seed", type=int, default=0, help="picks the images, the targets and the noise")
     parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help="images per saved chunk (default: from device memory, at most "
-                             f"{MAX_CHUNK_PER_DEVICE} per device); a multiple of devices x block size")
+                             f"{MAX_CHUNK_PER_DEVICE} per CPU device); a multiple of devices x block size")
     parser.add_argument("--block-size", type=positive_int, default=None,
-                        help=f"images one device attacks at once (default {DEFAULT_BLOCK_SIZE}, fewer for small "
-                             "runs); results do not depend on the number of devices for a fixed block size")
+                        help=f"images one device attacks in one pass (default {DEFAULT_BLOCK_SIZE} on a CPU, 4 rounds "
+                             "of its lanes on a GPU; fewer for small runs); results do not depend on the number of "
+                             "devices for a fixed block size")
 
 
 def check_attack_args(parser: argparse.ArgumentParser, args: argparse.Namespace, default_num_images: int,
@@ -441,23 +443,29 @@ def attack_source_fingerprint(files: Sequence[str] = LBFGS_SOURCES) -> str:
     return digest.hexdigest()
 
 
-def choose_sizes(num_images, num_devices, model, config, chunk_size=None, block_size=None):
-    """(chunk, block): a block per device pass, a chunk a whole number of devices x block rows.
+def choose_sizes(num_images, num_devices, model, config, chunk_size=None, block_size=None, device=None):
+    """(chunk, block, config): a block per device pass, a chunk a whole number of devices x block rows, and
+    `config` with the device's lanes (`jaxadv.sweep.sizes_for_device`: 32 on a CPU, thousands on a GPU).
 
     Small runs shrink the block so that padding never costs more than one block
     per device; the chunk follows from --chunk-size, else from device memory
-    (`chunk_size_for_memory`), at most MAX_CHUNK_PER_DEVICE per device.
+    (`chunk_size_for_memory`), at most the device's chunk per device.
     """
-    block = block_size or min(DEFAULT_BLOCK_SIZE, math.ceil(num_images / num_devices))
+    n = math.prod(model.input_shape)
+    sizes = sizes_for_device(4 * (2 * config.memory_size * n + 10 * n + 3 * sum(map(math.prod, model.output_shapes()))),
+                             device)
+    config = config._replace(lanes=sizes.lanes)
+    block = block_size or min(sizes.block_size, math.ceil(num_images / num_devices))
     step = num_devices * block
     if chunk_size is None:
         chunk_size = chunk_size_for_memory(attack_bytes_per_image(model, config, block), num_devices=num_devices,
-                                           multiple_of=step, maximum=max(step, MAX_CHUNK_PER_DEVICE * num_devices))
+                                           multiple_of=step,
+                                           maximum=max(step, sizes.max_chunk_per_device * num_devices))
         chunk_size = min(chunk_size, step * math.ceil(num_images / step))
     if chunk_size % step:
         raise ValueError(f"--chunk-size: must be a multiple of devices x block = {num_devices} x {block}, "
                          f"got {chunk_size}")
-    return chunk_size, block
+    return chunk_size, block, config
 
 
 def select_images(dataset, num_images, seed):

@@ -186,7 +186,8 @@ def main(argv=None):
     for name in args.models:
         model, params = models[name]
         try:
-            chunk_size, block = choose_sizes(num_images, num_devices, model, config, args.chunk_size, args.block_size)
+            chunk_size, block, config = choose_sizes(num_images, num_devices, model, config, args.chunk_size,
+                                                     args.block_size)
         except ValueError as e:
             parser.error(str(e))
         if args.targets == "random":
@@ -196,9 +197,12 @@ def main(argv=None):
                                  dtype=np.int32)
         run = f"{args.split}-n{num_images}-seed{args.seed}-{args.targets}"
         t0 = time.time()
+        print(f"{name}: {num_devices} {jax.devices()[0].device_kind} device(s), {config.lanes} lanes, blocks of "
+              f"{block}, chunks of {chunk_size}", flush=True)
         attacks[name] = attack_images(model, params, images, targets,
                                       os.path.join(workdir, NAME, "chunks", name, run), config, chunk_size, block)
-        timing[name] = {"seconds_this_invocation": time.time() - t0, "chunk_size": chunk_size, "block_size": block}
+        timing[name] = {"seconds_this_invocation": time.time() - t0, "chunk_size": chunk_size, "block_size": block,
+                        "lanes": config.lanes, "device_kind": jax.devices()[0].device_kind}
         adversarial_predictions = predict(model, params, attacks[name]["adversarial"])
         rows.append(summarize(name, attacks[name], labels, targets, adversarial_predictions,
                               error_rate(model, params, train.images, train.labels),

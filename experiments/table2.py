@@ -61,9 +61,11 @@ def attack_models(models, names, images, targets, directory_for, config, chunk_s
     attacks, seconds = {}, {}
     for name in names:
         model, params = models[name]
-        chunk, block = choose_sizes(len(images), len(jax.devices()), model, config, chunk_size, block_size)
+        chunk, block, sized = choose_sizes(len(images), len(jax.devices()), model, config, chunk_size, block_size)
+        print(f"{name}: {len(jax.devices())} {jax.devices()[0].device_kind} device(s), {sized.lanes} lanes, blocks of "
+              f"{block}, chunks of {chunk}", flush=True)
         t0 = time.time()
-        attacks[name] = attack_images(model, params, images, targets, directory_for(name), config, chunk, block)
+        attacks[name] = attack_images(model, params, images, targets, directory_for(name), sized, chunk, block)
         seconds[name] = time.time() - t0
     return attacks, seconds
 

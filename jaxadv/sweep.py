@@ -36,7 +36,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -174,6 +174,49 @@ def _batch_size(leaves, name: str) -> int:
     if n < 1:
         raise ValueError(f"{name}: the batch is empty")
     return n
+
+
+# -- sizes by device -------------------------------------------------------------
+
+class DeviceSizes(NamedTuple):
+    """How much of the attack one device runs at once (`sizes_for_device`)."""
+    device_kind: str
+    lanes: int                 # images attacked at once (AttackConfig.lanes): one batched gradient each step
+    block_size: int            # images per device pass (several rounds of lanes, so that no lane waits long)
+    max_chunk_per_device: int  # a chunk is the unit of loss on interruption: minutes of work, not hours
+
+
+#: On a CPU (measured on this 2-core machine, bench_attack): 32 lanes ran at 54-60% of the raw batched
+#: gradient, 64 gave more images/s at 45%, 128 no more than 64; blocks of 1,000 images.
+CPU_SIZES = DeviceSizes("cpu", lanes=32, block_size=1000, max_chunk_per_device=2000)
+#: On an accelerator a batched gradient of 32 leaves it nearly idle: as many lanes as fit in this share of
+#: its free memory, a power of two up to this many (not yet measured on one: see the README).
+ACCELERATOR_MEMORY_FRACTION = 0.25
+ACCELERATOR_MAX_LANES = 8192
+
+
+def sizes_for_device(bytes_per_lane: int, device=None) -> DeviceSizes:
+    """The attack's lanes, block and chunk sizes for `device` (default: the first local one).
+
+    `bytes_per_lane`: one lane's working memory (L-BFGS history, iterates,
+    activations of the forward and backward pass). A CPU gets `CPU_SIZES`; a
+    GPU or TPU as many lanes as fit in ACCELERATOR_MEMORY_FRACTION of its free
+    memory (`memory_stats()`), rounded down to a power of two and capped at
+    ACCELERATOR_MAX_LANES, blocks of 4 rounds of lanes and chunks of 4 blocks.
+    """
+    if bytes_per_lane <= 0:
+        raise ValueError(f"bytes_per_lane: must be positive, got {bytes_per_lane}")
+    device = jax.local_devices()[0] if device is None else device
+    kind = getattr(device, "device_kind", device.platform)
+    if device.platform == "cpu":
+        return CPU_SIZES._replace(device_kind=kind)
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        raise ValueError(f"device {kind!r} reports no memory (memory_stats); pass the sizes by hand")
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    fit = int(free * ACCELERATOR_MEMORY_FRACTION) // int(bytes_per_lane)
+    lanes = max(CPU_SIZES.lanes, min(ACCELERATOR_MAX_LANES, 1 << max(fit, 1).bit_length() - 1))
+    return DeviceSizes(kind, lanes=lanes, block_size=4 * lanes, max_chunk_per_device=16 * lanes)
 
 
 # -- chunk size ---------------------------------------------------------------

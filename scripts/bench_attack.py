@@ -87,6 +87,13 @@ def run_batched(model, params, images, targets, config, repeats=3, core=None):
     return result, compile_seconds, best
 
 
+def device_lanes() -> int:
+    """The lanes `jaxadv.sweep.sizes_for_device` gives this device for FC100-100-10 (32 on a CPU)."""
+    from experiments.common import choose_sizes
+    from jaxadv.models import get_model
+    return choose_sizes(10_000, 1, get_model(MODEL), AttackConfig())[2].lanes
+
+
 def attack_at_commit(commit: str):
     """The module jaxadv.attacks.lbfgs as it was at `commit`, imported beside today's (None if git cannot).
 
@@ -204,7 +211,7 @@ def main(argv=None):
     parser.add_argument("--scipy-images", type=int, default=100, help="images for the scipy loop (and the paired run)")
     parser.add_argument("--workdir", default="runs/fashion_mnist")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--lanes", type=int, default=None, help="AttackConfig.lanes (default: AttackConfig's)")
+    parser.add_argument("--lanes", type=int, default=None, help="AttackConfig.lanes (default: the device's, 32 on a CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs (both solvers)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -215,7 +222,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
-    config = AttackConfig() if args.lanes is None else AttackConfig(lanes=args.lanes)
+    config = AttackConfig(lanes=args.lanes or device_lanes())
     for item in args.set:
         field, _, value = item.partition("=")
         if field not in AttackConfig._fields:
@@ -231,7 +238,7 @@ def main(argv=None):
     k = min(args.scipy_images, args.num_images)
     lanes = min(config.lanes or args.num_images, args.num_images)
     print(f"{MODEL} on {args.num_images} Fashion-MNIST test images, random wrong targets (seed {args.seed}); "
-          f"{jax.device_count()} {jax.devices()[0].platform} device(s); config {config}", flush=True)
+          f"{jax.device_count()} {jax.devices()[0].platform} device(s) ({jax.devices()[0].device_kind}); config {config}", flush=True)
 
     full, full_compile, full_seconds = run_batched(model, params, images, targets, config, args.repeats)
     search_only = config._replace(refine_steps=0)

@@ -149,7 +149,7 @@ def main(argv=None):
 
     test = load_dataset("fashion_mnist", "test", args.data_dir)
     models = trained_models(args.models, "fashion_mnist", args.workdir, args.data_dir)
-    print(f"{jax.device_count()} {jax.devices()[0].platform} device(s); {args.num_images} correctly classified "
+    print(f"{jax.device_count()} {jax.devices()[0].platform} device(s) ({jax.devices()[0].device_kind}); {args.num_images} correctly classified "
           "Fashion-MNIST test images per model; untargeted minimal L2 in [0, 1]", flush=True)
     figures = {}
     for name in args.models:

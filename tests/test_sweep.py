@@ -505,3 +505,45 @@ def test_a_process_waiting_for_a_killed_ones_chunk_computes_it(tmp_path):
     assert "waiting for chunk(s) [2]" in err
     first.wait(timeout=30)
     _check_one_clean_result(tmp_path, processes=1)
+
+
+# -- sizes by device (issue 14) ---------------------------------------------------------------------
+
+class _StandInDevice:
+    """A device description as jax.Device gives it: platform, device_kind, memory_stats()."""
+    def __init__(self, platform, kind, limit=None, in_use=0):
+        self.platform, self.device_kind, self._stats = platform, kind, limit and {"bytes_limit": limit,
+                                                                                   "bytes_in_use": in_use}
+
+    def memory_stats(self):
+        return self._stats
+
+
+def test_sizes_follow_the_device_kind_and_its_memory():
+    from jaxadv.sweep import ACCELERATOR_MAX_LANES, CPU_SIZES, sizes_for_device
+    per_lane = 4 * (2 * 3 * 784 + 10 * 784 + 3 * 2000)        # the attack's state for a small MLP, float32
+    cpu = sizes_for_device(per_lane, _StandInDevice("cpu", "cpu"))
+    assert (cpu.lanes, cpu.block_size, cpu.max_chunk_per_device) == (CPU_SIZES.lanes, 1000, 2000)
+    # An H200 (141 GiB, 1 GiB in use): the cap, a power of two, blocks of several rounds of lanes.
+    gpu = sizes_for_device(per_lane, _StandInDevice("gpu", "NVIDIA H200", 141 << 30, 1 << 30))
+    assert gpu.device_kind == "NVIDIA H200" and gpu.lanes == ACCELERATOR_MAX_LANES
+    assert gpu.block_size > gpu.lanes and gpu.block_size % gpu.lanes == 0 and gpu.max_chunk_per_device >= gpu.block_size
+    # A small card: as many lanes as fit in a quarter of its free memory, rounded down to a power of two.
+    small = sizes_for_device(per_lane, _StandInDevice("gpu", "small", 256 << 20))
+    assert small.lanes == 1 << ((256 << 20) // 4 // per_lane).bit_length() - 1
+    assert small.lanes * per_lane <= (256 << 20) // 4 < 2 * small.lanes * per_lane
+    with pytest.raises(ValueError, match="memory_stats"):
+        sizes_for_device(per_lane, _StandInDevice("gpu", "silent"))
+    with pytest.raises(ValueError, match="bytes_per_lane"):
+        sizes_for_device(0)
+
+
+def test_experiments_take_the_lanes_of_the_device():
+    from experiments.common import choose_sizes
+    from jaxadv.attacks import AttackConfig
+    from jaxadv.models import get_model
+    model = get_model("FC100-100-10")
+    chunk, block, config = choose_sizes(60000, 1, model, AttackConfig(), device=_StandInDevice("gpu", "H200", 141 << 30))
+    assert config.lanes >= 4096 and block == 4 * config.lanes and chunk % block == 0
+    chunk, block, config = choose_sizes(60000, 1, model, AttackConfig(), device=_StandInDevice("cpu", "cpu"))
+    assert (config.lanes, block) == (32, 1000) and config == AttackConfig()    # the CPU path as before
