@@ -298,13 +298,16 @@ def attack_images(model, params, images, targets, directory, config, chunk_size,
 
 
 def attack_source_fingerprint() -> str:
-    """sha256 of the attack's source files: a resumed sweep must not mix two versions of the algorithm."""
+    """sha256 of the attack's source files (jaxadv/attacks/*.py and the solver's optax face, jaxadv/optim.py):
+    a resumed sweep must not mix two versions of the algorithm."""
     import jaxadv.attacks as attacks
+    import jaxadv.optim as optim
     folder = os.path.dirname(attacks.__file__)
+    paths = [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".py")] + [optim.__file__]
     digest = hashlib.sha256()
-    for name in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
-        with open(os.path.join(folder, name), "rb") as f:
-            digest.update(name.encode() + b"\0" + f.read())
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
     return digest.hexdigest()
 
 

@@ -90,14 +90,18 @@ def run_batched(model, params, images, targets, config, repeats=3, core=None):
 def attack_at_commit(commit: str):
     """The module jaxadv.attacks.lbfgs as it was at `commit`, imported beside today's (None if git cannot).
 
-    `git archive` copies that commit's jaxadv/attacks into a temporary folder
-    as the package `_jaxadv_<commit>`, with its imports of jaxadv.attacks
-    renamed to it, so both versions run in this process on the same inputs.
+    `git archive` copies that commit's jaxadv/attacks (and jaxadv/optim.py,
+    the solver's optax face, where the commit has one) into a temporary folder
+    as the package `_jaxadv_<commit>`, with its imports of both renamed to it,
+    so both versions run in this process on the same inputs.
     """
     root = Path(__file__).resolve().parent.parent
     name = f"_jaxadv_{''.join(ch for ch in commit if ch.isalnum())}"
     folder = Path(tempfile.mkdtemp(prefix="bench_attack_"))
-    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "jaxadv/attacks"], capture_output=True)
+    has_optim = subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{commit}:jaxadv/optim.py"],
+                               capture_output=True).returncode == 0
+    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "jaxadv/attacks"]
+                             + ["jaxadv/optim.py"] * has_optim, capture_output=True)
     if archive.returncode != 0:
         print(f"baseline {commit}: not in this checkout's history ({archive.stderr.decode().strip()}); skipped")
         return None
@@ -105,8 +109,9 @@ def attack_at_commit(commit: str):
     package = folder / name
     (folder / "jaxadv").rename(package)
     (package / "__init__.py").write_text("")
-    for source in (package / "attacks").glob("*.py"):
-        source.write_text(source.read_text().replace("jaxadv.attacks", f"{name}.attacks"))
+    for source in [*(package / "attacks").glob("*.py"), *(package.glob("optim.py"))]:
+        source.write_text(source.read_text().replace("jaxadv.attacks", f"{name}.attacks")
+                          .replace("from jaxadv import optim", f"from {name} import optim"))
     sys.path.insert(0, str(folder))
     return importlib.import_module(f"{name}.attacks.lbfgs")
 

@@ -3,14 +3,15 @@
     from jaxadv.attacks import lbfgs_attack, AttackConfig, random_wrong_targets
     result = lbfgs_attack(jax.tree_util.Partial(model.apply, params), images, targets)
 
-`box_lbfgs`: projected L-BFGS for one flat box-constrained problem (ask/tell).
+`box_lbfgs`: projected L-BFGS for one flat box-constrained problem (ask/tell), the core of
+    `jaxadv.optim.box_lbfgs` (the optax transformation that the attack's loop calls).
 `lbfgs`: the attack (objective, per-image c search, lanes).
 `boundary`: refinement to the nearest boundary point (SQP on the exact problem, then a
     boundary walk where the SQP stalls).
 `exact`: the exact minimum of a linear model (a scipy reference).
 `targets`: target-label helpers and the all-targets minimum.
 """
-from jaxadv.attacks.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState, minimize_box
+from jaxadv.attacks.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState
 from jaxadv.attacks.boundary import RefineConfig, RefineResult, project_onto_cuts, refine_core
 from jaxadv.attacks.lbfgs import (PENALTIES, UNTARGETED, AttackConfig, AttackResult, lbfgs_attack,
                                   lbfgs_attack_core, lbfgs_attack_untargeted)
@@ -19,5 +20,5 @@ from jaxadv.attacks.targets import (AllTargetsResult, all_wrong_targets, lbfgs_a
 
 __all__ = ["AttackConfig", "AttackResult", "AllTargetsResult", "BoxLBFGSConfig", "BoxLBFGSState", "PENALTIES", "UNTARGETED",
            "all_wrong_targets", "lbfgs_attack", "lbfgs_attack_all_targets", "lbfgs_attack_core",
-           "lbfgs_attack_untargeted", "project_onto_cuts", "RefineConfig", "RefineResult", "refine_core", "minimize_box",
+           "lbfgs_attack_untargeted", "project_onto_cuts", "RefineConfig", "RefineResult", "refine_core",
            "random_wrong_targets", "runner_up_targets"]
