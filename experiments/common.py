@@ -428,18 +428,22 @@ def attack_images(model, params, images, targets, directory, config, chunk_size,
                      config=sweep_config, label=label or f"attack {model.name}")
 
 
-#: The L-BFGS attack's source files in jaxadv/attacks/ (the other attacks there change none of its results).
+#: The L-BFGS attack's source files in jaxadv/attacks/ (the other attacks there change none of its results),
+#: besides its solver's optax face, jaxadv/optim.py, which every fingerprint includes.
 LBFGS_SOURCES = ("box_lbfgs.py", "lbfgs.py", "boundary.py", "targets.py")
 
 
 def attack_source_fingerprint(files: Sequence[str] = LBFGS_SOURCES) -> str:
-    """sha256 of the attack's source `files`: a resumed sweep must not mix two versions of the algorithm."""
+    """sha256 of the attack's source `files` and jaxadv/optim.py: a resumed sweep must not mix two versions of
+    the algorithm."""
     import jaxadv.attacks as attacks
+    import jaxadv.optim as optim
     folder = os.path.dirname(attacks.__file__)
+    paths = [os.path.join(folder, name) for name in sorted(files)] + [optim.__file__]
     digest = hashlib.sha256()
-    for name in sorted(files):
-        with open(os.path.join(folder, name), "rb") as f:
-            digest.update(name.encode() + b"\0" + f.read())
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
     return digest.hexdigest()
 
 

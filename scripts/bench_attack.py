@@ -2,7 +2,7 @@
 
     python scripts/bench_attack.py [--num-images 1000] [--scipy-images 100] [--workdir runs/fashion_mnist]
                                    [--data-dir DIR] [--lanes N] [--repeats 3] [--baseline-commit a3b0177]
-                                   [--out bench_attack.json]
+                                   [--no-optax] [--out bench_attack.json]
 
 Problems: the first --num-images Fashion-MNIST test images, random wrong
 targets (seed --seed), the trained FC100-100-10 from WORKDIR/models (trained
@@ -24,6 +24,19 @@ and stored there by `experiments.common.trained_models` if missing).
     and the same L-BFGS memory, iteration cap, line search cap and
     tolerances. (scipy's minimize cannot carry its L-BFGS memory from one c
     to the next; lbfgs_attack's keep_memory does.)
+
+(c) the naive "optax plus a projection" solver a user would try first:
+    optax.lbfgs() (its zoom line search, --set memory_size) with
+    optax.projections.projection_box into [0, 1] after each step, all images
+    in one jit(vmap) of a lax.while_loop per run, on the first --scipy-images
+    images (the vmapped loops wait for their slowest image: it is slow too),
+    with the same c search
+    (driven from NumPy between runs, every image in each run), warm starts and
+    stopping rules (projected gradient <= gtol, relative decrease <= ftol,
+    max_iterations). f and its gradient are evaluated again at each projected
+    point: optax.value_and_grad_from_state would hand back the line search's
+    values at the unprojected one. Compared with (a) without the refinement
+    (the same c search), timed on the same images, and with (b).
 
 The scipy loop runs on the first --scipy-images images (it is slow); (a) runs
 on that subset too, so the images/s and distortion ratios compare the same
@@ -48,6 +61,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import scipy.optimize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -97,14 +111,18 @@ def device_lanes() -> int:
 def attack_at_commit(commit: str):
     """The module jaxadv.attacks.lbfgs as it was at `commit`, imported beside today's (None if git cannot).
 
-    `git archive` copies that commit's jaxadv/attacks into a temporary folder
-    as the package `_jaxadv_<commit>`, with its imports of jaxadv.attacks
-    renamed to it, so both versions run in this process on the same inputs.
+    `git archive` copies that commit's jaxadv/attacks (and jaxadv/optim.py,
+    the solver's optax face, where the commit has one) into a temporary folder
+    as the package `_jaxadv_<commit>`, with its imports of both renamed to it,
+    so both versions run in this process on the same inputs.
     """
     root = Path(__file__).resolve().parent.parent
     name = f"_jaxadv_{''.join(ch for ch in commit if ch.isalnum())}"
     folder = Path(tempfile.mkdtemp(prefix="bench_attack_"))
-    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "jaxadv/attacks"], capture_output=True)
+    has_optim = subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{commit}:jaxadv/optim.py"],
+                               capture_output=True).returncode == 0
+    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "jaxadv/attacks"]
+                             + ["jaxadv/optim.py"] * has_optim, capture_output=True)
     if archive.returncode != 0:
         print(f"baseline {commit}: not in this checkout's history ({archive.stderr.decode().strip()}); skipped")
         return None
@@ -112,8 +130,9 @@ def attack_at_commit(commit: str):
     package = folder / name
     (folder / "jaxadv").rename(package)
     (package / "__init__.py").write_text("")
-    for source in (package / "attacks").glob("*.py"):
-        source.write_text(source.read_text().replace("jaxadv.attacks", f"{name}.attacks"))
+    for source in [*(package / "attacks").glob("*.py"), *(package.glob("optim.py"))]:
+        source.write_text(source.read_text().replace("jaxadv.attacks", f"{name}.attacks")
+                          .replace("from jaxadv import optim", f"from {name} import optim"))
     sys.path.insert(0, str(folder))
     return importlib.import_module(f"{name}.attacks.lbfgs")
 
@@ -198,6 +217,88 @@ def run_scipy(model, params, images, targets, config, repeats=3):
     return dict(success=success, l2=l2, c=c, evaluations=evaluations), seconds
 
 
+def optax_projected_run(objective, config):
+    """One L-BFGS run per image at its own c, all images in lock step: optax.lbfgs, then projection_box into [0, 1].
+
+    Returns jit(vmap(run))(start, origin, c, target) -> (x, evaluations, iterations).
+    """
+    solver = optax.lbfgs(memory_size=config.memory_size)
+
+    def run(start, origin, c, target):
+        f = lambda x: objective(x, origin, c, target)
+        value_and_grad = jax.value_and_grad(f)
+
+        def step(carry):
+            x, state, value, grad, iterations, evaluations, _ = carry
+            updates, state = solver.update(grad, state, x, value=value, grad=grad, value_fn=f)
+            x_new = optax.projections.projection_box(optax.apply_updates(x, updates), 0.0, 1.0)
+            value_new, grad_new = value_and_grad(x_new)   # at the projected point, not the line search's
+            evaluations = evaluations + optax.tree.get(state, "num_linesearch_steps") + 1
+            decrease = (value - value_new) / jnp.maximum(jnp.maximum(jnp.abs(value), jnp.abs(value_new)), 1.0)
+            projected_gradient = jnp.max(jnp.abs(jnp.clip(x_new - grad_new, 0.0, 1.0) - x_new))
+            done = ((projected_gradient <= config.gtol) | (decrease <= config.ftol)
+                    | (iterations + 1 >= config.max_iterations))
+            return x_new, state, value_new, grad_new, iterations + 1, evaluations, done
+
+        value, grad = value_and_grad(start)
+        carry = (start, solver.init(start), value, grad, jnp.int32(0), jnp.int32(1), jnp.bool_(False))
+        x, *_, iterations, evaluations, _ = jax.lax.while_loop(lambda carry: ~carry[-1], step, carry)
+        return x, evaluations, iterations
+
+    return jax.jit(jax.vmap(run))
+
+
+def optax_projected_attack(run, predict, images, targets, config):
+    """The c search of lbfgs_attack (and of scipy_attack_one) in NumPy, vectorised over images, each run `run`."""
+    origin = jnp.asarray(images.reshape(len(images), -1))
+    n = len(images)
+    c = np.full(n, config.initial_c, np.float32)
+    lo, hi = np.zeros(n, np.float32), np.full(n, np.inf, np.float32)
+    bracket_steps, bisections, evaluations = np.zeros(n, int), np.zeros(n, int), np.zeros(n, int)
+    best, best_l2, best_c = np.asarray(origin).copy(), np.full(n, np.inf), c.copy()
+    start, searching = np.asarray(origin), np.ones(n, bool)
+    lockstep_steps = image_steps = 0   # steps of the vmapped loop (its slowest image's), and the images' own
+    while searching.any():
+        x, used, steps = map(np.asarray, run(jnp.asarray(start), origin, jnp.asarray(c), jnp.asarray(targets)))
+        evaluations += np.where(searching, used, 0)
+        lockstep_steps, image_steps = lockstep_steps + steps.max(), image_steps + steps[searching].sum()
+        success = np.asarray(predict(jnp.asarray(x))) == targets
+        l2 = np.linalg.norm(x - np.asarray(origin), axis=-1)
+        take = searching & ((success & (l2 < best_l2)) | ~np.isfinite(best_l2))
+        best[take], best_c[take] = x[take], c[take]
+        best_l2 = np.where(take & success, l2, best_l2)
+        start = {"best": best, "last": x}.get(config.warm_start, np.asarray(origin))
+        was_bracketed = (lo > 0) & np.isfinite(hi)
+        lo = np.where(searching & success, np.maximum(lo, c), lo)
+        hi = np.where(searching & ~success, np.minimum(hi, c), hi)
+        bracketed = (lo > 0) & np.isfinite(hi)
+        bisections += searching & was_bracketed
+        bracket_steps += searching & ~bracketed
+        finished = searching & ((bracketed & (bisections >= config.bisection_steps))
+                                | (~bracketed & (bracket_steps > config.max_bracket_steps)))
+        searching &= ~finished
+        c = np.where(searching, np.where(bracketed, np.sqrt(lo * hi), np.where(np.isfinite(hi), c / config.growth,
+                                                                                c * config.growth)), c).astype(np.float32)
+    success = np.asarray(predict(jnp.asarray(best))) == targets
+    return dict(success=success, l2=np.linalg.norm(best - np.asarray(origin), axis=-1), c=best_c,
+                evaluations=evaluations, lockstep_steps=int(lockstep_steps), mean_image_steps=image_steps / n)
+
+
+def run_optax_projected(model, params, images, targets, config, repeats=3):
+    objective = objective_fn(model, params, config)
+    run = optax_projected_run(objective, config)
+    predict = jax.jit(lambda x: jnp.argmax(model.apply(params, x.reshape((-1,) + model.input_shape)), -1))
+    tic = time.perf_counter()
+    optax_projected_attack(run, predict, images, targets, config)        # compiles (one program: fixed shapes)
+    first_seconds = time.perf_counter() - tic
+    seconds = np.inf
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        result = optax_projected_attack(run, predict, images, targets, config)
+        seconds = min(seconds, time.perf_counter() - tic)
+    return result, first_seconds - seconds, seconds
+
+
 def summary(success, l2, n_pixels):
     success = np.asarray(success, bool)
     distortion = np.asarray(l2) / np.sqrt(n_pixels)
@@ -219,6 +320,7 @@ def main(argv=None):
     parser.add_argument("--baseline-commit", default="a3b0177",
                         help="also time the default attack of this commit of the repository, side by side (default: "
                              "a3b0177, the attack before the refinement; 'none' to skip)")
+    parser.add_argument("--no-optax", action="store_true", help="skip (c), optax.lbfgs plus a projection")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
@@ -252,6 +354,10 @@ def main(argv=None):
     raw = raw_gradient_throughput(model, params, config, lanes)
     raw_sub = raw_gradient_throughput(model, params, config, min(lanes, k))
     reference, scipy_seconds = run_scipy(model, params, images[:k], targets[:k], config, args.repeats)
+    if not args.no_optax:
+        naive, naive_compile, naive_seconds = run_optax_projected(model, params, images[:k], targets[:k], config,
+                                                                  args.repeats)
+        paper_sub, _, paper_sub_seconds = run_batched(model, params, images[:k], targets[:k], search_only, args.repeats)
 
     n_pixels = 784
     ours_full = summary(full.success, full.l2, n_pixels)
@@ -294,6 +400,21 @@ def main(argv=None):
                                               **summary(baseline.success, baseline.l2, n_pixels))
         figures["speed_ratio_to_baseline_commit"] = (figures["batched_all"]["images_per_second"]
                                                      / figures["baseline_commit_all"]["images_per_second"])
+    if not args.no_optax:
+        paper_l2, naive_l2 = np.asarray(paper_sub.l2), naive["l2"]
+        both_ours = np.asarray(paper_sub.success) & naive["success"]
+        both_scipy = naive["success"] & reference["success"]
+        figures["search_only_subset"] = dict(images=k, seconds=paper_sub_seconds, images_per_second=k / paper_sub_seconds,
+                                             mean_evaluations_per_image=float(np.mean(paper_sub.evaluations)),
+                                             **summary(paper_sub.success, paper_sub.l2, n_pixels))
+        figures["optax_projected_subset"] = dict(
+            images=k, compile_seconds=naive_compile, seconds=naive_seconds, images_per_second=k / naive_seconds,
+            mean_evaluations_per_image=float(naive["evaluations"].mean()), lockstep_steps=naive["lockstep_steps"],
+            mean_steps_per_image=float(naive["mean_image_steps"]), **summary(naive["success"], naive_l2, n_pixels),
+            # paired over images both solved, mean L2 over mean L2 (as distortion_ratio_paired)
+            distortion_ratio_to_search_only_paired=float(naive_l2[both_ours].mean() / paper_l2[both_ours].mean()),
+            distortion_ratio_to_scipy_paired=float(naive_l2[both_scipy].mean() / reference["l2"][both_scipy].mean()),
+            search_only_speedup=naive_seconds / paper_sub_seconds)
     a, s, f, p = figures["batched_all"], figures["scipy_subset"], figures["batched_subset"], figures["search_only_all"]
     print(f"batched, {args.num_images} images: compile {a['compile_seconds']:.1f} s, run {a['seconds']:.2f} s = "
           f"{a['images_per_second']:.1f} images/s; success {a['success_rate']:.1%}, mean distortion {a['mean_distortion']:.4f}")
@@ -318,6 +439,17 @@ def main(argv=None):
     print(f"function evaluations/s: {a['evaluations_per_second']:.0f} = {a['fraction_of_raw']:.0%} of the raw batched "
           f"value-and-gradient ({raw:.0f}/s at batch {lanes}); mean {a['mean_evaluations_per_image']:.0f} evaluations "
           f"per image (scipy: {s['mean_evaluations_per_image']:.0f})")
+    if not args.no_optax:
+        o, q = figures["optax_projected_subset"], figures["search_only_subset"]
+        print(f"search only, first {k} images: run {q['seconds']:.2f} s = {q['images_per_second']:.1f} images/s, "
+              f"{q['mean_evaluations_per_image']:.0f} evaluations per image, mean distortion {q['mean_distortion']:.4f}")
+        print(f"optax.lbfgs + projection_box, same c search, first {k} images: run {o['seconds']:.2f} s = "
+              f"{o['images_per_second']:.1f} images/s ({o['search_only_speedup']:.1f}x the time of our search "
+              f"alone), {o['mean_evaluations_per_image']:.0f} evaluations per image, success {o['success_rate']:.1%}, "
+              f"mean distortion {o['mean_distortion']:.4f}; paired L2 ratio to our search alone "
+              f"{o['distortion_ratio_to_search_only_paired']:.4f}, to scipy {o['distortion_ratio_to_scipy_paired']:.4f}; "
+              f"its vmapped loops ran {o['lockstep_steps']} steps in all (each run as long as its slowest image), "
+              f"where an image needed {o['mean_steps_per_image']:.0f} on average")
     print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     figures["load_average_end"] = os.getloadavg()[0]
     if args.out:

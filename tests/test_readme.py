@@ -30,3 +30,15 @@ def test_readme_attack_example_runs_and_its_claims_hold(capsys):
     predicted = np.asarray(np.argmax(logits_fn(result.adversarial), -1))
     np.testing.assert_array_equal(np.asarray(result.success), predicted == np.asarray(namespace["targets"]))
     assert "success" in capsys.readouterr().out
+
+
+def test_readme_optax_example_matches_scipy(capsys):
+    block = next(b for b in _python_blocks(README.read_text()) if "jaxadv.optim" in b)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)   # noqa: S102 - our own README
+    params, state, reference, f = (namespace[k] for k in ("params", "state", "reference", "f"))
+    x = np.concatenate([np.asarray(params["head"]), np.asarray(params["tail"])])
+    assert bool(state.done) and np.all((x >= -2.0) & (x <= 0.8)) and np.any(x == np.float32(0.8))
+    assert abs(float(f(params)) - reference.fun) <= 1e-5 * abs(reference.fun)     # float32 against float64
+    np.testing.assert_allclose(x, reference.x, atol=1e-3)
+    assert "scipy L-BFGS-B" in capsys.readouterr().out

@@ -3,7 +3,8 @@
     from jaxadv.attacks import lbfgs_attack, AttackConfig, random_wrong_targets
     result = lbfgs_attack(jax.tree_util.Partial(model.apply, params), images, targets)
 
-`box_lbfgs`: projected L-BFGS for one flat box-constrained problem (ask/tell).
+`box_lbfgs`: projected L-BFGS for one flat box-constrained problem (ask/tell), the core of
+    `jaxadv.optim.box_lbfgs` (the optax transformation that the attack's loop calls).
 `lbfgs`: the attack (objective, per-image c search, lanes).
 `boundary`: refinement to the nearest boundary point (SQP on the exact problem, then a
     boundary walk where the SQP stalls).
@@ -12,7 +13,7 @@
 `sparse`: the exhaustive single-pixel search and the fewest pixels that change the label.
 `fast`: FGSM / FGM, BIM / PGD, and the smallest fast-gradient step that succeeds.
 """
-from jaxadv.attacks.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState, minimize_box
+from jaxadv.attacks.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState
 from jaxadv.attacks.boundary import RefineConfig, RefineResult, project_onto_cuts, refine_core
 from jaxadv.attacks.lbfgs import (PENALTIES, UNTARGETED, AttackConfig, AttackResult, lbfgs_attack,
                                   lbfgs_attack_core, lbfgs_attack_untargeted)
@@ -24,7 +25,7 @@ from jaxadv.attacks.targets import (AllTargetsResult, all_wrong_targets, lbfgs_a
 
 __all__ = ["AttackConfig", "AttackResult", "AllTargetsResult", "BoxLBFGSConfig", "BoxLBFGSState", "PENALTIES", "UNTARGETED",
            "all_wrong_targets", "lbfgs_attack", "lbfgs_attack_all_targets", "lbfgs_attack_core",
-           "lbfgs_attack_untargeted", "project_onto_cuts", "RefineConfig", "RefineResult", "refine_core", "minimize_box",
+           "lbfgs_attack_untargeted", "project_onto_cuts", "RefineConfig", "RefineResult", "refine_core",
            "random_wrong_targets", "runner_up_targets",
            "FastResult", "fast_gradient_direction", "fgm", "fgsm", "minimal_fast_gradient", "pgd", "success_along_direction",
            "MinPixelsResult", "SinglePixelResult", "min_pixels_attack", "single_pixel_attack"]

@@ -4,7 +4,11 @@
     while not state.done:
         value, grad = f(state.trial), ∇f(state.trial)
         state = tell(state, value, grad, lower, upper, config)
-    state.x, state.value                            # the solution, always inside [lower, upper]
+    state.x, state.x_value                          # the solution, always inside [lower, upper]
+
+This is the pure core. Its public face is `jaxadv.optim.box_lbfgs`, the same
+solver as an optax transformation on any pytree, which the attack's lane loop
+(`jaxadv.attacks.lbfgs`) and `jaxadv.optim.minimize_box` drive.
 
 The method is projected L-BFGS with an active set (Bertsekas' projected
 quasi-Newton scheme): at x with gradient g, the variables held at a bound by
@@ -83,8 +87,8 @@ class BoxLBFGSState(NamedTuple):
     recent pair and older pairs sit at newest-1, newest-2, ... (mod m).
     """
     x: jax.Array                 # [n] current iterate, in the box
-    value: jax.Array             # f(x)
-    grad: jax.Array              # ∇f(x)
+    x_value: jax.Array           # f(x)   (x_: not at `trial`, so optax.value_and_grad_from_state finds no
+    x_grad: jax.Array            # ∇f(x)   stale `value`/`grad` here and says so; see jaxadv.optim)
     trial: jax.Array             # [n] the point to evaluate next
     direction: jax.Array         # [n] search direction at x
     step: jax.Array              # current step length t along the projected arc
@@ -118,7 +122,7 @@ def init(x0: jax.Array, lower=0.0, upper=1.0, config: BoxLBFGSConfig = BoxLBFGSC
     n, m, dtype = x0.shape[0], config.memory_size, x0.dtype
     zero, false = jnp.zeros((), jnp.int32), jnp.zeros((), bool)
     return BoxLBFGSState(
-        x=x0, value=jnp.zeros((), dtype), grad=jnp.zeros_like(x0),
+        x=x0, x_value=jnp.zeros((), dtype), x_grad=jnp.zeros_like(x0),
         trial=project(x0, lower, upper), direction=jnp.zeros_like(x0), step=jnp.ones((), dtype),
         line_search_steps=zero, iterations=zero, evaluations=zero, has_value=false, accepted=false,
         steepest=false, done=false, status=zero,
@@ -201,14 +205,14 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
     # -- accept or backtrack --------------------------------------------------
     # The projection can bend a descent direction into an ascent step; such a trial is rejected
     # (a shorter step bends less) rather than accepted by an Armijo bound above f(x).
-    predicted = jnp.vdot(state.grad, trial - state.x)
-    armijo_ok = jnp.isfinite(value) & (predicted < 0) & (value <= state.value + config.armijo * predicted)
+    predicted = jnp.vdot(state.x_grad, trial - state.x)
+    armijo_ok = jnp.isfinite(value) & (predicted < 0) & (value <= state.x_value + config.armijo * predicted)
     accept = ~state.done & (first | armijo_ok)
     reject = ~state.done & ~accept
 
     # -- memory update with the new pair (if accepted and curvature is positive)
     s = trial - state.x
-    y = grad - state.grad
+    y = grad - state.x_grad
     s_dot_y = jnp.vdot(s, y)
     y_dot_y = jnp.vdot(y, y)
     store = accept & ~first & (s_dot_y > jnp.finfo(dtype).eps * y_dot_y) & (y_dot_y > 0)
@@ -236,11 +240,11 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
 
     # -- the new point and its convergence tests ---------------------------
     x_new = jnp.where(accept, trial, state.x)
-    value_new = jnp.where(accept, value, state.value)
-    grad_new = jnp.where(accept, grad, state.grad)
+    value_new = jnp.where(accept, value, state.x_value)
+    grad_new = jnp.where(accept, grad, state.x_grad)
     iterations = state.iterations + (accept & ~first)
     pg_norm = projected_gradient_norm(x_new, grad_new, lower, upper)
-    relative_decrease = (state.value - value) / jnp.maximum(jnp.maximum(jnp.abs(state.value), jnp.abs(value)), 1.0)
+    relative_decrease = (state.x_value - value) / jnp.maximum(jnp.maximum(jnp.abs(state.x_value), jnp.abs(value)), 1.0)
     # scipy's rule: stop on the first small decrease. Optionally (steepest_before_stop) a stalled
     # quasi-Newton step first gets a steepest-descent retry, and only a stalled steepest step stops.
     small_decrease = accept & ~first & (relative_decrease <= config.ftol)
@@ -275,7 +279,7 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
 
     keep = state.done
     return BoxLBFGSState(
-        x=x_new, value=value_new, grad=grad_new, trial=next_trial, direction=new_direction, step=step,
+        x=x_new, x_value=value_new, x_grad=grad_new, trial=next_trial, direction=new_direction, step=step,
         line_search_steps=jnp.where(keep, state.line_search_steps, line_search_steps).astype(jnp.int32),
         iterations=iterations.astype(jnp.int32),
         evaluations=state.evaluations + (~keep).astype(jnp.int32),
@@ -303,36 +307,7 @@ def _set_row_col(matrix, onehot, row, col):
 def _backtrack(state: BoxLBFGSState, value, trial):
     """Next step after a rejected trial: minimiser of the quadratic through f(x), its slope and f(trial), kept in [0.1t, 0.5t]."""
     t = state.step
-    slope = jnp.vdot(state.grad, trial - state.x) / t         # directional derivative along the arc at t
-    denominator = 2.0 * (value - state.value - slope * t)
+    slope = jnp.vdot(state.x_grad, trial - state.x) / t         # directional derivative along the arc at t
+    denominator = 2.0 * (value - state.x_value - slope * t)
     t_quadratic = jnp.where(jnp.isfinite(value) & (denominator > 0), -slope * t * t / denominator, 0.5 * t)
     return jnp.clip(t_quadratic, 0.1 * t, 0.5 * t)
-
-
-class MinimizeResult(NamedTuple):
-    x: jax.Array
-    value: jax.Array
-    grad: jax.Array
-    iterations: jax.Array
-    evaluations: jax.Array
-    status: jax.Array
-
-
-def minimize_box(fun, x0, lower=0.0, upper=1.0, config: BoxLBFGSConfig = BoxLBFGSConfig()) -> MinimizeResult:
-    """Minimize a scalar `fun(x)` over the box [lower, upper] starting from x0 (flat, 1-D).
-
-    A small lax.while_loop driver around init/tell, for users and tests; jit it
-    from outside if you call it repeatedly.
-    """
-    x0 = jnp.asarray(x0)
-    if x0.ndim != 1:
-        raise ValueError(f"x0: expected a flat 1-D array, got shape {x0.shape}")
-    value_and_grad = jax.value_and_grad(fun)
-
-    def body(state):
-        value, grad = value_and_grad(state.trial)
-        return tell(state, value, grad, lower, upper, config)
-
-    cap = config.max_iterations * (config.max_line_search_steps + 1) + 1
-    state = jax.lax.while_loop(lambda s: ~s.done & (s.evaluations < cap), body, init(x0, lower, upper, config))
-    return MinimizeResult(state.x, state.value, state.grad, state.iterations, state.evaluations, state.status)

@@ -13,8 +13,8 @@ the loss and look for the smallest one, which is the same thing).
 Everything for a whole batch runs as ONE lax.while_loop. Each step evaluates
 the objective and its gradient once for every image (one batched
 vmap(value_and_grad)) and advances each image's own box-constrained L-BFGS
-(`box_lbfgs.tell`, vmapped). When an image's L-BFGS run ends, its c search
-records the run (success, and the best successful image so far), moves its c
+(one update of the optax transformation `jaxadv.optim.box_lbfgs`, vmapped).
+When an image's L-BFGS run ends, its c search records the run (success, and the best successful image so far), moves its c
 bracket and restarts L-BFGS with the new c from a warm start (by default the
 best successful point so far, keeping the L-BFGS memory moved to the new c),
 all under jnp.where masks.
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxadv import optim
 from jaxadv.attacks import boundary, box_lbfgs
 
 PENALTIES = ("l2", "l2_squared")
@@ -298,9 +299,17 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
         return c * _penalty(x - origin, config.penalty) + loss_fn(logits, anchor), logits
 
     value_and_grad = jax.vmap(jax.value_and_grad(objective, has_aux=True))
-    tell = jax.vmap(functools.partial(box_lbfgs.tell, config=lcfg), in_axes=(0, 0, 0, lower_axis, upper_axis))
+    solver = lambda lower, upper: optim.box_lbfgs(lower, upper, **lcfg._asdict())   # each lane's own box
+
+    def tell_one(opt, value, grad, lower, upper):
+        # The optax update at the trial point; the next trial is read from the state, exact, where
+        # params + updates would round (the updates are unused, and XLA drops them).
+        return solver(lower, upper).update(grad, opt, opt.trial, value=value)[1]
+
+    tell = jax.vmap(tell_one, in_axes=(0, 0, 0, lower_axis, upper_axis))
+    init = jax.vmap(lambda x0, lower, upper: solver(lower, upper).init(x0), in_axes=(0, lower_axis, upper_axis))
+    # A new c of the same image: the c search's own move, outside optax's contract (see _keep_memory).
     restart = jax.vmap(box_lbfgs.restart, in_axes=(0, 0, lower_axis, upper_axis))
-    init = jax.vmap(functools.partial(box_lbfgs.init, config=lcfg), in_axes=(0, lower_axis, upper_axis))
     is_adversarial = jax.vmap(functools.partial(boundary.is_adversarial, union=untargeted))
 
     def lane_bounds(image):
