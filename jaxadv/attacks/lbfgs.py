@@ -121,8 +121,9 @@ class AttackConfig(NamedTuple):
       than 4 classes tight at once; FC10(1)'s lies 0.015 from the boundary,
       where a logit margin of 1e-3 alone is 12% of the distance.
       refine_rtol 1e-3 rather than 1e-4: the same worst ratios, and the
-      default attack keeps 77% of the search's images/s instead of 73%
-      (bench_attack: 888 against 1,155 images/s, FC100-100-10).
+      default attack kept 77% of the search's images/s instead of 73%
+      (bench_attack: 888 against 1,155 images/s, FC100-100-10; with the
+      projection's Cholesky solve, 76-78% on a quiet machine).
     * initial_c 1 is not tuned to a model: on FC100-100-10 the final c has
       median 7 (5%-95%: 1 to 34) and initial_c 3 or 10 saves 9% of the
       evaluations at the same distortion.
