@@ -79,3 +79,14 @@ def write_idx_split(folder: Path, stem: str, data: Dataset) -> None:
     for kind, array in (("images-idx3", images), ("labels-idx1", data.labels.astype(np.uint8))):
         header = struct.pack(">I", 0x0800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
         (folder / f"{stem}-{kind}-ubyte.gz").write_bytes(gzip.compress(header + array.tobytes()))
+
+
+def tiny_sigmoid_net(seed=0):
+    """A 16-12-10 sigmoid net on 4×4 images, as a jax.tree_util.Partial (the sparse and fast attacks' tests)."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    params = (jax.random.normal(k1, (16, 12)) * 1.5, jax.random.normal(k2, (12, 10)) * 1.5)
+
+    def logits(params, x):
+        return jax.nn.sigmoid(x.reshape(x.shape[0], -1) @ params[0] - 1.0) @ params[1]
+
+    return jax.tree_util.Partial(logits, params)

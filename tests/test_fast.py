@@ -8,6 +8,7 @@ from jaxadv.attacks import (fast_gradient_direction, fgm, fgsm, minimal_fast_gra
                             success_along_direction)
 from jaxadv.attacks import fast
 from jaxadv.attacks.exact import exact_linear_minimum
+from conftest import tiny_sigmoid_net
 
 SHAPE = (4, 4, 1)
 N = 16
@@ -19,17 +20,7 @@ def _linear(weights, bias):
     return jax.tree_util.Partial(logits, (jnp.asarray(weights, jnp.float32), jnp.asarray(bias, jnp.float32)))
 
 
-def _sigmoid_net(seed=0):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    params = (jax.random.normal(k1, (16, 12)) * 1.5, jax.random.normal(k2, (12, 10)) * 1.5)
-
-    def logits(params, x):
-        return jax.nn.sigmoid(x.reshape(x.shape[0], -1) @ params[0] - 1.0) @ params[1]
-
-    return jax.tree_util.Partial(logits, params)
-
-
-NET = _sigmoid_net()
+NET = tiny_sigmoid_net()
 
 
 def _images(seed, batch=12, low=0.0, high=1.0):

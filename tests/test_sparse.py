@@ -6,19 +6,10 @@ import pytest
 
 from jaxadv.attacks import min_pixels_attack, single_pixel_attack
 from jaxadv.attacks import sparse
+from conftest import tiny_sigmoid_net
 
 SHAPE = (4, 4, 1)
 N_PIXELS = 16
-
-
-def _sigmoid_net(seed=0):
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    params = (jax.random.normal(k1, (16, 12)) * 1.5, jax.random.normal(k2, (12, 10)) * 1.5)
-
-    def logits(params, x):
-        return jax.nn.sigmoid(x.reshape(x.shape[0], -1) @ params[0] - 1.0) @ params[1]
-
-    return jax.tree_util.Partial(logits, params)
 
 
 def _linear_net(seed=1, classes=10):
@@ -31,7 +22,7 @@ def _linear_net(seed=1, classes=10):
     return jax.tree_util.Partial(logits, params)
 
 
-NET = _sigmoid_net()
+NET = tiny_sigmoid_net()
 
 
 def _images(seed, batch=12):
