@@ -124,9 +124,10 @@ def conv2d(h: jax.Array, kernel: jax.Array, stride: int, padding: str) -> jax.Ar
     channels, the k·k·C_in columns of each output pixel, and multiplied by the
     kernel reshaped to [k·k·C_in, C_out]. Its gradients are then matmuls too,
     and XLA:CPU runs matmuls well: inside the training loop (a `lax.scan`, as
-    `jaxadv.train.fit` runs it) XLA:CPU's convolution took 310 ms per ConvNet
-    step of 128 images and this form 32 ms, on one CPU thread
-    (`scripts/bench_train.py`). The values equal lax.conv_general_dilated's
+    `jaxadv.train.fit` runs it) a ConvNet step of 128 images took 334 ms with
+    XLA's convolution and reduce_window pooling, and 34 ms with this form and
+    `max_pool` (`scripts/bench_train.py`, 50 steps; in a trace, XLA's
+    convolutions were nearly all of the 334). The values equal lax.conv_general_dilated's
     up to float32 rounding (tests/test_models.py). SAME pads as XLA does:
     out = ceil(n / stride), the padding split with the odd pixel after.
     """
@@ -152,9 +153,10 @@ def max_pool(h: jax.Array, window: int, stride: int) -> jax.Array:
     Non-overlapping windows (window == stride) are a reshape and a max. The
     gradient of XLA's reduce_window max (select-and-scatter, which XLA:CPU
     lowers to iotas, a reduce_window over pairs and a scatter) took two
-    thirds of the ConvNet's training step; a reshape's max costs next to
-    nothing. One step of 128 images, forward and backward, one CPU thread:
-    71 ms with reduce_window, 24 ms with the reshape (`scripts/bench_train.py`).
+    thirds of a ConvNet gradient computed on its own (one jitted forward and
+    backward pass of 128 images, outside any loop, one CPU thread: 71 ms with
+    reduce_window, 24 ms with the reshape); a reshape's max costs next to
+    nothing.
     The values are the same; so are the gradients, except that a window
     whose maximum is tied splits it among the tied entries instead of giving
     it to the first (after a ReLU the tied entries are zeros, whose ReLU

@@ -201,8 +201,10 @@ def sizes_for_device(bytes_per_lane: int, device=None) -> DeviceSizes:
     `bytes_per_lane`: one lane's working memory (L-BFGS history, iterates,
     activations of the forward and backward pass). A CPU gets `CPU_SIZES`; a
     GPU or TPU as many lanes as fit in ACCELERATOR_MEMORY_FRACTION of its free
-    memory (`memory_stats()`), rounded down to a power of two and capped at
-    ACCELERATOR_MAX_LANES, blocks of 4 rounds of lanes and chunks of 4 blocks.
+    memory (`memory_stats()`), rounded down to a power of two, at least the
+    CPU's 32 (a device with less room than that is no use to the attack) and
+    at most ACCELERATOR_MAX_LANES, blocks of 4 rounds of lanes and chunks of 4
+    blocks.
     """
     if bytes_per_lane <= 0:
         raise ValueError(f"bytes_per_lane: must be positive, got {bytes_per_lane}")

@@ -3,8 +3,9 @@
     python scripts/bench_train.py [--steps 100] [--repeats 3] [--epochs 0] [--data-dir DIR]
 
 Both variants run the zoo ConvNet's training step (cross-entropy + the
-paper's weight decay, Adam, batches of 128 Fashion-MNIST training images)
-as `jaxadv.train.fit` runs it, a jitted `lax.scan` over --steps minibatches,
+paper's weight decay, Adam at a constant rate where `fit` decays it, batches
+of 128 Fashion-MNIST training images) as `jaxadv.train.fit` runs it, a
+jitted `lax.scan` over --steps minibatches,
 from the same parameters. They differ only in two layers: today's
 `jaxadv.models.conv2d` (shifted views and one matmul) and `max_pool` (a
 reshape and a max), against what they replaced, `lax.conv_general_dilated`

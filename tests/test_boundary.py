@@ -253,3 +253,20 @@ def test_untargeted_defaults_serve_a_binary_classifier():
     result = lbfgs_attack_untargeted(logits_fn, images, labels)
     np.testing.assert_array_equal(np.asarray(result.l2), np.asarray(alone.l2))
     assert np.all(np.asarray(result.success) <= (np.argmax(np.asarray(logits_fn(result.adversarial)), -1) != labels))
+
+
+@pytest.mark.parametrize("rank", [6, 4, 0])
+def test_cholesky_solve_matches_a_dense_solve_and_stays_finite_when_rank_deficient(rank):
+    """The projection's written-out Cholesky against numpy's solve (full rank), finite when the system is singular."""
+    from jaxadv.attacks.boundary import _cholesky_solve
+    rng = np.random.default_rng(rank)
+    a = rng.normal(size=(6, 20)) * (np.arange(6) < rank)[:, None]          # rank-deficient rows are zero
+    a[rank:] = a[:max(rank, 1)][0] if rank else 0.0                       # ...or repeat a row
+    h = a @ a.T
+    floor = 1e-12 * max(np.max(np.diag(h)), np.finfo(np.float32).eps)     # as project_onto_cuts sets it
+    h32 = (h + floor * np.eye(6)).astype(np.float32)
+    b = rng.normal(size=6).astype(np.float32)
+    x = np.asarray(_cholesky_solve(jnp.asarray(h32), jnp.asarray(b), jnp.float32(floor)))
+    assert np.all(np.isfinite(x))
+    if rank == 6:
+        np.testing.assert_allclose(x, np.linalg.solve(h32.astype(np.float64), b), rtol=1e-3, atol=1e-4)
