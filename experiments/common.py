@@ -406,9 +406,15 @@ def attack_bytes_per_image(model, config, block_size) -> int:
     """
     n = math.prod(model.input_shape)
     lanes = block_size if config.lanes is None else min(config.lanes, block_size)
+    floats_per_lane = attack_bytes_per_lane(model, config) // 4
+    return 4 * (4 * n + math.ceil(lanes * floats_per_lane / block_size))
+
+
+def attack_bytes_per_lane(model, config) -> int:
+    """One lane's working state in bytes (float32): the (s, y) history, ~10 image-sized vectors, 3x the activations."""
+    n = math.prod(model.input_shape)
     activations = sum(math.prod(s) for s in model.output_shapes())
-    per_lane = 2 * config.memory_size * n + 10 * n + 3 * activations
-    return 4 * (4 * n + math.ceil(lanes * per_lane / block_size))
+    return 4 * (2 * config.memory_size * n + 10 * n + 3 * activations)
 
 
 def attack_images(model, params, images, targets, directory, config, chunk_size, block_size, label=""):
@@ -455,9 +461,7 @@ def choose_sizes(num_images, num_devices, model, config, chunk_size=None, block_
     per device; the chunk follows from --chunk-size, else from device memory
     (`chunk_size_for_memory`), at most the device's chunk per device.
     """
-    n = math.prod(model.input_shape)
-    sizes = sizes_for_device(4 * (2 * config.memory_size * n + 10 * n + 3 * sum(map(math.prod, model.output_shapes()))),
-                             device)
+    sizes = sizes_for_device(attack_bytes_per_lane(model, config), device)
     config = config._replace(lanes=sizes.lanes)
     block = block_size or min(sizes.block_size, math.ceil(num_images / num_devices))
     step = num_devices * block
