@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (LBFGS_SOURCES, add_common_args, attack_source_fingerprint, markdown_table,
+from experiments.common import (LBFGS_SOURCES, add_common_args, attack_source_fingerprint, int_in, markdown_table,
                                 output_dir, resolve_workdir, run_main, save_figure_atomic, trained_models,
                                 write_json_atomic, write_text_atomic)
 from jaxadv.attacks import (UNTARGETED, fast_gradient_direction, fgm, fgsm, lbfgs_attack_untargeted,
@@ -55,27 +55,6 @@ MAX_PIXELS = 300
 CURVE_L2 = np.geomspace(0.05, 12.0, 48).astype(np.float32)    # ‖r‖₂ of one FGM step (the x axis)
 FIGURE_MODELS = ("FC10(1e-4)", "FC100-100-10", "ConvNet")
 FIGURE_IMAGES = 6
-
-
-def num_images_arg(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= TEST_SIZE:
-        raise argparse.ArgumentTypeError(f"must be in [1, {TEST_SIZE}] (test images), got {value}")
-    return value
-
-
-def values_arg(text: str) -> int:
-    value = int(text)
-    if value < 3:
-        raise argparse.ArgumentTypeError(f"must be >= 3 (2 is the bounds-only scan itself), got {value}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def measure(logits_fn, x, max_pixels):
@@ -323,15 +302,16 @@ def fgm_curve_figure(per_model):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--num-images", type=num_images_arg, default=None,
+    parser.add_argument("--num-images", type=int_in(1, TEST_SIZE), default=None,
                         help=f"test images per model (default {DEFAULT_NUM_IMAGES}, {QUICK_NUM_IMAGES} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="picks the test images")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--fine-values", type=values_arg, default=17,
-                        help="values per pixel of the finer single-pixel scan (default 17)")
-    parser.add_argument("--fine-images", type=nonnegative_int, default=None,
+    parser.add_argument("--fine-values", type=int_in(3), default=17,
+                        help="values per pixel of the finer single-pixel scan, at least 3 (2 is the bounds-only "
+                             "scan itself; default 17)")
+    parser.add_argument("--fine-images", type=int_in(0), default=None,
                         help="images the finer scan checks (default 100, 20 with --quick)")
-    parser.add_argument("--max-pixels", type=positive, default=MAX_PIXELS,
+    parser.add_argument("--max-pixels", type=int_in(1), default=MAX_PIXELS,
                         help=f"the pixel search gives up after this many (default {MAX_PIXELS})")
     return parser
 
@@ -432,13 +412,6 @@ def _carry_timing(path, timing, num_images, seed):
         if previous and not any(seconds.get(k) for k in ("single_pixel", "min_pixels", "lbfgs", "fast")):
             timing[name] = {**previous, "carried_over": True}
     return timing
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 if __name__ == "__main__":
