@@ -27,6 +27,7 @@ Writes WORKDIR/adversarial_training/<run>/results.json, table.md, learning_curve
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import time
 
@@ -39,7 +40,8 @@ from experiments.common import (add_common_args, int_in, markdown_table, output_
 from jaxadv.adversarial_training import INPUT, AdversarialTrainingConfig, adversarial_train, logits_above
 from jaxadv.attacks import UNTARGETED, AttackConfig, lbfgs_attack, lbfgs_attack_untargeted, random_wrong_targets
 from jaxadv.data import NUM_EXAMPLES, load_dataset
-from jaxadv.models import get_model
+from jaxadv.functional import hidden_layers
+from jaxadv.models import get_model, weight_decay_penalty
 from jaxadv.train import error_rate
 
 NAME = "adversarial_training"
@@ -64,7 +66,7 @@ def variant_config(variant: str, model, base: AdversarialTrainingConfig) -> Adve
     if variant == "dropout":
         return base._replace(dropout_rate=DROPOUT_RATE)
     if variant == "adversarial_per_layer":
-        return base._replace(pool_layers=(INPUT,) + model.hidden_layers())
+        return base._replace(pool_layers=(INPUT,) + hidden_layers(model.module))
     if variant == "adversarial_input_only":
         return base._replace(pool_layers=(INPUT,))
     raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
@@ -82,7 +84,7 @@ def pool_attack(config: AttackConfig):
 def minimal_distortion(model, params, images, config: AttackConfig) -> dict:
     """The untargeted attack away from the model's prediction: success rate and distortion over the successes."""
     tic = time.perf_counter()
-    logits_fn = logits_above(model, params, INPUT)
+    logits_fn = logits_above(model.module, params, INPUT)
     predicted = jnp.argmax(logits_fn(images), axis=-1).astype(jnp.int32)
     result = lbfgs_attack_untargeted(logits_fn, images, predicted, config=config)
     success = np.asarray(result.success)
@@ -173,21 +175,22 @@ def main(argv=None):
     key = jax.random.PRNGKey(args.seed)
 
     model = get_model(MODEL)
+    decay = functools.partial(weight_decay_penalty, model)   # the paper's λ, as the zoo trains the model
     records = {}
     for variant in args.variants:
         config = variant_config(variant, model, base)
-        evaluate = lambda p: {"test_error": error_rate(model, p, curve_x, curve_y)}   # noqa: E731
+        evaluate = lambda p: {"test_error": error_rate(model.module, p, curve_x, curve_y)}   # noqa: E731
         tic = time.perf_counter()
         # The same key for every variant: the same initial weights and the same clean batches.
-        params, history = adversarial_train(model, train_x, train_y, jax.random.fold_in(key, 0), config,
-                                            pool_attack(POOL_ATTACK), evaluate)
+        params, history = adversarial_train(model.module, train_x, train_y, jax.random.fold_in(key, 0), config,
+                                            pool_attack(POOL_ATTACK), evaluate, penalty=decay)
         wall = time.perf_counter() - tic
         records[variant] = {
             "config": config._asdict(), "epochs": config.epochs, "steps": history[-1]["step"],
             "train_seconds": history[-1]["train_seconds"], "attack_seconds": history[-1]["attack_seconds"],
             "wall_seconds": wall,
-            "test_error": error_rate(model, params, test.images, test.labels),
-            "train_error": error_rate(model, params, train_x, train_y),
+            "test_error": error_rate(model.module, params, test.images, test.labels),
+            "train_error": error_rate(model.module, params, train_x, train_y),
             "distortion": minimal_distortion(model, params, eval_x, EVAL_ATTACK),
             "history": history,
         }

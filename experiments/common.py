@@ -24,26 +24,19 @@ import math
 import os
 import re
 import sys
-import tempfile
-import time
-import zlib
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 
 from jaxadv.attacks import lbfgs_attack_core, random_wrong_targets
-from jaxadv.checkpoint import has_checkpoint, load_checkpoint, read_meta, save_checkpoint
-from jaxadv.data import DATASETS, DataError, Dataset, load_dataset
-from jaxadv.io import TEMP_PREFIX, atomic_path, write_atomic
-from jaxadv.models import get_model
+from jaxadv.data import DATASETS, DataError
+from jaxadv.io import NotWritable, atomic_path, check_writable, is_writer, write_atomic  # noqa: F401
 from jaxadv.sweep import (CPU_SIZES, SweepMismatch, chunk_size_for_memory, fingerprint_arrays, run_sweep, sharded,
                           sizes_for_device)
-from jaxadv.train import error_rate, train, zoo_config
+from jaxadv.zoo import QUICK_TRAIN_SIZE, WorkdirMismatch, load_meta, model_dir, trained_models  # noqa: F401 (re-exported)
 
-#: --quick trains on this many training images (the first ones).
-QUICK_TRAIN_SIZE = 2000
 #: Options that change no result (where things are, how the work is split): left out of run names.
 NOT_IN_RUN_NAME = frozenset({"help", "workdir", "data_dir", "distributed", "coordinator", "num_processes",
                              "process_id", "chunk_size"})
@@ -54,7 +47,7 @@ class UsageError(ValueError):
 
 
 #: What `run_main` reports in one line with exit status 2 instead of a traceback: the user's to fix.
-USER_ERRORS = (UsageError, DataError, SweepMismatch)
+USER_ERRORS = (UsageError, DataError, SweepMismatch, NotWritable, WorkdirMismatch)
 
 
 def int_in(low: int, high: int | None = None):
@@ -165,99 +158,7 @@ def output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace, experi
     return path
 
 
-def check_writable(path: str | os.PathLike, flag: str = "--workdir") -> None:
-    """UsageError naming the folder unless `path` is, or can be created as, a folder this process can write.
-
-    Writes (and removes) a probe file in the deepest folder that exists: permissions alone do not tell
-    (root ignores them; a read-only mount does not).
-    """
-    existing = Path(path)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{flag}: {str(existing)!r} is a file, not a folder")
-    try:
-        fd, probe = tempfile.mkstemp(dir=existing, prefix=f"{TEMP_PREFIX}probe.")
-    except OSError as error:
-        raise UsageError(f"{flag}: cannot write in {str(existing)!r} ({error.strerror}); nothing was computed") from None
-    os.close(fd)
-    os.remove(probe)
-
-
-def model_dir(workdir: str | os.PathLike, name: str, tag: str | None = None) -> Path:
-    return Path(workdir) / "models" / _stored_name(name, tag)
-
-
-def trained_models(names: Iterable[str], dataset: str, workdir: str | os.PathLike | None,
-                   data_dir: str | None = None, quick: bool = False, *,
-                   train_set: Dataset | None = None, tag: str | None = None,
-                   seed: int = 0, verbose: bool = True) -> dict:
-    """{stored name: (model, params)} for `names`, loaded from WORKDIR/models/ or trained and saved.
-
-    By default a model is trained on the whole training split of `dataset` (the
-    first QUICK_TRAIN_SIZE images with `quick`). With `train_set` (e.g. P1) a
-    `tag` is required and the model is stored and returned as "<name>@<tag>".
-    A stored quick model is retrained when a full one is asked for; a stored
-    full model serves quick runs too. Training is deterministic: the key is
-    PRNGKey(seed) folded with a hash of the stored name.
-    """
-    names = [names] if isinstance(names, str) else list(names)
-    if dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-    workdir = Path("runs") / dataset if workdir is None else Path(workdir)
-    if train_set is not None and not tag:
-        raise ValueError("tag is required with train_set, so that the model is not stored under the "
-                         "name of the model trained on the whole training set")
-    if tag is not None and (not isinstance(tag, str) or not tag or "/" in tag):
-        raise ValueError(f"tag must be a non-empty string without '/', got {tag!r}")
-    if train_set is not None:
-        train_set = Dataset(np.asarray(train_set.images), np.asarray(train_set.labels))
-    fingerprint = _fingerprint(train_set) if train_set is not None else None
-
-    out, data = {}, train_set
-    for name in names:
-        model = get_model(name)
-        stored = _stored_name(name, tag)
-        directory = model_dir(workdir, name, tag)
-        if has_checkpoint(directory):
-            params, meta = load_checkpoint(directory, model)
-            if _reusable(meta, dataset, quick, fingerprint, directory):
-                out[stored] = (model, params)
-                continue
-        check_writable(directory)          # before the training, not after
-        if data is None:
-            data = load_dataset(dataset, "train", data_dir)
-        subset = _quick_subset(data) if quick else data
-        config = zoo_config(model, quick=quick, verbose=verbose)
-        if verbose:
-            print(f"training {stored} on {len(subset.labels)} {dataset} images "
-                  f"({config.epochs} epochs, Adam lr {config.learning_rate:g})", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        params = train(model, subset.images, subset.labels, _model_key(seed, stored), config)
-        params = jax.block_until_ready(params)
-        seconds = time.perf_counter() - start
-        meta = {"model": name, "stored_name": stored, "tag": tag, "dataset": dataset, "quick": quick,
-                "seed": seed, "num_train": len(subset.labels), "train_fingerprint": fingerprint,
-                "num_params": model.num_params(), "train_seconds": round(seconds, 2),
-                "train_error": error_rate(model, params, subset.images, subset.labels),
-                "optimizer": "adam, cosine-decayed learning rate", "config": config._asdict()}
-        if is_writer():     # (every process of a --distributed run trains the same model: training is deterministic)
-            save_checkpoint(directory, params, meta)
-        out[stored] = (model, params)
-    return out
-
-
-def load_meta(workdir: str | os.PathLike, name: str, tag: str | None = None) -> dict:
-    """The meta.json of a stored model (training settings, train_seconds, ...), without its params' checksum."""
-    return read_meta(model_dir(workdir, name, tag))
-
-
 # -- output files ---------------------------------------------------------------
-
-def is_writer() -> bool:
-    """Whether this process writes the outputs: the only one, or process 0 of a --distributed run."""
-    return jax.process_index() == 0
-
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     if is_writer():
@@ -290,36 +191,6 @@ def percent(x: float | None, digits: int = 2) -> str:
 
 
 # -- helpers -----------------------------------------------------------------------
-
-def _stored_name(name: str, tag: str | None) -> str:
-    return f"{name}@{tag}" if tag else name
-
-
-def _model_key(seed: int, stored_name: str) -> jax.Array:
-    return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(stored_name.encode()) & 0x7FFFFFFF)
-
-
-def _quick_subset(data: Dataset) -> Dataset:
-    return Dataset(data.images[:QUICK_TRAIN_SIZE], data.labels[:QUICK_TRAIN_SIZE])
-
-
-def _fingerprint(data: Dataset) -> str:
-    """Cheap identity of a custom training set, so a tag reused for other data retrains."""
-    crc = zlib.crc32(np.ascontiguousarray(data.labels).tobytes())
-    crc = zlib.crc32(np.ascontiguousarray(data.images[:: max(len(data.images) // 64, 1)]).tobytes(), crc)
-    return f"{len(data.labels)}:{crc:08x}"
-
-
-def _reusable(meta: dict, dataset: str, quick: bool, fingerprint: str | None, directory: Path) -> bool:
-    if meta.get("dataset") != dataset:
-        raise UsageError(f"{str(directory)!r} holds a model trained on {meta.get('dataset')!r}, not "
-                         f"{dataset!r}: use another --workdir (the default is runs/<dataset>)")
-    if meta.get("quick") and not quick:
-        return False  # a smoke-test model never stands in for a real one
-    if fingerprint is not None and meta.get("train_fingerprint") not in (None, fingerprint):
-        return False
-    return True
-
 
 def _cell(value) -> str:
     if isinstance(value, (float, np.floating)):

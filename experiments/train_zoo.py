@@ -55,10 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name, (model, params) in models.items():
         meta = load_meta(workdir, name)
         # The training error is measured on the images the model was trained on.
-        train_error = error_rate(model, params, train.images[:meta["num_train"]], train.labels[:meta["num_train"]])
+        train_error = error_rate(model.module, params, train.images[:meta["num_train"]], train.labels[:meta["num_train"]])
         rows.append({
             "model": name, "description": model.description,
-            "train_error": train_error, "test_error": error_rate(model, params, test.images, test.labels),
+            "train_error": train_error, "test_error": error_rate(model.module, params, test.images, test.labels),
             "num_params": model.num_params(), "train_seconds": meta["train_seconds"],
             "num_train": meta["num_train"], "quick": meta["quick"], "config": meta["config"],
             "paper_train_error": PAPER_ERRORS.get(name, (None, None))[0],

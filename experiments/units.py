@@ -30,6 +30,7 @@ import numpy as np
 from experiments.common import (add_common_args, int_in, markdown_table, output_dir, resolve_workdir,
                                 save_figure_atomic, trained_models, write_json_atomic, write_text_atomic, run_main)
 from jaxadv.data import NUM_EXAMPLES, load_dataset
+from jaxadv.functional import hidden_layers, layer_kind, split_sequential
 from jaxadv.units import (
     layer_features, live_units, majority_label_share, mean_pairwise_cosine, natural_basis, permutation_test,
     random_unit_directions, top_k_images)
@@ -68,7 +69,7 @@ def summarize(values):
 
 
 def analyse_model(model, params, images, labels, layer, key, num_random, k, seed):
-    features = layer_features(model, params, images, layer)
+    features = layer_features(split_sequential(model.module, layer)[0], images, params=params)
     dim = features.shape[1]
     live = live_units(features)
     if live.size == 0:
@@ -88,7 +89,7 @@ def analyse_model(model, params, images, labels, layer, key, num_random, k, seed
     shown_units = np.sort(np.asarray(jax.random.choice(pick_key, live.size, (min(FIGURE_ROWS, live.size),),
                                                        replace=False)))
     return {
-        "layer": layer, "layer_kind": model.layers[layer].kind, "dim": dim, "live_units": int(live.size),
+        "layer": layer, "layer_kind": layer_kind(model.module.layers[layer]), "dim": dim, "live_units": int(live.size),
         "natural": natural, "random": random, "chance": chance, "tests": tests,
         "figure_natural_rows": [int(i) for i in shown_units],      # positions in natural["indices"]
         "figure_units": [int(live[i]) for i in shown_units],
@@ -184,7 +185,7 @@ def main(argv=None):
     for i, name in enumerate(MODELS):
         tic = time.perf_counter()
         model, params = models[name]
-        layer = model.hidden_layers()[-1]      # "the last feature layer" (§1)
+        layer = hidden_layers(model.module)[-1]      # "the last feature layer" (§1)
         res = analyse_model(model, params, images, labels, layer, jax.random.fold_in(key, i), num_random,
                             args.k, args.seed)
         results[name] = res

@@ -1,4 +1,5 @@
 """jaxadv: Szegedy et al., "Intriguing properties of neural networks", in JAX."""
-from jaxadv.models import ZOO, ALL_MODELS, Layer, Model, get_model
+from jaxadv.functional import logits_function
+from jaxadv.models import ALL_MODELS, ZOO, ZooModel, get_model
 
-__all__ = ["ZOO", "ALL_MODELS", "Layer", "Model", "get_model"]
+__all__ = ["ALL_MODELS", "ZOO", "ZooModel", "get_model", "logits_function"]

@@ -8,13 +8,19 @@ each layer's output* and used to train the layers above, with a separate pool
 per layer.
 
 A pool lives at a representation index `layer`: -1 is the input image, k >= 0
-is the output of `model.layers[k]`. Its examples are perturbed
+is the output of layer k of a flax `nn.Sequential`. Its examples are perturbed
 representations h' with the true label y of the image they came from, and
-they enter the loss through `model.apply_from(params, h', layer + 1)`, so
-their gradient reaches only the layers above `layer`.
+they enter the loss through the layers above k
+(`jaxadv.functional.LayersAbove`), so their gradient reaches only those.
 
-    config = AdversarialTrainingConfig(pool_layers=(-1, 1, 3))
-    params, history = adversarial_train(model, images, labels, key, config, make_adversarial)
+    config = AdversarialTrainingConfig(pool_layers=(-1, 2, 4))
+    params, history = adversarial_train(module, images, labels, key, config, make_adversarial)
+
+`model` is any model, as for every analysis: a flax module (initialised from
+`key` unless `params` are given) or a function apply(params, x) with its
+`params`. Pools at hidden layers and dropout need the network cut at its
+layers, so they need an `nn.Sequential` (the zoo's models are). `penalty(params)`
+adds a regulariser to the loss (the zoo passes its weight decay).
 
 `make_adversarial(logits_fn, inputs, labels, key, lower, upper) -> (adversarial, success)`
 is any attack (the experiment passes the L-BFGS attack with random wrong
@@ -28,15 +34,17 @@ import functools
 import time
 from typing import Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxadv.models import Model, Params, apply_layer, weight_decay_penalty
+from jaxadv.functional import (INPUT, LayersAbove, LayersBelow, ModuleApply, apply_layers, check_logits_call,
+                               hidden_layers, layer_kind, logits_function,
+                               representation_bounds as _sequential_bounds)
 
-#: Index of the input image as a representation (the "layer" before layer 0).
-INPUT = -1
+Params = object   # any pytree of arrays (a flax module's variables)
 
 MakeAdversarial = Callable[..., tuple]
 
@@ -121,56 +129,58 @@ def _replace(pool, key, inputs, labels):
 
 # -- forward passes and the loss ---------------------------------------------------
 
+def _apply_fn(model):
+    """(params, x) -> logits for a flax module or a function apply(params, x)."""
+    return ModuleApply(model) if isinstance(model, nn.Module) else model
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def representation(model: Model, params: Params, images: jax.Array, layer: int) -> jax.Array:
+def representation(model, params: Params, images: jax.Array, layer: int) -> jax.Array:
     """The representation at index `layer` (-1: the images themselves)."""
-    return images if layer == INPUT else model.activations(params, images)[layer]
+    return images if layer == INPUT else LayersBelow(model, layer)(params, images)
 
 
-def representation_bounds(model: Model, layer: int) -> tuple[float, float]:
-    """The box an adversarial representation must stay in: pixels and sigmoid outputs lie in [0, 1]."""
-    if layer == INPUT:
-        return 0.0, 1.0
-    kind = model.layers[layer].kind
-    if kind == "sigmoid":
-        return 0.0, 1.0
-    if kind in ("relu", "maxpool"):
-        return 0.0, float("inf")
-    return -float("inf"), float("inf")
+def representation_bounds(model, layer: int) -> tuple[float, float]:
+    """The box an adversarial representation must stay in: pixels lie in [0, 1], sigmoid outputs too, ReLUs in [0, ∞)."""
+    return (0.0, 1.0) if layer == INPUT else _sequential_bounds(model, layer)
 
 
-def dropout_layers(model: Model) -> tuple[int, ...]:
+def dropout_layers(model: nn.Sequential) -> tuple[int, ...]:
     """Hidden outputs that feed a parametrised layer (or flatten): where dropout masks go.
 
     Skipping a nonlinearity directly followed by max-pooling masks each
     conv block once, at the pool's output.
     """
-    return tuple(k for k in model.hidden_layers() if model.layers[k + 1].kind in ("dense", "conv", "flatten"))
+    return tuple(k for k in hidden_layers(model) if layer_kind(model.layers[k + 1]) in ("dense", "conv", "flatten"))
 
 
-def forward(model: Model, params: Params, h: jax.Array, start: int = 0,
+def forward(model, params: Params, h: jax.Array, start: int = 0,
             key: jax.Array | None = None, dropout_rate: float = 0.0) -> jax.Array:
     """Logits from the output of layer start-1, with inverted dropout on `dropout_layers` when `key` is given."""
+    if not isinstance(model, nn.Sequential):
+        return _apply_fn(model)(params, h)      # validate_config allows only start = 0, no dropout here
     masked = dropout_layers(model) if key is not None and dropout_rate > 0.0 else ()
-    for index in range(start, len(model.layers)):
-        h = apply_layer(model.layers[index], params[index], h)
-        if index in masked:
-            key, sub = jax.random.split(key)
-            keep = jax.random.bernoulli(sub, 1.0 - dropout_rate, h.shape)
-            h = jnp.where(keep, h / (1.0 - dropout_rate), 0.0)
-    return h
+    keys = dict(zip(masked, jax.random.split(key, len(masked)))) if masked else {}
+
+    def drop(index, h):
+        if index not in keys:
+            return h
+        keep = jax.random.bernoulli(keys[index], 1.0 - dropout_rate, h.shape)
+        return jnp.where(keep, h / (1.0 - dropout_rate), 0.0)
+
+    return apply_layers(model, params, h, start, after_layer=drop)
 
 
-def pool_loss(model: Model, params: Params, layer: int, examples: Examples,
+def pool_loss(model, params: Params, layer: int, examples: Examples,
               key: jax.Array | None = None, dropout_rate: float = 0.0) -> jax.Array:
     """Mean cross-entropy of examples that enter above representation `layer`."""
     logits = forward(model, params, examples.inputs, layer + 1, key, dropout_rate)
     return optax.softmax_cross_entropy_with_integer_labels(logits, examples.labels).mean()
 
 
-def training_loss(model: Model, params: Params, clean: Examples, pool_batches: tuple,
-                  key: jax.Array, dropout_rate: float = 0.0) -> jax.Array:
-    """Cross-entropy averaged over every example of the step (clean and pooled) plus weight decay.
+def training_loss(model, params: Params, clean: Examples, pool_batches: tuple,
+                  key: jax.Array, dropout_rate: float = 0.0, penalty: Callable | None = None) -> jax.Array:
+    """Cross-entropy averaged over every example of the step (clean and pooled) plus `penalty(params)`.
 
     `pool_batches` is a tuple of (layer, Examples). Averaging over examples
     makes the pools simply more training data, mixed into every step.
@@ -181,12 +191,7 @@ def training_loss(model: Model, params: Params, clean: Examples, pool_batches: t
     for (layer, batch), k in zip(pool_batches, keys[1:]):
         total = total + pool_loss(model, params, layer, batch, k, dropout_rate) * batch.labels.shape[0]
         count += batch.labels.shape[0]
-    return total / count + weight_decay_penalty(model, params)
-
-
-def frozen_mask(model: Model, params: Params):
-    """A pytree like `params`: 1 for trainable layers, 0 for frozen ones (their gradient is zeroed)."""
-    return tuple(jax.tree.map(lambda w, t=layer.trainable: jnp.float32(t), p) for layer, p in zip(model.layers, params))
+    return total / count + (penalty(params) if penalty is not None else 0.0)
 
 
 # -- training -------------------------------------------------------------------------
@@ -196,14 +201,13 @@ def make_optimizer(config: AdversarialTrainingConfig, total_steps: int) -> optax
     return optax.adam(optax.cosine_decay_schedule(config.learning_rate, max(total_steps, 1)))
 
 
-def init_state(model: Model, key: jax.Array, config: AdversarialTrainingConfig, total_steps: int) -> TrainState:
-    params = model.init(key)
+def init_state(params: Params, config: AdversarialTrainingConfig, total_steps: int) -> TrainState:
     return TrainState(params, make_optimizer(config, total_steps).init(params), jnp.int32(0))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def run_steps(model: Model, config: AdversarialTrainingConfig, total_steps: int, state: TrainState, images, labels,
-              batch_indices, pools: tuple, key: jax.Array):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def run_steps(model, config: AdversarialTrainingConfig, total_steps: int, penalty: Callable | None, state: TrainState,
+              images, labels, batch_indices, pools: tuple, key: jax.Array):
     """`len(batch_indices)` optimiser steps as one `lax.scan`; returns (state, loss per step).
 
     Each step takes the clean batch `batch_indices[t]` and `pool_batch_size`
@@ -211,7 +215,6 @@ def run_steps(model: Model, config: AdversarialTrainingConfig, total_steps: int,
     `config.pool_layers`; empty before the pools are first filled).
     """
     optimizer = make_optimizer(config, total_steps)
-    mask = frozen_mask(model, state.params)
 
     def step(state, xs):
         indices, step_key = xs
@@ -222,9 +225,8 @@ def run_steps(model: Model, config: AdversarialTrainingConfig, total_steps: int,
             draw = jax.random.randint(k, (config.pool_batch_size,), 0, pool.labels.shape[0])
             pool_batches.append((layer, Examples(pool.inputs[draw], pool.labels[draw])))
         loss, grads = jax.value_and_grad(
-            lambda p: training_loss(model, p, clean, tuple(pool_batches), dropout_key, config.dropout_rate)
+            lambda p: training_loss(model, p, clean, tuple(pool_batches), dropout_key, config.dropout_rate, penalty)
         )(state.params)
-        grads = jax.tree.map(jnp.multiply, grads, mask)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
 
@@ -243,26 +245,17 @@ def epoch_batches(key: jax.Array, num_examples: int, batch_size: int, epochs: in
     return np.concatenate(perms).reshape(epochs * per_epoch, batch_size).astype(np.int32)
 
 
-class LayersAbove(NamedTuple):
-    """`model.apply_from(params, h, start)` as a hashable callable of (params, h).
+def logits_above(model, params: Params, layer: int) -> jax.tree_util.Partial:
+    """The logits as a function of the representation at index `layer`, its parameters traced.
 
-    Wrapped as `jax.tree_util.Partial(LayersAbove(model, start), params)` it is a
-    logits function whose parameters are traced arrays, so an attack compiled
-    for one refresh is reused by the next (new parameters, same program).
+    An attack compiled for one refresh is then reused by the next (new parameters, same program).
     """
-    model: Model
-    start: int
-
-    def __call__(self, params: Params, h: jax.Array) -> jax.Array:
-        return self.model.apply_from(params, h, self.start)
+    if layer == INPUT and not isinstance(model, nn.Sequential):
+        return jax.tree_util.Partial(_apply_fn(model), params)
+    return jax.tree_util.Partial(LayersAbove(model, layer), params)
 
 
-def logits_above(model: Model, params: Params, layer: int) -> jax.tree_util.Partial:
-    """The logits as a function of the representation at index `layer`."""
-    return jax.tree_util.Partial(LayersAbove(model, layer + 1), params)
-
-
-def fresh_adversarial_examples(model: Model, params: Params, layer: int, images, labels, key,
+def fresh_adversarial_examples(model, params: Params, layer: int, images, labels, key,
                                make_adversarial: MakeAdversarial) -> tuple[Examples, np.ndarray]:
     """Adversarial versions of `images`' representations at `layer` against the current model.
 
@@ -275,13 +268,18 @@ def fresh_adversarial_examples(model: Model, params: Params, layer: int, images,
     return Examples(jnp.asarray(adversarial, h.dtype), jnp.asarray(labels, jnp.int32)), np.asarray(success)
 
 
-def validate_config(model: Model, config: AdversarialTrainingConfig) -> None:
+def validate_config(model, config: AdversarialTrainingConfig) -> None:
     for name in ("epochs", "batch_size", "pool_size", "pool_batch_size", "refresh_every"):
         if getattr(config, name) < 1:
             raise ValueError(f"config.{name} must be positive, got {getattr(config, name)}")
     if not 0.0 <= config.dropout_rate < 1.0:
         raise ValueError(f"config.dropout_rate must lie in [0, 1), got {config.dropout_rate}")
     num_replaced(config.pool_size, config.refresh_fraction)
+    if not isinstance(model, nn.Sequential):
+        if any(layer != INPUT for layer in config.pool_layers) or config.dropout_rate:
+            raise TypeError("model: pools at hidden layers and dropout cut the network at its layers: they need a "
+                            f"flax nn.Sequential, got {type(model).__name__} (pool_layers=(-1,) works for any model)")
+        return
     last = len(model.layers) - 1
     for layer in config.pool_layers:
         if not INPUT <= layer < last:
@@ -290,10 +288,15 @@ def validate_config(model: Model, config: AdversarialTrainingConfig) -> None:
         raise ValueError(f"config.pool_layers must not repeat a layer, got {config.pool_layers}")
 
 
-def adversarial_train(model: Model, images, labels, key: jax.Array, config: AdversarialTrainingConfig,
+def adversarial_train(model, images, labels, key: jax.Array, config: AdversarialTrainingConfig,
                       make_adversarial: MakeAdversarial | None = None,
-                      evaluate: Callable[[Params], dict] | None = None) -> tuple[Params, list[dict]]:
+                      evaluate: Callable[[Params], dict] | None = None, *, params: Params | None = None,
+                      penalty: Callable[[Params], jax.Array] | None = None) -> tuple[Params, list[dict]]:
     """Train `model` on (images, labels), with adversarial pools at `config.pool_layers`.
+
+    model: a flax module (nn.Sequential for hidden-layer pools and dropout) or a function apply(params, x).
+    params: the initial parameters; a flax module without them is initialised from `key`.
+    penalty: params -> a scalar added to the loss (hashable: a jit cache key), e.g. the zoo's weight decay.
 
     Training runs in chunks of `refresh_every` steps. Before each chunk after
     the first, every pool is refreshed: fresh adversarial examples are made
@@ -302,11 +305,17 @@ def adversarial_train(model: Model, images, labels, key: jax.Array, config: Adve
     training). After each chunk `evaluate(params)` (if given) adds its numbers
     to the history, one dict per chunk with step, epoch, loss and timings.
     """
+    if not callable(model) and not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a flax module or a function apply(params, x), got {type(model).__name__}")
+    if params is None and not isinstance(model, nn.Module):
+        raise TypeError("params: a function apply(params, x) needs its initial parameters")
+    if penalty is not None and not callable(penalty):
+        raise TypeError(f"penalty: expected a function of the parameters, got {type(penalty).__name__}")
     validate_config(model, config)
     images = jnp.asarray(images, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
-    if images.shape[1:] != tuple(model.input_shape):
-        raise ValueError(f"images must have shape [N, {', '.join(map(str, model.input_shape))}], got {images.shape}")
+    if images.ndim < 2:
+        raise ValueError(f"images must have shape [N, *image_shape], got {images.shape}")
     if labels.ndim != 1 or images.shape[0] != labels.shape[0]:
         raise ValueError(f"labels must have shape [{images.shape[0]}] to match images, got {labels.shape}")
     if config.pool_layers and make_adversarial is None:
@@ -315,7 +324,10 @@ def adversarial_train(model: Model, images, labels, key: jax.Array, config: Adve
     init_key, batch_key, loop_key = jax.random.split(key, 3)
     schedule = epoch_batches(batch_key, images.shape[0], config.batch_size, config.epochs)
     total_steps = schedule.shape[0]
-    state = init_state(model, init_key, config, total_steps)
+    if params is None:
+        params = model.init(init_key, images[:1])
+    check_logits_call(logits_function(model, params), images.shape[1:], argument="model")
+    state = init_state(params, config, total_steps)
     steps_per_epoch = images.shape[0] // config.batch_size
     pools: tuple = ()
     history: list[dict] = []
@@ -331,7 +343,7 @@ def adversarial_train(model: Model, images, labels, key: jax.Array, config: Adve
             attack_seconds += time.perf_counter() - tic
             record["fresh_success_rate"] = success
         tic = time.perf_counter()
-        state, losses = run_steps(model, config, total_steps, state, images, labels,
+        state, losses = run_steps(model, config, total_steps, penalty, state, images, labels,
                                   jnp.asarray(schedule[start:start + config.refresh_every]), pools, step_key)
         losses.block_until_ready()
         train_seconds += time.perf_counter() - tic

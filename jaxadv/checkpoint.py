@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadv.io import write_atomic
-from jaxadv.models import Model
 
 PARAMS_FILE = "params.msgpack"
 META_FILE = "meta.json"
@@ -31,7 +30,7 @@ CHECKSUM_KEY = "params_sha256"    # in meta.json, beside the caller's meta (remo
 
 
 def save_checkpoint(directory: str | os.PathLike, params, meta: dict) -> None:
-    """Write `params` (a model's tuple of per-layer dicts) and `meta` to `directory`."""
+    """Write `params` (any pytree of arrays, e.g. a flax module's variables) and `meta` to `directory`."""
     if not isinstance(meta, dict):
         raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
     if CHECKSUM_KEY in meta:
@@ -73,8 +72,14 @@ def _read_meta_and_checksum(directory: Path):
     return meta, checksum
 
 
-def load_checkpoint(directory: str | os.PathLike, model: Model):
-    """Return (params, meta) saved in `directory` for `model`; shapes are checked against it."""
+def load_checkpoint(directory: str | os.PathLike, like):
+    """Return (params, meta) saved in `directory`, checked against `like`.
+
+    like: the structure the parameters must have: a pytree of arrays or
+      `jax.ShapeDtypeStruct`s (e.g. `jax.eval_shape(module.init, key, x)`), or
+      an object with `init(key)` (a `jaxadv.models.ZooModel`). Every name, shape
+      and dtype must match; a mismatch names the entry.
+    """
     directory = Path(directory)
     if not has_checkpoint(directory):
         raise FileNotFoundError(f"no complete checkpoint in {str(directory)!r} "
@@ -84,24 +89,23 @@ def load_checkpoint(directory: str | os.PathLike, model: Model):
     if hashlib.sha256(params_bytes).hexdigest() != checksum:
         raise ValueError(f"{str(directory / PARAMS_FILE)!r} does not match the checksum in {META_FILE} "
                          "(truncated, extended or altered): delete the folder to retrain")
-    state = flax.serialization.msgpack_restore(params_bytes)
-    template = jax.eval_shape(model.init, jax.random.PRNGKey(0))
-    if not isinstance(state, dict) or len(state) != len(template):
-        raise ValueError(f"checkpoint {str(directory)!r} does not hold {len(template)} layers "
-                         f"of {model.name}")
-    params = []
-    for i, layer_template in enumerate(template):
-        stored = state[str(i)]
-        if set(stored) != set(layer_template):
-            raise ValueError(f"checkpoint {str(directory)!r} layer {i} has {sorted(stored)}, "
-                             f"{model.name} expects {sorted(layer_template)}")
-        layer = {}
-        for name, spec in layer_template.items():
-            value = np.asarray(stored[name])
-            if value.shape != spec.shape or value.dtype != spec.dtype:
-                raise ValueError(f"checkpoint {str(directory)!r} layer {i} {name!r} is "
-                                 f"{value.dtype}{list(value.shape)}, {model.name} expects "
-                                 f"{spec.dtype}{list(spec.shape)}")
-            layer[name] = jnp.asarray(value)
-        params.append(layer)
-    return tuple(params), meta
+    owner = f" of {like.name}" if hasattr(like, "name") else ""
+    if hasattr(like, "init"):
+        like = jax.eval_shape(like.init, jax.random.PRNGKey(0))
+    stored = flax.serialization.msgpack_restore(params_bytes)
+    expected = flax.serialization.to_state_dict(like)
+    stored_paths = dict(jax.tree_util.tree_flatten_with_path(stored)[0])
+    expected_paths = jax.tree_util.tree_flatten_with_path(expected)[0]
+    if set(stored_paths) != {path for path, _ in expected_paths}:
+        missing = sorted(map(jax.tree_util.keystr, {p for p, _ in expected_paths} - set(stored_paths)))
+        extra = sorted(map(jax.tree_util.keystr, set(stored_paths) - {p for p, _ in expected_paths}))
+        raise ValueError(f"checkpoint {str(directory)!r} does not hold the parameters{owner}: "
+                         f"missing {missing[:4]}, unexpected {extra[:4]} (another model's, or saved before the zoo "
+                         "was written in flax: delete the folder to retrain)")
+    for path, spec in expected_paths:
+        value = np.asarray(stored_paths[path])
+        if value.shape != spec.shape or value.dtype != spec.dtype:
+            raise ValueError(f"checkpoint {str(directory)!r} {jax.tree_util.keystr(path)} is "
+                             f"{value.dtype}{list(value.shape)}, expected{owner} {spec.dtype}{list(spec.shape)}")
+    restored = flax.serialization.from_state_dict(like, jax.tree.map(jnp.asarray, stored))
+    return restored, meta

@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import jax
+
 TEMP_PREFIX = ".tmp-"  # what an interrupted write leaves behind; safe to delete
 
 
@@ -35,3 +37,31 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` (text as UTF-8) to `path` atomically."""
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+class NotWritable(ValueError):
+    """A folder that is a file, or that this process cannot write in: the user's to fix, named with its flag."""
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--workdir") -> None:
+    """NotWritable naming the folder unless `path` is, or can be created as, a folder this process can write.
+
+    Writes (and removes) a probe file in the deepest folder that exists: permissions alone do not tell
+    (root ignores them; a read-only mount does not).
+    """
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotWritable(f"{flag}: {str(existing)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=f"{TEMP_PREFIX}probe.")
+    except OSError as error:
+        raise NotWritable(f"{flag}: cannot write in {str(existing)!r} ({error.strerror}); nothing was computed") from None
+    os.close(fd)
+    os.remove(probe)
+
+
+def is_writer() -> bool:
+    """Whether this process writes the outputs: the only one, or process 0 of a --distributed run."""
+    return jax.process_index() == 0

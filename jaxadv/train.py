@@ -10,15 +10,17 @@ An epoch is one jitted `lax.scan` over shuffled minibatches (the remainder that
 does not fill a batch is dropped each epoch; a different one each epoch).
 Everything is a pure function of the key, so training is deterministic.
 
-AE400-10 (`model.pretrain == "sparse_autoencoder"`) first learns its first layer
-as the encoder of a 784-400-784 sparse sigmoid autoencoder without labels; that
-layer is frozen (`Layer.trainable=False`) while the softmax on top is trained.
+AE400-10 (`model.pretrain == "sparse_autoencoder"`) first learns its first dense
+layer as the encoder of a 784-400-784 sparse sigmoid autoencoder without labels;
+that layer is frozen (named in `model.frozen`) while the softmax on top is trained.
+
+`train` takes a `jaxadv.models.ZooModel` (a flax module plus the zoo's recipe);
+`error_rate` takes any model, as every analysis does (`jaxadv.functional`).
 """
 from __future__ import annotations
 
 import sys
 import time
-from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
@@ -26,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxadv.models import Model, weight_decay_penalty
+from jaxadv.functional import check_logits_call, layer_kind, logits_function
+from jaxadv.models import ZooModel, weight_decay_penalty
 
 
 class TrainConfig(NamedTuple):
@@ -42,16 +45,15 @@ class TrainConfig(NamedTuple):
     ae_weight_decay: float = 1e-4    # λ_AE in (λ_AE / 2)(‖W_enc‖² + ‖W_dec‖²)
 
 
-def zoo_config(model: Model, quick: bool = False, verbose: bool = True) -> TrainConfig:
+def zoo_config(model: ZooModel, quick: bool = False, verbose: bool = True) -> TrainConfig:
     """The training schedule `train_zoo` uses for `model` (chosen to train in minutes on 2 cores).
 
     Linear softmax models are cheap and convex: many epochs at a larger step to
     get close to the optimum, so that the ordering by λ is the regulariser's and
     not the optimiser's. `quick` is a smoke-test schedule (one or two epochs).
     """
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a jaxadv.models.Model, got {type(model).__name__}")
-    kinds = {layer.kind for layer in model.layers}
+    _check_model(model)
+    kinds = {layer_kind(layer) for layer in model.module.layers} & {"dense", "conv", "sigmoid", "relu"}
     if model.pretrain == "sparse_autoencoder":
         config = TrainConfig(epochs=40, learning_rate=1e-2, ae_epochs=20)
     elif kinds == {"dense"}:  # softmax regression
@@ -65,32 +67,38 @@ def zoo_config(model: Model, quick: bool = False, verbose: bool = True) -> Train
     return config._replace(verbose=verbose)
 
 
-def train(model: Model, images, labels, key: jax.Array, config: TrainConfig = TrainConfig()):
-    """Train `model` on `images` [N, 28, 28, 1] in [0, 1] and int `labels` [N]; return params."""
+def train(model: ZooModel, images, labels, key: jax.Array, config: TrainConfig = TrainConfig()):
+    """Train `model` on `images` [N, 28, 28, 1] in [0, 1] and int `labels` [N]; return its variables."""
     _check_config(config)
-    images, labels = _check_training_data(model, images, labels)
+    _check_model(model)
+    images, labels = _check_training_data(model.module, model.init(jax.random.PRNGKey(0)), images, labels,
+                                          model.input_shape)
     init_key, pretrain_key, shuffle_key = jax.random.split(key, 3)
-    params = model.init(init_key)
+    variables = model.init(init_key)
     if model.pretrain == "sparse_autoencoder":
-        encoder = pretrain_sparse_autoencoder(images, pretrain_key, config, model.layers[0].features,
-                                              name=model.name)
-        params = (encoder,) + tuple(params[1:])
+        (encoder_name,) = model.frozen
+        features = variables["params"][encoder_name]["kernel"].shape[-1]
+        encoder = pretrain_sparse_autoencoder(images, pretrain_key, config, features, name=model.name)
+        variables = {**variables, "params": {**variables["params"],
+                                             encoder_name: {"kernel": encoder["w"], "bias": encoder["b"]}}}
     elif model.pretrain is not None:
         raise ValueError(f"model {model.name!r} has unknown pretrain {model.pretrain!r}")
 
-    frozen = tuple(not layer.trainable for layer in model.layers)
-
-    def loss_fn(params, x, y):
+    def loss_fn(variables, x, y):
         # stop_gradient lets XLA skip the frozen layers' weight gradients altogether.
-        params = tuple(jax.tree.map(jax.lax.stop_gradient, p) if f else p for p, f in zip(params, frozen))
-        logits = model.apply(params, x)
+        params = {name: jax.lax.stop_gradient(p) if name in model.frozen else p
+                  for name, p in variables["params"].items()}
+        variables = {**variables, "params": params}
+        logits = model.module.apply(variables, x)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return ce + weight_decay_penalty(model, params)
+        return ce + weight_decay_penalty(model, variables)
 
     adam = _adam(config.learning_rate, config.epochs * _num_batches(len(labels), config.batch_size))
-    labels_tree = tuple({k: ("frozen" if f else "train") for k in p} for p, f in zip(params, frozen))
+    labels_tree = {**jax.tree.map(lambda _: "train", variables),
+                   "params": {name: jax.tree.map(lambda _: "frozen" if name in model.frozen else "train", p)
+                              for name, p in variables["params"].items()}}
     optimizer = optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels_tree)
-    return fit(loss_fn, params, (images, labels), shuffle_key, optimizer, config.epochs,
+    return fit(loss_fn, variables, (images, labels), shuffle_key, optimizer, config.epochs,
                config.batch_size, name=model.name, verbose=config.verbose)
 
 
@@ -164,9 +172,14 @@ def fit(loss_fn: Callable, params, data: tuple, key: jax.Array, optimizer: optax
     return params
 
 
-def error_rate(model: Model, params, images, labels, batch_size: int = 2000) -> float:
-    """Fraction of `images` whose argmax logit differs from `labels` (batched, jitted)."""
-    images, labels = _check_training_data(model, images, labels, "images", "labels")
+def error_rate(model, params, images, labels, batch_size: int = 2000) -> float:
+    """Fraction of `images` whose argmax logit differs from `labels` (batched, jitted).
+
+    model, params: any model (`jaxadv.functional.logits_function`): a flax module and its variables, a
+    function apply(params, x), or a logits function with params None.
+    """
+    logits_fn = logits_function(model, params)
+    images, labels = _check_training_data(logits_fn, None, images, labels)
     n = len(labels)
     if n == 0:
         raise ValueError("images must hold at least one example")
@@ -178,13 +191,13 @@ def error_rate(model: Model, params, images, labels, batch_size: int = 2000) -> 
         if valid < batch_size:  # pad the last batch so that one compiled shape serves all
             x = jnp.concatenate([x, jnp.zeros((batch_size - valid,) + x.shape[1:], x.dtype)])
             y = jnp.concatenate([y, jnp.full((batch_size - valid,), -1, y.dtype)])
-        wrong += int(_count_wrong(model, params, x, y, valid))
+        wrong += int(_count_wrong(logits_fn, x, y, valid))
     return wrong / n
 
 
-@partial(jax.jit, static_argnums=0)
-def _count_wrong(model: Model, params, x, y, valid):
-    mistakes = jnp.argmax(model.apply(params, x), axis=-1) != y
+@jax.jit
+def _count_wrong(logits_fn, x, y, valid):
+    mistakes = jnp.argmax(logits_fn(x), axis=-1) != y
     return jnp.sum(mistakes & (jnp.arange(len(y)) < valid))
 
 
@@ -211,22 +224,25 @@ def _check_config(config: TrainConfig) -> None:
         raise ValueError(f"config.ae_sparsity (ρ) must lie in (0, 1), got {config.ae_sparsity}")
 
 
-def _check_training_data(model: Model, images, labels, images_name="images", labels_name="labels"):
-    if not isinstance(model, Model):
-        raise TypeError(f"model must be a jaxadv.models.Model, got {type(model).__name__}")
+def _check_model(model) -> None:
+    if not isinstance(model, ZooModel):
+        raise TypeError(f"model must be a jaxadv.models.ZooModel (get_model(name)), got {type(model).__name__}")
+
+
+def _check_training_data(model, params, images, labels, input_shape=None):
+    """images as float32 [N, *input_shape] in [0, 1] and labels as int32 [N] within the model's classes."""
     images, labels = np.asarray(images), np.asarray(labels)
-    if images.ndim != 1 + len(model.input_shape) or images.shape[1:] != tuple(model.input_shape):
-        raise ValueError(f"{images_name} must have shape [N, {', '.join(map(str, model.input_shape))}] "
-                         f"for {model.name}, got {images.shape}")
+    if input_shape is not None and images.shape[1:] != tuple(input_shape):
+        raise ValueError(f"images must have shape [N, {', '.join(map(str, input_shape))}], got {images.shape}")
+    if images.ndim < 2:
+        raise ValueError(f"images must have shape [N, *image_shape], got {images.shape}")
     if not np.issubdtype(images.dtype, np.floating):
-        raise TypeError(f"{images_name} must be floating point in [0, 1], got dtype {images.dtype}")
+        raise TypeError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
     if labels.shape != images.shape[:1]:
-        raise ValueError(f"{labels_name} must have shape [{len(images)}] to match {images_name}, "
-                         f"got {labels.shape}")
+        raise ValueError(f"labels must have shape [{len(images)}] to match images, got {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(f"{labels_name} must be integers, got dtype {labels.dtype}")
-    num_classes = model.output_shapes()[-1][-1]
+        raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
+    num_classes = check_logits_call(logits_function(model, params), images.shape[1:], argument="model")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{labels_name} must lie in [0, {num_classes}), got range "
-                         f"[{labels.min()}, {labels.max()}]")
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
     return jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)

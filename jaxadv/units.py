@@ -5,12 +5,17 @@ directions and finds both give "semantically related" images. It reports no
 number; `majority_label_share`, `mean_pairwise_cosine` and `permutation_test`
 turn the comparison into one.
 
-    features = layer_features(model, params, images, layer)   # [N, n]
+    below, _ = split_sequential(model.module, layer)           # φ: the network up to `layer`
+    features = layer_features(below, images, params=variables)  # [N, n]
     directions = jnp.concatenate([natural_basis(n, units), random_unit_directions(key, 8, n)])
     top = top_k_images(features, directions, k=10)             # indices [D, k]
     share = majority_label_share(labels[top.indices], num_classes=10)
 
-All functions are pure; `top_k_images` handles a batch of directions at once.
+`layer_features` takes any model's φ the way every analysis takes a model
+(`jaxadv.functional.logits_function`): a function of the images, a function
+apply(params, x) with its params, or a flax module (e.g. one whose `__call__`
+returns the hidden layer) with its variables. All functions are pure;
+`top_k_images` handles a batch of directions at once.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.models import Model, Params
+from jaxadv.functional import logits_function
 
 _PERMUTATION_BLOCK = 500
 
@@ -31,22 +36,31 @@ class TopK(NamedTuple):
     scores: jax.Array    # float32 [D, k]
 
 
-def layer_features(model: Model, params: Params, images, layer: int, batch_size: int = 2000) -> jax.Array:
-    """φ(x) for every image: layer `layer`'s output, flattened to [N, n].
+def layer_features(features_fn, images, *, params=None, batch_size: int = 2000) -> jax.Array:
+    """φ(x) for every image, flattened to [N, n].
 
+    features_fn: x [B, *image_shape] -> φ(x) [B, ...], with `params` if it is a flax module or a function
+      apply(params, x) (see `jaxadv.functional.logits_function`).
     Computed in chunks of `batch_size` so that conv feature maps of the whole
     test set never sit in memory at once.
     """
-    if not 0 <= layer < len(model.layers):
-        raise ValueError(f"layer must index one of the model's {len(model.layers)} layers, got {layer}")
+    features_fn = logits_function(features_fn, params, argument="features_fn")
     images = jnp.asarray(images, jnp.float32)
-    if images.ndim != 4:
-        raise ValueError(f"images must have shape [N, H, W, C], got {images.shape}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    forward = jax.jit(lambda x: model.activations(params, x)[layer].reshape(x.shape[0], -1))
-    chunks = [forward(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    if images.ndim < 2:
+        raise ValueError(f"images must have shape [N, *image_shape], got {images.shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    out = jax.eval_shape(features_fn, jax.ShapeDtypeStruct((2,) + images.shape[1:], images.dtype))
+    if getattr(out, "shape", (None,))[0] != 2:
+        raise ValueError(f"features_fn: returned shape {getattr(out, 'shape', None)} for a batch of 2 images; "
+                         "it must keep the batch axis")
+    chunks = [_flat_features(features_fn, images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
     return jnp.concatenate(chunks, axis=0)
+
+
+@jax.jit
+def _flat_features(features_fn, x):
+    return features_fn(x).reshape(x.shape[0], -1)
 
 
 def natural_basis(dim: int, units: Sequence[int]) -> jax.Array:

@@ -38,6 +38,7 @@ from experiments.common import markdown_table, trained_models, write_json_atomic
 from jaxadv.attacks import AttackConfig, lbfgs_attack_all_targets, lbfgs_attack_untargeted  # noqa: E402
 from jaxadv.attacks.exact import exact_linear_minimum  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402
+from jaxadv.functional import layer_kind  # noqa: E402
 
 NUM_CLASSES = 10
 FOOLBOX_ATTACKS = ("ddn", "cw", "deepfool")
@@ -66,10 +67,11 @@ def jaxadv_attacks(logits_fn, images, labels):
 
 
 def exact_attack(model, params, images, labels):
-    dense = [p for p in params if "w" in p]
-    if len(dense) != 1 or any(layer.kind not in ("dense", "flatten") for layer in model.layers):
+    kinds = [layer_kind(layer) for layer in model.module.layers]
+    if kinds.count("dense") != 1 or set(kinds) - {"dense", "flatten"}:
         return {}
-    w, b = np.asarray(dense[0]["w"]), np.asarray(dense[0]["b"])
+    dense = params["params"][f"layers_{kinds.index('dense')}"]
+    w, b = np.asarray(dense["kernel"]), np.asarray(dense["bias"])
     tic = time.perf_counter()
     best = []
     for x, y in zip(images.reshape(len(images), -1), labels):

@@ -1,4 +1,5 @@
 """Adversarial training: the pool, per-layer examples touching only the layers above, the loop."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +10,16 @@ from jaxadv.adversarial_training import (
     INPUT, AdversarialTrainingConfig, Examples, adversarial_train, dropout_layers, epoch_batches, forward, logits_above,
     fresh_adversarial_examples, init_pool, num_replaced, pool_loss, refresh_pool, representation_bounds,
     training_loss)
-from jaxadv.models import Layer, Model, get_model
+from jaxadv.functional import apply_layers
+from jaxadv.models import flatten, get_model
 
-TINY = Model("tiny", (Layer("dense", 6), Layer("sigmoid"), Layer("dense", 5), Layer("sigmoid"), Layer("dense", 3)),
-             input_shape=(2, 2, 1))
+#: Layers: 0 flatten, 1 dense, 2 sigmoid, 3 dense, 4 sigmoid, 5 dense; hidden representations 2 and 4.
+TINY = nn.Sequential((flatten, nn.Dense(6), nn.sigmoid, nn.Dense(5), nn.sigmoid, nn.Dense(3)))
+DENSE = (1, 3, 5)
+
+
+def _init(key, module=TINY):
+    return module.init(key, jnp.zeros((1, 2, 2, 1)))
 
 
 def _examples(key, n, shape=(4,), offset=0.0):
@@ -52,14 +59,14 @@ def test_refresh_rejects_too_few_fresh_examples_and_bad_fraction():
         refresh_pool(pool, jax.random.PRNGKey(1), _examples(jax.random.PRNGKey(1), 10), 0.0)
 
 
-@pytest.mark.parametrize("layer", [INPUT, 1, 3])
+@pytest.mark.parametrize("layer", [INPUT, 2, 4])
 def test_pool_gradient_reaches_only_the_layers_above(layer):
-    params = TINY.init(jax.random.PRNGKey(0))
-    h = jax.random.uniform(jax.random.PRNGKey(1), (8, *((2, 2, 1) if layer == INPUT else (TINY.output_shapes()[layer]))))
+    params = _init(jax.random.PRNGKey(0))
+    h = jax.random.uniform(jax.random.PRNGKey(1), (8, *{INPUT: (2, 2, 1), 2: (6,), 4: (5,)}[layer]))
     examples = Examples(h, jnp.arange(8, dtype=jnp.int32) % 3)
     grads = jax.grad(lambda p: pool_loss(TINY, p, layer, examples))(params)
-    for index, g in enumerate(grads):
-        for leaf in jax.tree.leaves(g):
+    for index in DENSE:
+        for leaf in jax.tree.leaves(grads["params"][f"layers_{index}"]):
             if index <= layer:
                 assert np.all(np.asarray(leaf) == 0.0), f"layer {index} got a gradient from pool {layer}"
             else:
@@ -67,38 +74,41 @@ def test_pool_gradient_reaches_only_the_layers_above(layer):
 
 
 def test_an_optimiser_step_on_a_hidden_pool_leaves_the_lower_layers_unchanged():
-    params = TINY.init(jax.random.PRNGKey(0))
+    params = _init(jax.random.PRNGKey(0))
     examples = Examples(jax.random.uniform(jax.random.PRNGKey(1), (8, 5)), jnp.arange(8, dtype=jnp.int32) % 3)
     optimizer = optax.adam(1e-2)
-    grads = jax.grad(lambda p: pool_loss(TINY, p, 3, examples))(params)
+    grads = jax.grad(lambda p: pool_loss(TINY, p, 4, examples))(params)
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     new = optax.apply_updates(params, updates)
-    for index in range(4):
-        for a, b in zip(jax.tree.leaves(params[index]), jax.tree.leaves(new[index])):
+    for name in ("layers_1", "layers_3"):
+        for a, b in zip(jax.tree.leaves(params["params"][name]), jax.tree.leaves(new["params"][name])):
             np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(params[4]["w"], new[4]["w"])
+    assert not np.array_equal(params["params"]["layers_5"]["kernel"], new["params"]["layers_5"]["kernel"])
 
 
-def test_training_loss_is_the_example_weighted_mean_plus_weight_decay():
-    model = Model("decayed", (Layer("dense", 6, weight_decay=0.3), Layer("sigmoid"), Layer("dense", 3, weight_decay=0.1)),
-                  input_shape=(2, 2, 1))
-    params = model.init(jax.random.PRNGKey(0))
+def _decay(params):
+    return 0.3 * jnp.sum(params["params"]["layers_1"]["kernel"] ** 2) / 6
+
+
+def test_training_loss_is_the_example_weighted_mean_plus_the_penalty():
+    model = nn.Sequential((flatten, nn.Dense(6), nn.sigmoid, nn.Dense(3)))
+    params = _init(jax.random.PRNGKey(0), model)
     clean = Examples(jax.random.uniform(jax.random.PRNGKey(1), (6, 2, 2, 1)), jnp.arange(6, dtype=jnp.int32) % 3)
     hidden = Examples(jax.random.uniform(jax.random.PRNGKey(2), (2, 6)), jnp.array([1, 2], jnp.int32))
-    logits = np.concatenate([model.apply(params, clean.inputs), model.apply_from(params, hidden.inputs, 2)])
+    logits = np.concatenate([model.apply(params, clean.inputs), apply_layers(model, params, hidden.inputs, 3)])
     targets = np.concatenate([clean.labels, hidden.labels])
     log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     cross_entropy = -log_softmax[np.arange(8), targets].mean()
-    decay = 0.3 * np.sum(np.asarray(params[0]["w"]) ** 2) / 6 + 0.1 * np.sum(np.asarray(params[2]["w"]) ** 2) / 3
-    got = training_loss(model, params, clean, ((1, hidden),), jax.random.PRNGKey(3))
+    decay = 0.3 * np.sum(np.asarray(params["params"]["layers_1"]["kernel"]) ** 2) / 6
+    got = training_loss(model, params, clean, ((2, hidden),), jax.random.PRNGKey(3), penalty=_decay)
     np.testing.assert_allclose(got, cross_entropy + decay, rtol=1e-5)
 
 
 def test_dropout_masks_hidden_units_and_is_off_without_a_key():
-    params = TINY.init(jax.random.PRNGKey(0))
+    params = _init(jax.random.PRNGKey(0))
     x = jax.random.uniform(jax.random.PRNGKey(1), (64, 2, 2, 1))
-    assert dropout_layers(TINY) == (1, 3)
-    assert dropout_layers(get_model("ConvNet")) == (2, 5, 8)
+    assert dropout_layers(TINY) == (2, 4)
+    assert dropout_layers(get_model("ConvNet").module) == (2, 5, 8)
     np.testing.assert_array_equal(forward(TINY, params, x), TINY.apply(params, x))
     dropped = forward(TINY, params, x, key=jax.random.PRNGKey(2), dropout_rate=0.5)
     assert not np.allclose(dropped, TINY.apply(params, x))
@@ -109,9 +119,9 @@ def test_dropout_masks_hidden_units_and_is_off_without_a_key():
 
 
 def test_representation_bounds():
-    model = get_model("ConvNet")
+    model = get_model("ConvNet").module
     assert representation_bounds(model, INPUT) == (0.0, 1.0)
-    assert representation_bounds(TINY, 1) == (0.0, 1.0)
+    assert representation_bounds(TINY, 2) == (0.0, 1.0)
     assert representation_bounds(model, 1) == (0.0, float("inf"))
     assert representation_bounds(model, 0) == (-float("inf"), float("inf"))
 
@@ -140,14 +150,14 @@ def _gradient_sign_attack(logits_fn, inputs, labels, key, lower, upper):
 
 
 def test_fresh_examples_live_in_the_representation_box():
-    params = TINY.init(jax.random.PRNGKey(0))
+    params = _init(jax.random.PRNGKey(0))
     images = jax.random.uniform(jax.random.PRNGKey(1), (10, 2, 2, 1))
     labels = jnp.arange(10, dtype=jnp.int32) % 3
-    fresh, success = fresh_adversarial_examples(TINY, params, 1, images, labels, jax.random.PRNGKey(2),
+    fresh, success = fresh_adversarial_examples(TINY, params, 2, images, labels, jax.random.PRNGKey(2),
                                                 _gradient_sign_attack)
     assert fresh.inputs.shape == (10, 6) and success.shape == (10,)
     assert float(fresh.inputs.min()) >= 0.0 and float(fresh.inputs.max()) <= 1.0
-    clean_h = TINY.activations(params, images)[1]
+    clean_h = apply_layers(TINY, params, images, 0, 3)
     assert not np.allclose(fresh.inputs, clean_h)
 
 
@@ -155,7 +165,7 @@ def test_adversarial_train_runs_fills_and_refreshes_pools_and_learns():
     key = jax.random.PRNGKey(0)
     images = jax.random.uniform(key, (240, 2, 2, 1))
     labels = (images[:, 0, 0, 0] > 0.5).astype(jnp.int32) + (images[:, 0, 1, 0] > 0.5)   # majority share 1/2
-    config = AdversarialTrainingConfig(epochs=12, batch_size=16, learning_rate=1e-1, pool_layers=(INPUT, 1, 3),
+    config = AdversarialTrainingConfig(epochs=12, batch_size=16, learning_rate=1e-1, pool_layers=(INPUT, 2, 4),
                                        pool_size=40, pool_batch_size=8, refresh_every=60, refresh_fraction=0.25)
     calls = []
 
@@ -163,29 +173,47 @@ def test_adversarial_train_runs_fills_and_refreshes_pools_and_learns():
         calls.append(inputs.shape)
         return _gradient_sign_attack(logits_fn, inputs, labels, key, lower, upper)
 
-    error = lambda p: {"error": float(jnp.mean(jnp.argmax(TINY.apply(p, images), -1) != labels))}
+    error = lambda p: {"error": float(jnp.mean(jnp.argmax(TINY.apply(p, images), -1) != labels))}   # noqa: E731
     params, history = adversarial_train(TINY, images, labels, jax.random.PRNGKey(1), config, attack, error)
     assert len(history) == 3 and history[-1]["step"] == 180
     # The first refresh fills each pool (40 per layer) in batches of 10, the next replaces 10 per layer.
     assert calls == [(10, 2, 2, 1)] * 4 + [(10, 6)] * 4 + [(10, 5)] * 4 + [(10, 2, 2, 1), (10, 6), (10, 5)]
-    assert "fresh_success_rate" not in history[0] and set(history[1]["fresh_success_rate"]) == {"-1", "1", "3"}
+    assert "fresh_success_rate" not in history[0] and set(history[1]["fresh_success_rate"]) == {"-1", "2", "4"}
     assert history[-1]["error"] < 0.35, history   # the majority class alone errs on half
 
 
 def test_adversarial_train_validates_its_config():
     images, labels = jnp.zeros((10, 2, 2, 1)), jnp.zeros(10, jnp.int32)
     with pytest.raises(ValueError, match="make_adversarial"):
-        adversarial_train(TINY, images, labels, jax.random.PRNGKey(0), AdversarialTrainingConfig(pool_layers=(1,), batch_size=5))
+        adversarial_train(TINY, images, labels, jax.random.PRNGKey(0), AdversarialTrainingConfig(pool_layers=(2,), batch_size=5))
     with pytest.raises(ValueError, match="pool_layers"):
-        adversarial_train(TINY, images, labels, jax.random.PRNGKey(0), AdversarialTrainingConfig(pool_layers=(4,), batch_size=5))
+        adversarial_train(TINY, images, labels, jax.random.PRNGKey(0), AdversarialTrainingConfig(pool_layers=(5,), batch_size=5))
     with pytest.raises(ValueError, match="dropout_rate"):
         adversarial_train(TINY, images, labels, jax.random.PRNGKey(0), AdversarialTrainingConfig(dropout_rate=1.0, batch_size=5))
 
 
-def test_logits_above_is_apply_from_and_hashes_by_value():
-    params = TINY.init(jax.random.PRNGKey(0))
+def test_adversarial_train_takes_any_model_at_the_input():
+    """A plain function apply(params, x) with its params: input pools work, hidden pools are refused by name."""
+    images = jax.random.uniform(jax.random.PRNGKey(0), (64, 2, 2, 1))
+    labels = (images[:, 0, 0, 0] > 0.5).astype(jnp.int32)
+    apply = lambda p, x: x.reshape(x.shape[0], -1) @ p["w"] + p["b"]   # noqa: E731
+    params = {"w": jnp.zeros((4, 2)), "b": jnp.zeros(2)}
+    config = AdversarialTrainingConfig(epochs=3, batch_size=16, learning_rate=1e-1, pool_layers=(INPUT,), pool_size=16,
+                                       pool_batch_size=4, refresh_every=4, refresh_fraction=0.5)
+    trained, history = adversarial_train(apply, images, labels, jax.random.PRNGKey(1), config, _gradient_sign_attack,
+                                         params=params)
+    assert history[-1]["step"] == 12 and not np.allclose(trained["w"], 0.0)
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        adversarial_train(apply, images, labels, jax.random.PRNGKey(1), config._replace(pool_layers=(2,)),
+                          _gradient_sign_attack, params=params)
+    with pytest.raises(TypeError, match="params"):
+        adversarial_train(apply, images, labels, jax.random.PRNGKey(1), config, _gradient_sign_attack)
+
+
+def test_logits_above_is_the_head_and_hashes_by_value():
+    params = _init(jax.random.PRNGKey(0))
     h = jax.random.uniform(jax.random.PRNGKey(1), (4, 5))
-    f, g = logits_above(TINY, params, 3), logits_above(TINY, TINY.init(jax.random.PRNGKey(2)), 3)
-    np.testing.assert_array_equal(f(h), TINY.apply_from(params, h, 4))
+    f, g = logits_above(TINY, params, 4), logits_above(TINY, _init(jax.random.PRNGKey(2)), 4)
+    np.testing.assert_array_equal(f(h), apply_layers(TINY, params, h, 5))
     # Same static part, different parameters: one compiled program serves both.
     assert jax.tree.structure(f) == jax.tree.structure(g)

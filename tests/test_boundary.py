@@ -77,7 +77,7 @@ def test_refined_attack_is_the_exact_minimum_on_softmax_regression(real_softmax)
     """The must-show bound: median ratio to the exact QP <= 1.005 and worst <= 1.02 (the paper's method: > 1.01)."""
     logits_fn, params, images, labels = real_softmax
     targets = np.asarray(random_wrong_targets(jax.random.PRNGKey(1), labels))
-    w, b = np.asarray(params[-1]["w"]), np.asarray(params[-1]["b"])
+    w, b = np.asarray(params["params"]["layers_1"]["kernel"]), np.asarray(params["params"]["layers_1"]["bias"])
     exact = np.array([exact_linear_minimum(w, b, x.reshape(-1), int(t))[1] for x, t in zip(images, targets)])
     refined = lbfgs_attack(logits_fn, images, targets)
     paper = lbfgs_attack(logits_fn, images, targets, AttackConfig(refine_steps=0))
@@ -93,7 +93,7 @@ def test_refined_attack_is_the_exact_minimum_on_softmax_regression(real_softmax)
 def test_untargeted_finds_the_exact_untargeted_minimum_on_softmax_regression(real_softmax):
     logits_fn, params, images, labels = real_softmax
     images, labels = images[:30], labels[:30]
-    w, b = np.asarray(params[-1]["w"]), np.asarray(params[-1]["b"])
+    w, b = np.asarray(params["params"]["layers_1"]["kernel"]), np.asarray(params["params"]["layers_1"]["bias"])
     exact = np.array([min(exact_linear_minimum(w, b, x.reshape(-1), t)[1] for t in range(10) if t != y)
                       for x, y in zip(images, labels)])
     result = lbfgs_attack_untargeted(logits_fn, images, labels)

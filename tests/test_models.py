@@ -1,11 +1,14 @@
-"""The zoo: output shapes, parameter counts (by hand), the paper's weight decay, layer access."""
+"""The zoo in flax: output shapes, parameter counts (by hand), the paper's weight decay, cuts at hidden layers."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+
+from jaxadv.functional import INPUT, hidden_layers, split_sequential
 from jaxadv.models import ALL_MODELS, ZOO, get_model, weight_decay_penalty
 
 # Hand counts: dense in*out + out; conv k*k*cin*cout + cout (SAME padding keeps 28x28, pools halve).
@@ -29,41 +32,67 @@ def test_zoo_names():
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_output_shape_and_parameter_count(name):
     model = get_model(name)
-    params = model.init(jax.random.PRNGKey(0))
-    logits = model.apply(params, jnp.zeros((3, 28, 28, 1), jnp.float32))
+    variables = model.init(jax.random.PRNGKey(0))
+    logits = model.module.apply(variables, jnp.zeros((3, 28, 28, 1), jnp.float32))
     assert logits.shape == (3, 10) and logits.dtype == jnp.float32
-    counted = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
+    counted = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(variables))
     assert counted == HAND_COUNTS[name] == model.num_params()
-    assert len(params) == len(model.layers)
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+    # The recipe names real layers: every decayed or frozen name holds a kernel.
+    assert set(model.weight_decay) | set(model.frozen) <= set(variables["params"])
+
+
+def test_get_model_returns_one_object_per_name():
+    """`model.apply` is then one function: analyses compiled for it are reused."""
+    assert get_model("FC100-100-10") is get_model("FC100-100-10")
+    assert hash(get_model("ConvNet").module) == hash(get_model("ConvNet").module)
 
 
 @pytest.mark.parametrize("name", ["FC100-100-10", "ConvNet"])
-def test_apply_from_and_activations_agree(name):
+def test_the_network_cut_at_each_hidden_layer_composes_to_the_whole(name):
     model = get_model(name)
-    params = model.init(jax.random.PRNGKey(1))
+    variables = model.init(jax.random.PRNGKey(1))
     x = jax.random.uniform(jax.random.PRNGKey(2), (4, 28, 28, 1))
-    acts = model.activations(params, x)
-    np.testing.assert_allclose(acts[-1], model.apply(params, x), rtol=1e-5, atol=1e-6)
-    for i in model.hidden_layers():
-        np.testing.assert_allclose(model.apply_from(params, acts[i], i + 1), acts[-1], rtol=1e-5, atol=1e-6)
-    assert [a.shape[1:] for a in acts] == list(model.output_shapes())
+    logits = model.module.apply(variables, x)
+    layers = hidden_layers(model.module)
+    assert layers == {"FC100-100-10": (2, 4), "ConvNet": (1, 2, 4, 5, 8)}[name]
+    for layer in (INPUT,) + layers:
+        below, above = split_sequential(model.module, layer)
+        np.testing.assert_allclose(above(variables, below(variables, x)), logits, rtol=1e-5, atol=1e-6)
 
 
 def test_weight_decay_penalty_by_hand():
     model = get_model("FC100-100-10")  # λ = 1e-5, 1e-5, 1e-6 on layers of 100, 100, 10 units
-    params = model.init(jax.random.PRNGKey(3))
-    w = [np.asarray(p["w"], np.float64) for p in params if p]
+    variables = model.init(jax.random.PRNGKey(3))
+    w = [np.asarray(variables["params"][f"layers_{i}"]["kernel"], np.float64) for i in (1, 3, 5)]
     expected = 1e-5 * (w[0] ** 2).sum() / 100 + 1e-5 * (w[1] ** 2).sum() / 100 + 1e-6 * (w[2] ** 2).sum() / 10
-    np.testing.assert_allclose(float(weight_decay_penalty(model, params)), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(weight_decay_penalty(model, variables)), expected, rtol=1e-5)
 
 
 def test_frozen_encoder_is_not_decayed():
     model = get_model("AE400-10")
-    assert not model.layers[0].trainable and model.pretrain == "sparse_autoencoder"
-    params = model.init(jax.random.PRNGKey(4))
-    expected = 1e-6 * float(jnp.sum(params[2]["w"] ** 2)) / 10
-    np.testing.assert_allclose(float(weight_decay_penalty(model, params)), expected, rtol=1e-5)
+    assert model.frozen == ("layers_1",) and model.pretrain == "sparse_autoencoder"
+    variables = model.init(jax.random.PRNGKey(4))
+    expected = 1e-6 * float(jnp.sum(variables["params"]["layers_3"]["kernel"] ** 2)) / 10
+    np.testing.assert_allclose(float(weight_decay_penalty(model, variables)), expected, rtol=1e-5)
+
+
+def test_the_convnets_matmul_convolution_is_flax_nn_conv():
+    """The zoo's ConvNet is nn.Conv with its convolution computed as a matmul: same values and gradients."""
+    from jaxadv.models import conv_general_dilated_as_matmul
+    x = jax.random.uniform(jax.random.PRNGKey(5), (3, 14, 14, 4))
+    plain = nn.Conv(6, (3, 3), padding="SAME")
+    fast = nn.Conv(6, (3, 3), padding="SAME", conv_general_dilated=conv_general_dilated_as_matmul)
+    variables = plain.init(jax.random.PRNGKey(6), x)
+    np.testing.assert_allclose(fast.apply(variables, x), plain.apply(variables, x), rtol=1e-5, atol=1e-5)
+    loss = lambda m: lambda v: jnp.sum(jnp.sin(m.apply(v, x)))   # noqa: E731
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(fast))(variables)), jax.tree.leaves(jax.grad(loss(plain))(variables))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # Dilation and groups are passed on to XLA's convolution, not dropped.
+    grouped = nn.Conv(6, (3, 3), feature_group_count=2, kernel_dilation=2, conv_general_dilated=conv_general_dilated_as_matmul)
+    reference = nn.Conv(6, (3, 3), feature_group_count=2, kernel_dilation=2)
+    variables = reference.init(jax.random.PRNGKey(7), x)
+    np.testing.assert_allclose(grouped.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_model_name():

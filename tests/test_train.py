@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from conftest import make_synthetic, write_idx_split
 from jaxadv.checkpoint import load_checkpoint, save_checkpoint
 from jaxadv.data import load_dataset
-from jaxadv.models import Layer, Model, get_model
+from jaxadv.models import ZooModel, flatten, get_model
 from jaxadv.train import TrainConfig, error_rate, pretrain_sparse_autoencoder, train, zoo_config
 
 FAST = TrainConfig(epochs=2, batch_size=64, learning_rate=1e-2, verbose=False)
@@ -29,7 +30,7 @@ def leaves_equal_bitwise(a, b) -> bool:
 def test_softmax_learns_separable_data(tiny_trained_softmax):
     model, params = tiny_trained_softmax
     held_out = make_synthetic(256, seed=1)
-    assert error_rate(model, params, held_out.images, held_out.labels) < 0.05
+    assert error_rate(model.module, params, held_out.images, held_out.labels) < 0.05
 
 
 def test_training_is_deterministic_from_the_key(synthetic):
@@ -42,12 +43,13 @@ def test_training_is_deterministic_from_the_key(synthetic):
 
 
 def test_frozen_layer_is_not_updated(synthetic):
-    model = Model("frozen-test", (Layer("dense", 16, trainable=False), Layer("sigmoid"), Layer("dense", 10)))
+    module = nn.Sequential((flatten, nn.Dense(16), nn.sigmoid, nn.Dense(10)))
+    model = ZooModel("frozen-test", module, {"layers_1": 0.1, "layers_3": 0.1}, frozen=("layers_1",))
     key = jax.random.PRNGKey(0)
-    short = train(model, synthetic.images, synthetic.labels, key, FAST._replace(epochs=1))
-    long = train(model, synthetic.images, synthetic.labels, key, FAST._replace(epochs=3))
-    assert leaves_equal_bitwise(short[0], long[0])          # same init, never updated
-    assert not leaves_equal_bitwise(short[2], long[2])      # the softmax on top did train
+    short = train(model, synthetic.images, synthetic.labels, key, FAST._replace(epochs=1))["params"]
+    long = train(model, synthetic.images, synthetic.labels, key, FAST._replace(epochs=3))["params"]
+    assert leaves_equal_bitwise(short["layers_1"], long["layers_1"])          # same init, never updated
+    assert not leaves_equal_bitwise(short["layers_3"], long["layers_3"])      # the softmax on top did train
 
 
 def test_sparse_autoencoder_makes_sparse_codes(synthetic):
@@ -63,12 +65,13 @@ def test_sparse_autoencoder_makes_sparse_codes(synthetic):
 def test_error_rate_matches_brute_force(tiny_trained_softmax):
     model, params = tiny_trained_softmax
     data = make_synthetic(203, seed=5)  # not a multiple of the batch: exercises the padded last batch
-    w, b = np.asarray(params[0]["w"], np.float64), np.asarray(params[0]["b"], np.float64)
+    dense = params["params"]["layers_1"]
+    w, b = np.asarray(dense["kernel"], np.float64), np.asarray(dense["bias"], np.float64)
     predictions = np.argmax(data.images.reshape(203, -1) @ w + b, axis=1)
     expected = np.mean(predictions != data.labels)
-    assert error_rate(model, params, data.images, data.labels, batch_size=50) == pytest.approx(expected)
+    assert error_rate(model.module, params, data.images, data.labels, batch_size=50) == pytest.approx(expected)
     flipped = (data.labels + 1) % 10
-    assert error_rate(model, params, data.images, flipped) == pytest.approx(np.mean(predictions != flipped))
+    assert error_rate(model.module, params, data.images, flipped) == pytest.approx(np.mean(predictions != flipped))
 
 
 def test_bad_training_inputs(synthetic):
@@ -105,7 +108,7 @@ def test_checkpoint_round_trip_is_bit_identical(tmp_path, name):
     save_checkpoint(tmp_path / "ckpt", params, meta)
     loaded, loaded_meta = load_checkpoint(tmp_path / "ckpt", model)
     assert loaded_meta == meta
-    assert isinstance(loaded, tuple) and [set(p) for p in loaded] == [set(p) for p in params]
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
     assert leaves_equal_bitwise(loaded, params)
     x = jax.random.uniform(jax.random.PRNGKey(0), (2, 28, 28, 1))
     assert np.array_equal(model.apply(loaded, x), model.apply(params, x))
@@ -118,10 +121,13 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         load_checkpoint(tmp_path / "missing", get_model("FC100-100-10"))
     save_checkpoint(tmp_path / "c", params, {})
-    with pytest.raises(ValueError, match="expects"):
+    with pytest.raises(ValueError, match=r"\['params'\]\['layers_1'\]\['bias'\] is float32\[100\], expected of "
+                                         r"FC200-200-10 float32\[200\]"):
         load_checkpoint(tmp_path / "c", get_model("FC200-200-10"))
-    with pytest.raises(ValueError, match="layers"):
+    with pytest.raises(ValueError, match="does not hold the parameters of FC10.*delete the folder"):
         load_checkpoint(tmp_path / "c", get_model("FC10(1)"))
+    # Any structure serves as the template: the variables themselves, or their shapes.
+    assert leaves_equal_bitwise(load_checkpoint(tmp_path / "c", params)[0], params)
     with pytest.raises(TypeError, match="meta must be a dict"):
         save_checkpoint(tmp_path / "d", params, ["not", "a", "dict"])
     (tmp_path / "c" / "meta.json").unlink()  # a save killed before its meta landed
@@ -227,7 +233,7 @@ def test_fc100_on_real_mnist_digits(data_dir):
     model = get_model("FC100-100-10")
     params = train(model, test.images[:5000], test.labels[:5000], jax.random.PRNGKey(0),
                    TrainConfig(epochs=10, batch_size=64, learning_rate=2e-3, verbose=False))
-    assert error_rate(model, params, test.images[5000:], test.labels[5000:]) < 0.10
+    assert error_rate(model.module, params, test.images[5000:], test.labels[5000:]) < 0.10
 
 
 def test_common_args_default_workdir_follows_dataset():

@@ -34,13 +34,11 @@ def tiny_models():
 def _brute_force_prediction(model, params, image):
     """One image at a time in float64 numpy, written independently of models.apply."""
     h = np.asarray(image, np.float64).reshape(-1)
-    for layer, p in zip(model.layers, params):
-        if layer.kind == "dense":
-            h = h @ np.asarray(p["w"], np.float64) + np.asarray(p["b"], np.float64)
-        elif layer.kind == "sigmoid":
+    dense = sorted(params["params"].items(), key=lambda item: int(item[0].split("_")[1]))
+    for i, (_, p) in enumerate(dense):
+        h = h @ np.asarray(p["kernel"], np.float64) + np.asarray(p["bias"], np.float64)
+        if i < len(dense) - 1:            # the zoo's hidden layers are sigmoids
             h = 1.0 / (1.0 + np.exp(-h))
-        else:
-            raise AssertionError(f"unexpected layer {layer.kind}")
     return int(np.argmax(h))
 
 

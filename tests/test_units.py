@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxadv.models import get_model
+from jaxadv.functional import split_sequential
+from jaxadv.models import get_model, max_pool
 from jaxadv.units import (
     layer_features, live_units, majority_label_share, mean_pairwise_cosine, natural_basis,
     permutation_test, random_unit_directions, top_k_images)
@@ -58,10 +59,20 @@ def test_layer_features_are_the_flattened_activations_in_any_chunking():
     model = get_model("ConvNet")
     params = model.init(jax.random.PRNGKey(0))
     images = jax.random.uniform(jax.random.PRNGKey(1), (7, 28, 28, 1))
-    expected = model.activations(params, images)[5].reshape(7, -1)
-    np.testing.assert_allclose(layer_features(model, params, images, 5, batch_size=3), expected, rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="layer"):
-        layer_features(model, params, images, 99)
+    # The ConvNet by hand up to its second pool (layer 5), through flax's own layers.
+    conv1, conv2 = model.module.layers[0], model.module.layers[3]
+    h = conv1.apply({"params": params["params"]["layers_0"]}, images)
+    h = max_pool(jax.nn.relu(h), 2, 2)
+    h = max_pool(jax.nn.relu(conv2.apply({"params": params["params"]["layers_3"]}, h)), 2, 2)
+    below, _ = split_sequential(model.module, 5)
+    got = layer_features(below, images, params=params, batch_size=3)
+    np.testing.assert_allclose(got, h.reshape(7, -1), rtol=1e-5, atol=1e-6)
+    # Any function of the images is a feature map; one that drops the batch axis is named.
+    np.testing.assert_array_equal(layer_features(lambda x: x[:, ::2], images), images[:, ::2].reshape(7, -1))
+    with pytest.raises(ValueError, match="features_fn.*batch axis"):
+        layer_features(lambda x: x.sum(0), images)
+    with pytest.raises(TypeError, match="features_fn.*variables"):
+        layer_features(model.module, images)
 
 
 def test_live_units_drop_constant_units():

@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxadv import optim
 from jaxadv.attacks import boundary, box_lbfgs
+from jaxadv.functional import check_logits_call, logits_function
 
 PENALTIES = ("l2", "l2_squared")
 WARM_STARTS = ("none", "best", "last")
@@ -530,12 +531,13 @@ def _flat_bound(bound, images_shape, dtype):
 
 
 def lbfgs_attack(logits_fn: Callable, images, targets, config: AttackConfig = AttackConfig(),
-                 lower=0.0, upper=1.0, *, labels=None, initial_c=None) -> AttackResult:
+                 lower=0.0, upper=1.0, *, labels=None, initial_c=None, params=None) -> AttackResult:
     """Smallest box-constrained perturbations that `logits_fn` classifies as `targets`.
 
-    logits_fn: pure function [B, *shape] -> [B, classes] (e.g.
-      `jax.tree_util.Partial(model.apply, params)`; a functools.partial over
-      arrays is converted to one, so new parameters reuse the compilation).
+    logits_fn: the model. A pure function [B, *shape] -> [B, classes], or,
+      with `params`, a flax module (params: its variables) or a function
+      apply(params, x) (`jaxadv.functional.logits_function`: parameters are
+      traced, so new parameters of one architecture reuse the compilation).
     images: [B, *shape] floating, inside [lower, upper]; targets: [B] ints in
       [0, classes); labels (optional): the true classes, which targets must differ from.
     lower, upper: scalars or arrays broadcastable to images (e.g. [0, inf)
@@ -548,11 +550,12 @@ def lbfgs_attack(logits_fn: Callable, images, targets, config: AttackConfig = At
     TypeError naming the argument). Inside jit/shard_map (traced inputs) only
     the static checks (shapes, dtypes, config) run.
     """
-    return _attack(logits_fn, images, targets, config, lower, upper, labels, initial_c, untargeted=False)
+    return _attack(logits_function(logits_fn, params, argument="logits_fn"), images, targets, config, lower, upper,
+                   labels, initial_c, untargeted=False)
 
 
 def lbfgs_attack_untargeted(logits_fn: Callable, images, labels, config: AttackConfig = UNTARGETED,
-                            lower=0.0, upper=1.0, *, initial_c=None) -> AttackResult:
+                            lower=0.0, upper=1.0, *, initial_c=None, params=None) -> AttackResult:
     """Smallest box-constrained perturbations that change the label at all.
 
     First one untargeted run per image: the c search minimises
@@ -569,8 +572,10 @@ def lbfgs_attack_untargeted(logits_fn: Callable, images, labels, config: AttackC
     optimality against the all-targets minimum and Foolbox's attacks:
     scripts/bench_optimality.py and the README.
     labels: [B] the true classes (or the model's predictions).
+    logits_fn, params: the model, as for `lbfgs_attack`.
     """
-    return _attack(logits_fn, images, labels, config, lower, upper, None, initial_c, untargeted=True)
+    return _attack(logits_function(logits_fn, params, argument="logits_fn"), images, labels, config, lower, upper,
+                   None, initial_c, untargeted=True)
 
 
 def _attack(logits_fn, images, targets, config, lower, upper, labels, initial_c, untargeted):
@@ -733,18 +738,9 @@ def _bound_arg(bound, images_shape, dtype, inward=None):
 
 
 def _num_classes(logits_fn, images):
-    out = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
-    if len(out.shape) != 2 or out.shape[0] != 1:
-        raise ValueError(f"logits_fn: expected logits of shape [batch, classes], got {out.shape} for one image")
-    return out.shape[1]
+    return check_logits_call(logits_fn, images.shape[1:], images.dtype, argument="logits_fn")
 
 
 def _as_traceable(logits_fn):
-    """functools.partial over arrays -> jax.tree_util.Partial, so the arrays are traced, not baked in."""
-    if isinstance(logits_fn, jax.tree_util.Partial):
-        return logits_fn
-    if isinstance(logits_fn, functools.partial):
-        leaves = jax.tree.leaves((logits_fn.args, logits_fn.keywords))
-        if leaves and all(isinstance(l, (jax.Array, np.ndarray)) for l in leaves):
-            return jax.tree_util.Partial(logits_fn.func, *logits_fn.args, **logits_fn.keywords)
-    return jax.tree_util.Partial(logits_fn)
+    """A logits function as a jax.tree_util.Partial whose arrays are traced, not baked in (`logits_function`)."""
+    return logits_function(logits_fn, argument="logits_fn")

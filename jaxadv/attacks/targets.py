@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadv.attacks.lbfgs import AttackConfig, AttackResult, _check_images, _num_classes, lbfgs_attack
+from jaxadv.functional import logits_function
 
 
 def random_wrong_targets(key: jax.Array, labels, num_classes: int = 10) -> jax.Array:
@@ -51,7 +52,7 @@ class AllTargetsResult(NamedTuple):
 
 
 def lbfgs_attack_all_targets(logits_fn: Callable, images, labels, config: AttackConfig = AttackConfig(),
-                             num_classes: int | None = None, lower=0.0, upper=1.0) -> AllTargetsResult:
+                             num_classes: int | None = None, lower=0.0, upper=1.0, *, params=None) -> AllTargetsResult:
     """Attack every wrong label; per image keep the successful one with the smallest distortion.
 
     That minimum is the untargeted minimal distortion (the smallest r that
@@ -59,9 +60,9 @@ def lbfgs_attack_all_targets(logits_fn: Callable, images, labels, config: Attack
     over all targets. Each target is one `lbfgs_attack` call on the same
     shapes (one compilation). num_classes: None (the model's), or the model's
     class count stated (checked: a smaller one would leave classes untried).
+    logits_fn, params: the model, as for `lbfgs_attack`.
     """
-    if not callable(logits_fn):
-        raise TypeError(f"logits_fn: expected a callable, got {type(logits_fn).__name__}")
+    logits_fn = logits_function(logits_fn, params, argument="logits_fn")
     images_t = _check_images(images, "images")
     classes = _num_classes(logits_fn, images_t)
     if num_classes is None:
