@@ -35,7 +35,8 @@ from jaxadv.data import DATASETS, DataError
 from jaxadv.io import NotWritable, atomic_path, check_writable, is_writer, write_atomic  # noqa: F401
 from jaxadv.sweep import (CPU_SIZES, SweepMismatch, chunk_size_for_memory, fingerprint_arrays, run_sweep, sharded,
                           sizes_for_device)
-from jaxadv.zoo import QUICK_TRAIN_SIZE, WorkdirMismatch, load_meta, model_dir, trained_models  # noqa: F401 (re-exported)
+from jaxadv.zoo import (QUICK_TRAIN_SIZE, ConfigError, WorkdirMismatch, load_meta, model_dir,  # noqa: F401
+                        trained_models)
 
 #: Options that change no result (where things are, how the work is split): left out of run names.
 NOT_IN_RUN_NAME = frozenset({"help", "workdir", "data_dir", "distributed", "coordinator", "num_processes",
@@ -47,7 +48,7 @@ class UsageError(ValueError):
 
 
 #: What `run_main` reports in one line with exit status 2 instead of a traceback: the user's to fix.
-USER_ERRORS = (UsageError, DataError, SweepMismatch, NotWritable, WorkdirMismatch)
+USER_ERRORS = (UsageError, DataError, SweepMismatch, NotWritable, WorkdirMismatch, ConfigError)
 
 
 def int_in(low: int, high: int | None = None):

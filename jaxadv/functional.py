@@ -152,6 +152,28 @@ def layer_kind(layer) -> str:
     return "other"
 
 
+class LastDenseInput(_ModuleCallable, NamedTuple("LastDenseInput", [("module", nn.Module)])):
+    """(variables, x) -> the input of the module's last `nn.Dense` call: the features its softmax reads.
+
+    "The last feature layer" of the paper's §3, for any flax module whose head is a dense layer (a
+    Sequential's last hidden layer, or a compact module's), read with `nn.intercept_methods`.
+    """
+
+    def __call__(self, variables, x):
+        inputs = []
+
+        def record(next_fun, args, kwargs, context):
+            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+                inputs.append(args[0])
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(record):
+            self.module.apply(variables, x)
+        if not inputs:
+            raise ValueError(f"module: {type(self.module).__name__} calls no nn.Dense; pass its features as a function")
+        return inputs[-1]
+
+
 def check_sequential(module, argument: str = "module") -> nn.Sequential:
     if not isinstance(module, nn.Sequential):
         raise TypeError(f"{argument}: cutting a network at a hidden layer needs a flax nn.Sequential, got "

@@ -1,4 +1,4 @@
-"""The trained zoo, cached on disk: each model trained once, then loaded by every experiment.
+"""The models an experiment analyses: the trained zoo, cached on disk, or a user's, from a config file.
 
     models = trained_models(ZOO, "fashion_mnist", "runs/fashion_mnist")   # {name: (model, variables)}
     model, variables = models["FC100-100-10"]
@@ -9,15 +9,23 @@ bit for bit and checked against the module's parameter shapes); a model trained
 on custom data is stored under "<name>@<tag>" (e.g. "FC100-100-10@P1").
 Training is deterministic (`jaxadv.train`), so a deleted model retrains to the
 same bits.
+
+Configs as code, the big_vision way: `load_models("my_models.py", context)`
+imports that file and calls its `get_models(context)`, which returns
+{name: (model, params)} (a flax module and its variables, or a function
+apply(params, x) and its params), however the parameters are loaded. The zoo
+is the default config (experiments/configs/zoo.py); a list of zoo names
+loads those.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -34,6 +42,50 @@ QUICK_TRAIN_SIZE = 2000
 
 class WorkdirMismatch(ValueError):
     """A workdir whose stored models were trained on another data set."""
+
+
+class ConfigError(ValueError):
+    """A models config file that cannot be used: named, with what is wrong."""
+
+
+class ModelsContext(NamedTuple):
+    """What a config's get_models(context) may use: where data and trained models live, and --quick."""
+    dataset: str = "fashion_mnist"
+    workdir: str | os.PathLike = "runs/fashion_mnist"
+    data_dir: str | None = None
+    quick: bool = False
+
+
+def load_models(spec: str | os.PathLike | Sequence[str], context: ModelsContext = ModelsContext()) -> dict:
+    """{name: (model, params)} for `spec`: a config file ending in .py, or zoo model names (trained or loaded).
+
+    A config file defines `get_models(context)` returning a dict {name: (model, params)}, each model a flax
+    module or a function apply(params, x). Zoo models come as (their nn.Sequential module, variables).
+    """
+    if isinstance(spec, (str, os.PathLike)) and str(spec).endswith(".py"):
+        return _models_from_file(Path(spec), context)
+    names = [spec] if isinstance(spec, str) else list(spec)
+    trained = trained_models(names, context.dataset, context.workdir, context.data_dir, context.quick)
+    return {name: (model.module, variables) for name, (model, variables) in trained.items()}
+
+
+def _models_from_file(path: Path, context: ModelsContext) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--models: no config file {str(path)!r}")
+    spec = importlib.util.spec_from_file_location(f"jaxadv_models_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_models", None)):
+        raise ConfigError(f"--models: {str(path)!r} defines no get_models(context) returning {{name: (model, params)}}")
+    models = module.get_models(context)
+    if not isinstance(models, dict) or not models:
+        raise ConfigError(f"--models: get_models in {str(path)!r} must return a non-empty dict "
+                          f"{{name: (model, params)}}, got {type(models).__name__}")
+    for name, entry in models.items():
+        if not isinstance(name, str) or not isinstance(entry, tuple) or len(entry) != 2 or not callable(entry[0]):
+            raise ConfigError(f"--models: get_models in {str(path)!r}: entry {name!r} must be a name mapped to "
+                              "(model, params), the model a flax module or a function apply(params, x)")
+    return models
 
 
 def model_dir(workdir: str | os.PathLike, name: str, tag: str | None = None) -> Path:

@@ -171,10 +171,10 @@ def test_a_damaged_checkpoint_is_named_never_used(tmp_path, damage):
         load_checkpoint(tmp_path / "c", model)
 
 
-# -- experiments/common.py and train_zoo --------------------------------------------
+# -- jaxadv.zoo and train_zoo --------------------------------------------------------
 
 def test_trained_models_saves_then_reuses(tmp_path, synthetic, monkeypatch):
-    from experiments import common
+    from jaxadv import zoo as common
     got = common.trained_models(["FC10(1)"], "fashion_mnist", tmp_path, quick=True,
                                 train_set=synthetic, tag="syn", verbose=False)
     model, params = got["FC10(1)@syn"]
@@ -190,10 +190,36 @@ def test_trained_models_saves_then_reuses(tmp_path, synthetic, monkeypatch):
     assert leaves_equal_bitwise(again["FC10(1)@syn"][1], params)
     with pytest.raises(AssertionError, match="retrained"):  # a quick model never stands in for a full one
         common.trained_models("FC10(1)", "fashion_mnist", tmp_path, train_set=synthetic, tag="syn")
-    with pytest.raises(common.UsageError, match="trained on 'fashion_mnist'"):
+    with pytest.raises(common.WorkdirMismatch, match="trained on 'fashion_mnist'"):
         common.trained_models("FC10(1)", "mnist", tmp_path, quick=True, train_set=synthetic, tag="syn")
     with pytest.raises(ValueError, match="tag is required"):
         common.trained_models("FC10(1)", "fashion_mnist", tmp_path, train_set=synthetic)
+    # The same models through the config loader, as (module, variables): the path a user's model takes.
+    context = common.ModelsContext("fashion_mnist", tmp_path, None, quick=True)
+    monkeypatch.setattr(common, "trained_models", lambda names, *a, **k: {n: got["FC10(1)@syn"] for n in names})
+    (module, variables), = common.load_models(["FC10(1)"], context).values()
+    assert module is got["FC10(1)@syn"][0].module and leaves_equal_bitwise(variables, params)
+
+
+def test_a_models_config_file_gives_the_users_models(tmp_path):
+    """Configs as code: a file with get_models(context) -> {name: (model, params)}; a bad one is named."""
+    from jaxadv.zoo import ConfigError, ModelsContext, load_models
+    config = tmp_path / "my_models.py"
+    config.write_text(
+        "import jax, jax.numpy as jnp\n"
+        "def apply(params, x):\n    return x.reshape(x.shape[0], -1) @ params['w']\n"
+        "def get_models(context):\n"
+        "    return {'linear': (apply, {'w': jnp.ones((784, 10)) * (0.5 if context.quick else 1.0)})}\n")
+    models = load_models(str(config), ModelsContext(quick=True))
+    assert list(models) == ["linear"] and float(models["linear"][1]["w"][0, 0]) == 0.5
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="empty.py.*defines no get_models"):
+        load_models(str(tmp_path / "empty.py"))
+    (tmp_path / "bad.py").write_text("def get_models(context):\n    return {'m': 3}\n")
+    with pytest.raises(ConfigError, match="entry 'm' must be a name mapped to \\(model, params\\)"):
+        load_models(str(tmp_path / "bad.py"))
+    with pytest.raises(ConfigError, match="no config file"):
+        load_models(str(tmp_path / "missing.py"))
 
 
 def test_markdown_table_and_json(tmp_path):
