@@ -31,6 +31,7 @@ from experiments.common import (add_common_args, int_in, markdown_table, output_
                                 save_figure_atomic, trained_models, write_json_atomic, write_text_atomic, run_main)
 from jaxadv.data import NUM_EXAMPLES, load_dataset
 from jaxadv.functional import hidden_layers, layer_kind, split_sequential
+from jaxadv.plots import image_rows_figure
 from jaxadv.units import (
     layer_features, live_units, majority_label_share, mean_pairwise_cosine, natural_basis, permutation_test,
     random_unit_directions, top_k_images)
@@ -98,22 +99,7 @@ def analyse_model(model, params, images, labels, layer, key, num_random, k, seed
 
 def grid_figure(path, images, rows, row_titles, title):
     """Rows of images (one row per direction), saved atomically as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    num_rows, num_cols = len(rows), len(rows[0])
-    fig, axes = plt.subplots(num_rows, num_cols, figsize=(num_cols * 0.9, num_rows * 1.05 + 0.4), squeeze=False)
-    for r, (indices, row_title) in enumerate(zip(rows, row_titles)):
-        for c, index in enumerate(indices):
-            ax = axes[r, c]
-            ax.imshow(images[index, :, :, 0], cmap="gray", vmin=0.0, vmax=1.0)
-            ax.set_xticks([]), ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(row_title, fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    save_figure_atomic(fig, path, dpi=110)
-    plt.close(fig)
+    save_figure_atomic(image_rows_figure(images, rows, row_titles, title), path, dpi=110)
 
 
 def coherence_figure(path, results):

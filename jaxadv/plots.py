@@ -128,3 +128,28 @@ def distortion_grid_figure(panels: Sequence[DistortionPanel], *, magnify: float 
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def image_rows_figure(images, rows: Sequence[Sequence[int]], row_titles: Sequence[str], title: str = ""):
+    """Rows of grey images, `images[rows[r][c]]` in row r (the paper's Figs. 1-4: the images that most excite a unit
+    or a direction, one row per direction)."""
+    from matplotlib.figure import Figure
+
+    images = np.asarray(images)
+    if images.ndim not in (3, 4) or len(rows) != len(row_titles) or not rows or not len(rows[0]):
+        raise ValueError(f"images must be [N, H, W(, 1)] and rows a non-empty list with one title each, got images "
+                         f"{images.shape}, {len(rows)} rows and {len(row_titles)} titles")
+    num_rows, num_cols = len(rows), len(rows[0])
+    fig = Figure(figsize=(num_cols * 0.9, num_rows * 1.05 + 0.4))
+    axes = fig.subplots(num_rows, num_cols, squeeze=False)
+    for r, (indices, row_title) in enumerate(zip(rows, row_titles)):
+        for c, index in enumerate(indices):
+            ax = axes[r, c]
+            ax.imshow(images[int(index)].reshape(images.shape[1], images.shape[2]), cmap="gray", vmin=0.0, vmax=1.0)
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(row_title, fontsize=7, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
