@@ -1,6 +1,7 @@
 """Sharding over forced host devices and chunked, resumable sweeps (jaxadv.sweep)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -224,15 +225,20 @@ def test_an_experiment_meeting_a_foreign_sweep_says_so_in_one_line_and_exits_2(t
     assert err.startswith("error: directory:") and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_progress_line_reports_images_success_and_rate(tmp_path, capsys):
+def test_progress_bar_reports_images_rate_time_left_and_success(tmp_path, capsys):
     data = {"x": np.arange(6, dtype=np.float32)}
     sweep.run_sweep(lambda c: {"success": c["x"] < 2, "y": c["x"] * 2}, data, str(tmp_path), 3, label="demo")
     err = capsys.readouterr().err
-    assert "demo 3/6 images" in err and "success  66.7%" in err and "img/s" in err
-    assert "6/6 images" in err and "success  33.3%" in err
+    # tqdm's bar, one update per chunk: "demo:  50%|█████     | 3/6 [00:00<00:00, 812.4img/s, success 66.7%]"
+    assert re.search(r"demo: +50%\|.*\| 3/6 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+img/s, success 66\.7%\]", err), err
+    assert re.search(r"demo: 100%\|.*\| 6/6 \[.*img/s, success 33\.3%\]", err), err
     out = sweep.run_sweep(lambda c: 1 / 0, data, str(tmp_path), 3, label="demo")   # all resumed
-    assert "demo resuming: 2/2 chunks (6/6 images, success 33.3%) already done" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "demo resuming: 2/2 chunks (6/6 images, success 33.3%) already done" in err
+    assert re.search(r"demo: 100%\|.*\| 6/6 \[00:00<\?", err), err      # no rate: nothing computed in this run
     np.testing.assert_array_equal(out["y"], np.arange(6) * 2)
+    sweep.run_sweep(lambda c: {"y": c["x"]}, data, str(tmp_path / "quiet"), 3, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_run_sweep_validates_its_arguments(tmp_path):
