@@ -544,12 +544,14 @@ def test_sizes_follow_the_device_kind_and_its_memory():
         sizes_for_device(0)
 
 
-def test_experiments_take_the_lanes_of_the_device():
-    from experiments.common import choose_sizes
-    from jaxadv.attacks import AttackConfig
-    from jaxadv.models import get_model
-    model = get_model("FC100-100-10")
-    chunk, block, config = choose_sizes(60000, 1, model, AttackConfig(), device=_StandInDevice("gpu", "H200", 141 << 30))
-    assert config.lanes >= 4096 and block == 4 * config.lanes and chunk % block == 0
-    chunk, block, config = choose_sizes(60000, 1, model, AttackConfig(), device=_StandInDevice("cpu", "cpu"))
-    assert (config.lanes, block) == (32, 1000) and config == AttackConfig()    # the CPU path as before
+def test_attack_sizes_take_the_lanes_of_the_device():
+    from jaxadv.attacks import AttackConfig, attack_sizes
+    weights = jax.random.normal(jax.random.PRNGKey(0), (784, 10))
+    logits_fn = lambda x: jnp.tanh(x.reshape(len(x), -1) @ weights)   # noqa: E731
+    images = np.zeros((60000, 28, 28, 1), np.float32)
+    sizes = attack_sizes(logits_fn, images, AttackConfig(), device=_StandInDevice("gpu", "H200", 141 << 30))
+    assert sizes.lanes >= 4096 and sizes.block_size == 4 * sizes.lanes and sizes.chunk_size % sizes.block_size == 0
+    assert sizes.device_kind == "H200"
+    sizes = attack_sizes(logits_fn, images, AttackConfig(), device=_StandInDevice("cpu", "cpu"))
+    assert (sizes.lanes, sizes.block_size, sizes.chunk_size) == (32, 1000, 2000)     # the CPU's, as before
+    assert attack_sizes(logits_fn, images[:40]).block_size == 40                     # a small set: one block
