@@ -86,6 +86,7 @@ def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.Pat
     images: [N, *shape] floating, inside [lower, upper]; targets: [N] ints, the
       classes to reach, or with `untargeted=True` the classes to leave (true labels or
       the model's predictions).
+    lower, upper: the box every adversarial image stays in (numbers).
     config: the attack's settings (default `AttackConfig()`, or `UNTARGETED` with
       `untargeted`); its `lanes` is replaced by `lanes`.
     chunk_size, block_size, lanes: None for the device's (`attack_sizes`).
