@@ -18,15 +18,15 @@ layer attacked with a cheap box-constrained L-BFGS toward a random wrong label
 (box [0, 1]: pixels and sigmoid outputs), kept with their true label. Each
 model is then scored by its test error and, beyond the paper, by the mean
 minimal distortion (per-pixel RMS) that the full untargeted L-BFGS attack
-(`lbfgs_attack_untargeted`: the smallest change of its prediction) needs to fool
-it on the same test images.
+(`attack_dataset(..., untargeted=True)`: the smallest change of its prediction)
+needs to fool it on the same test images.
 
 Writes WORKDIR/adversarial_training/<run>/results.json, table.md, learning_curves.png
-(<run>: see `experiments.common.run_name`).
+(<run>: see `experiments.common.run_name`); the attacks' chunks go to
+<run>/attacks/<variant>-<its weights' fingerprint>/.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import time
@@ -35,10 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (add_common_args, int_in, markdown_table, output_dir,
-                                save_figure_atomic, write_json_atomic, write_text_atomic, run_main)
+from experiments.common import (ArgumentParser, add_common_args, fixed, int_in, markdown_table, output_dir, parse_args,
+                                percent, run_main, save_figure_atomic, write_json_atomic, write_text_atomic)
 from jaxadv.adversarial_training import INPUT, AdversarialTrainingConfig, adversarial_train, logits_above
-from jaxadv.attacks import UNTARGETED, AttackConfig, lbfgs_attack, lbfgs_attack_untargeted, random_wrong_targets
+from jaxadv.attacks import UNTARGETED, AttackConfig, attack_dataset, lbfgs_attack, random_wrong_targets
+from jaxadv.sweep import function_fingerprint
 from jaxadv.data import NUM_EXAMPLES, load_dataset
 from jaxadv.functional import hidden_layers
 from jaxadv.models import get_model, weight_decay_penalty
@@ -81,14 +82,20 @@ def pool_attack(config: AttackConfig):
     return make_adversarial
 
 
-def minimal_distortion(model, params, images, config: AttackConfig) -> dict:
-    """The untargeted attack away from the model's prediction: success rate and distortion over the successes."""
+def minimal_distortion(logits_fn, images, config: AttackConfig, directory: str, name: str) -> dict:
+    """The untargeted attack away from the model's prediction: success rate and distortion over the successes.
+
+    The trained variants are not saved, and a retrained one may differ in the last bits, so each set of
+    weights gets its own chunk folder, `directory`-<its fingerprint>: a rerun that trains the same weights
+    resumes, one that does not starts a folder of its own instead of being refused.
+    """
     tic = time.perf_counter()
-    logits_fn = logits_above(model.module, params, INPUT)
-    predicted = jnp.argmax(logits_fn(images), axis=-1).astype(jnp.int32)
-    result = lbfgs_attack_untargeted(logits_fn, images, predicted, config=config)
-    success = np.asarray(result.success)
-    distortion = np.asarray(result.distortion)[success]
+    predicted = np.asarray(jnp.argmax(logits_fn(images), axis=-1), np.int32)
+    weights = function_fingerprint(logits_fn, images[:1])["parameters"][:16]
+    result = attack_dataset(logits_fn, images, predicted, f"{directory}-{weights}", config, untargeted=True,
+                            name=name)
+    success = result["success"]
+    distortion = result["distortion"][success]
     return {"success_rate": float(success.mean()),
             "mean_distortion": float(distortion.mean()) if distortion.size else float("nan"),
             "median_distortion": float(np.median(distortion)) if distortion.size else float("nan"),
@@ -122,9 +129,9 @@ def results_table(records, dataset, num_eval):
     for variant, rec in records.items():
         d = rec["distortion"]
         rows.append([variant, ", ".join(map(str, rec["config"]["pool_layers"])) or "-", rec["epochs"],
-                     f"{rec['train_seconds']:.0f}", f"{rec['attack_seconds']:.0f}", f"{100 * rec['test_error']:.2f}%",
-                     PAPER_MNIST_TEST_ERROR.get(variant, "-"), f"{100 * d['success_rate']:.0f}%", f"{d['mean_distortion']:.4f}",
-                     f"{d['median_distortion']:.4f}"])
+                     f"{rec['train_seconds']:.0f}", f"{rec['attack_seconds']:.0f}", percent(rec["test_error"]),
+                     PAPER_MNIST_TEST_ERROR.get(variant, "-"), percent(d["success_rate"], 0),
+                     fixed(d["mean_distortion"], 4), fixed(d["median_distortion"], 4)])
     return (f"# Adversarial training of {MODEL} on {dataset}\n\n" + markdown_table(headers, rows)
             + "\n\nPools at: -1 is the input, k the output of layer k (1, 3: the sigmoids). "
             "Distortion: per-pixel RMS sqrt(Σ(x'−x)²/n) of the untargeted L-BFGS attack (the smallest change of "
@@ -132,8 +139,8 @@ def results_table(records, dataset, num_eval):
             "successful attacks.\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
     parser.add_argument("--epochs", type=int_in(1), default=None,
                         help=f"epochs per variant (default {BASE.epochs}, {QUICK['epochs']} with --quick)")
@@ -147,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def sizes(args: argparse.Namespace):
+def sizes(args):
     """(training config, training images, attacked test images, test images of the curves; None: all).
 
     --quick sets small sizes; a flag given explicitly wins over them.
@@ -165,7 +172,7 @@ def sizes(args: argparse.Namespace):
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     base, train_images, eval_images, curve_images = sizes(args)
     out_dir = str(output_dir(parser, args, NAME))
     train, test = load_dataset(args.dataset, "train", args.data_dir), load_dataset(args.dataset, "test", args.data_dir)
@@ -191,7 +198,8 @@ def main(argv=None):
             "wall_seconds": wall,
             "test_error": error_rate(model.module, params, test.images, test.labels),
             "train_error": error_rate(model.module, params, train_x, train_y),
-            "distortion": minimal_distortion(model, params, eval_x, EVAL_ATTACK),
+            "distortion": minimal_distortion(logits_above(model.module, params, INPUT), eval_x, EVAL_ATTACK,
+                                             os.path.join(out_dir, "attacks", variant), variant),
             "history": history,
         }
         print(f"[{variant}] test error {100 * records[variant]['test_error']:.2f}%  "

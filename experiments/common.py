@@ -1,12 +1,16 @@
-"""What every experiment shares: command-line flags, the trained zoo, atomic output files.
+"""What every experiment's command line shares: flags, run names, output folders, the trained zoo, output files.
 
-    parser = argparse.ArgumentParser(); add_common_args(parser); args = parser.parse_args()
-    workdir = resolve_workdir(args)                             # runs/<dataset> by default
+    parser = ArgumentParser(description=...); add_common_args(parser)
+    args = parse_args(parser, argv)                             # runs/<dataset> by default; jax.distributed
     out = output_dir(parser, args, "cross_model")               # WORKDIR/cross_model/<run>/, checked writable
-    models = trained_models(ZOO, args.dataset, workdir, args.data_dir, args.quick)
+    models = trained_models(ZOO, args.dataset, args.workdir, args.data_dir, args.quick)
     write_json_atomic(out / "results.json", {...})
+    write_text_atomic(out / "table.md", markdown_table(headers, rows))   # percent(), fixed(), significant()
     ...
     if __name__ == "__main__": run_main(main)                  # user errors: one line, exit 2
+
+The science lives in `jaxadv` (an attack over a data set is `jaxadv.attacks.attack_dataset`);
+this module is the command line around it.
 
 Each run writes under a folder named by the options that change its results
 (`run_name`), so runs of other configurations never overwrite each other.
@@ -24,17 +28,17 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
 import jax
 import numpy as np
 
-from jaxadv.attacks import lbfgs_attack_core, random_wrong_targets
+from jaxadv.attacks import attack_dataset, attack_sizes
 from jaxadv.data import DATASETS, DataError
 from jaxadv.io import NotWritable, atomic_path, check_writable, is_writer, write_atomic  # noqa: F401
-from jaxadv.sweep import (CPU_SIZES, SweepMismatch, chunk_size_for_memory, fingerprint_arrays, run_sweep, sharded,
-                          sizes_for_device)
+from jaxadv.sweep import CPU_SIZES, SweepMismatch
 from jaxadv.zoo import (QUICK_TRAIN_SIZE, ConfigError, WorkdirMismatch, load_meta, model_dir,  # noqa: F401
                         trained_models)
 
@@ -69,10 +73,21 @@ def int_in(low: int, high: int | None = None):
 positive_int = int_in(1)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser as the experiments want it: a mistake is one line naming the flag, exit status 2
+    (--help shows the usage), and a flag is never matched by a prefix (--num-image is an error, not
+    --num-images)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.allow_abbrev = False      # a typo (--num-image) is an error, never a prefix of another flag
-    # One line, naming the flag, exit 2: not the usage block before it (--help shows that).
-    parser.error = lambda message: parser.exit(2, f"{parser.prog}: error: {message}\n")
+    """Every experiment's flags: --dataset, --data-dir, --workdir, --quick and the --distributed ones."""
     parser.add_argument("--dataset", choices=DATASETS, default="fashion_mnist",
                         help="data set (default: fashion_mnist, complete offline; MNIST needs its training images)")
     parser.add_argument("--data-dir", default=None,
@@ -90,36 +105,32 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="with --distributed, where elsewhere no cluster is detected: process 0's address")
     parser.add_argument("--num-processes", type=int_in(1), default=None, help="with --coordinator: how many processes")
     parser.add_argument("--process-id", type=int_in(0), default=None, help="with --coordinator: this process's rank")
-    # The default workdir depends on --dataset, which argparse defaults cannot express: fill it in
-    # after parsing, so that every caller sees args.workdir already set.
-    parse_known_args = parser.parse_known_args
-
-    def parse_known_args_with_workdir(args=None, namespace=None):
-        namespace, rest = parse_known_args(args, namespace)
-        if getattr(namespace, "workdir", None) is None:
-            namespace.workdir = str(Path("runs") / namespace.dataset)
-        explicit = [getattr(namespace, flag, None) for flag in ("coordinator", "num_processes", "process_id")]
-        if any(value is not None for value in explicit):
-            if not getattr(namespace, "distributed", False):
-                parser.error("--coordinator, --num-processes and --process-id need --distributed")
-            if None in explicit:
-                parser.error("--coordinator, --num-processes and --process-id go together")
-            if namespace.process_id >= namespace.num_processes:
-                parser.error(f"--process-id: must be below --num-processes ({namespace.num_processes}), "
-                             f"got {namespace.process_id}")
-        if getattr(namespace, "distributed", False):
-            # CPU processes exchange the attack's results (process_allgather) through gloo.
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-            jax.distributed.initialize(*explicit)   # before anything else touches a device
-        return namespace, rest
-
-    parser.parse_known_args = parse_known_args_with_workdir
     return parser
 
 
-def resolve_workdir(args: argparse.Namespace) -> Path:
-    """args.workdir as a Path (add_common_args fills in runs/<dataset> when it was not given)."""
-    return Path(args.workdir) if args.workdir else Path("runs") / args.dataset
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, then what argparse's defaults cannot say, before any work.
+
+    The default --workdir depends on --dataset (runs/<dataset>); --coordinator, --num-processes and
+    --process-id go together and need --distributed; with --distributed, jax.distributed is started
+    here, before anything else touches a device. Mistakes go through `parser.error`.
+    """
+    args = parser.parse_args(argv)
+    if args.workdir is None:
+        args.workdir = str(Path("runs") / args.dataset)
+    explicit = [args.coordinator, args.num_processes, args.process_id]
+    if any(value is not None for value in explicit):
+        if not args.distributed:
+            parser.error("--coordinator, --num-processes and --process-id need --distributed")
+        if None in explicit:
+            parser.error("--coordinator, --num-processes and --process-id go together")
+        if args.process_id >= args.num_processes:
+            parser.error(f"--process-id: must be below --num-processes ({args.num_processes}), got {args.process_id}")
+    if args.distributed:
+        # CPU processes exchange the attack's results (process_allgather) through gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(*explicit)
+    return args
 
 
 def run_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
@@ -187,8 +198,27 @@ def markdown_table(headers: Sequence, rows: Sequence[Sequence]) -> str:
     return "\n".join([cells(headers), "|" + "---|" * len(headers)] + [cells(r) for r in rows]) + "\n"
 
 
+#: What a table shows where there is no value.
+MISSING = "–"
+
+
 def percent(x: float | None, digits: int = 2) -> str:
-    return "—" if x is None else f"{100 * x:.{digits}f}%"
+    """0.1234 -> "12.34%" (`digits` decimals); None -> MISSING."""
+    return MISSING if x is None else f"{100 * x:.{digits}f}%"
+
+
+def fixed(x: float | None, digits: int = 3) -> str:
+    """0.12345 -> "0.123" (`digits` decimals); None -> MISSING."""
+    return MISSING if x is None else f"{x:.{digits}f}"
+
+
+def significant(x: float | None, digits: int = 4) -> str:
+    """`digits` significant digits ("12.35", "1.2e-05"); None -> MISSING, ±inf -> "∞" / "-∞"."""
+    if x is None:
+        return MISSING
+    if np.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    return f"{x:.{digits}g}"
 
 
 # -- helpers -----------------------------------------------------------------------
@@ -226,20 +256,24 @@ def run_main(main, argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
-# -- the attack over a data set: sharded over all devices, in resumable chunks ---------------------
+# -- the flags of the experiments that attack a set of images (jaxadv.attacks.attack_dataset) ----------------
 
-NUM_CLASSES = 10
 DEFAULT_BLOCK_SIZE = CPU_SIZES.block_size                # on a CPU; an accelerator's: `sizes_for_device`
 MAX_CHUNK_PER_DEVICE = CPU_SIZES.max_chunk_per_device
-RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations", "search_distortion")
+
 
 def add_attack_args(parser: argparse.ArgumentParser, images: str, default_num_images: int,
                     quick_num_images: int) -> None:
-    """The flags of every experiment that attacks a set of images through `attack_images`."""
+    """--num-images, --seed and the sizes (`add_size_args`) of an experiment that attacks a set of images."""
     parser.add_argument("--num-images", type=positive_int, default=None,
                         help=f"{images} attacked per model (default {default_num_images}, "
                              f"{quick_num_images} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="picks the images, the targets and the noise")
+    add_size_args(parser)
+
+
+def add_size_args(parser: argparse.ArgumentParser) -> None:
+    """--chunk-size and --block-size: how `attack_dataset` cuts the work (default: the device's)."""
     parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help="images per saved chunk (default: from device memory, at most "
                              f"{MAX_CHUNK_PER_DEVICE} per CPU device); a multiple of devices x block size")
@@ -258,106 +292,39 @@ def check_attack_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
     num_images = args.num_images or (quick_num_images if args.quick else default_num_images)
     if num_images > available:
         parser.error(f"argument --num-images: must be in [1, {available}] ({where}), got {num_images}")
+    check_size_args(parser, args, num_images)
+    return num_images
+
+
+def check_size_args(parser: argparse.ArgumentParser, args: argparse.Namespace, num_images: int) -> None:
+    """--chunk-size must be a whole number of devices x blocks (a CPU's block, when --block-size is not given)."""
     if args.chunk_size is not None:
         devices = len(jax.devices())
         block = args.block_size or min(DEFAULT_BLOCK_SIZE, math.ceil(num_images / devices))
         if args.chunk_size % (devices * block):
             parser.error(f"argument --chunk-size: must be a multiple of devices x block = {devices} x {block}, "
                          f"got {args.chunk_size}")
-    return num_images
 
 
-def attack_bytes_per_image(model, config, block_size) -> int:
-    """Device memory per image of a block attacked with `lbfgs_attack_core`, in bytes (float32).
+def attack_models(parser, args, logits_fns: dict, images, targets, directory_for, config):
+    """`attack_dataset` for each {name: logits_fn}, at the sizes of --chunk-size and --block-size or the
+    device's, each model's sizes printed: ({name: outputs}, {name: seconds and sizes}).
 
-    The attack keeps L-BFGS state only for its `config.lanes` lanes: the
-    (s, y) history 2·m·n, about 10 image-sized vectors (iterate, trial,
-    gradient, direction, origin, best) and 3x the activations for the forward
-    and backward passes. Every image of the block holds about 4·n more
-    (the image, its best point, the output, the padding copy).
+    `targets`: one array for every model, or {name: array}; `directory_for(name)`: its chunk folder.
     """
-    n = math.prod(model.input_shape)
-    lanes = block_size if config.lanes is None else min(config.lanes, block_size)
-    floats_per_lane = attack_bytes_per_lane(model, config) // 4
-    return 4 * (4 * n + math.ceil(lanes * floats_per_lane / block_size))
-
-
-def attack_bytes_per_lane(model, config) -> int:
-    """One lane's working state in bytes (float32): the (s, y) history, ~10 image-sized vectors, 3x the activations."""
-    n = math.prod(model.input_shape)
-    activations = sum(math.prod(s) for s in model.output_shapes())
-    return 4 * (2 * config.memory_size * n + 10 * n + 3 * activations)
-
-
-def attack_images(model, params, images, targets, directory, config, chunk_size, block_size, label=""):
-    """`lbfgs_attack_core` on every image, sharded over all devices, in resumable chunks under `directory`."""
-    logits_fn = jax.tree_util.Partial(model.apply, params)
-
-    def attack(x, t):
-        result = lbfgs_attack_core(logits_fn, x, t, 0.0, 1.0, config=config)
-        return {f: getattr(result, f) for f in RESULT_FIELDS}
-
-    attack_on_devices = sharded(attack, block_size=block_size)
-    sweep_config = {"model": model.name, "params": fingerprint_arrays({"params": params}),
-                    "attack": repr(config), "attack_source": attack_source_fingerprint(),
-                    "jax": jax.__version__, "block_size": block_size}
-    return run_sweep(lambda chunk: attack_on_devices(chunk["images"], chunk["targets"]),
-                     {"images": images, "targets": targets}, directory, chunk_size,
-                     config=sweep_config, label=label or f"attack {model.name}")
-
-
-#: The L-BFGS attack's source files in jaxadv/attacks/ (the other attacks there change none of its results),
-#: besides its solver's optax face, jaxadv/optim.py, which every fingerprint includes.
-LBFGS_SOURCES = ("box_lbfgs.py", "lbfgs.py", "boundary.py", "targets.py")
-
-
-def attack_source_fingerprint(files: Sequence[str] = LBFGS_SOURCES) -> str:
-    """sha256 of the attack's source `files` and jaxadv/optim.py: a resumed sweep must not mix two versions of
-    the algorithm."""
-    import jaxadv.attacks as attacks
-    import jaxadv.optim as optim
-    folder = os.path.dirname(attacks.__file__)
-    paths = [os.path.join(folder, name) for name in sorted(files)] + [optim.__file__]
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            digest.update(os.path.basename(path).encode() + b"\0" + f.read())
-    return digest.hexdigest()
-
-
-def choose_sizes(num_images, num_devices, model, config, chunk_size=None, block_size=None, device=None):
-    """(chunk, block, config): a block per device pass, a chunk a whole number of devices x block rows, and
-    `config` with the device's lanes (`jaxadv.sweep.sizes_for_device`: 32 on a CPU, thousands on a GPU).
-
-    Small runs shrink the block so that padding never costs more than one block
-    per device; the chunk follows from --chunk-size, else from device memory
-    (`chunk_size_for_memory`), at most the device's chunk per device.
-    """
-    sizes = sizes_for_device(attack_bytes_per_lane(model, config), device)
-    config = config._replace(lanes=sizes.lanes)
-    block = block_size or min(sizes.block_size, math.ceil(num_images / num_devices))
-    step = num_devices * block
-    if chunk_size is None:
-        chunk_size = chunk_size_for_memory(attack_bytes_per_image(model, config, block), num_devices=num_devices,
-                                           multiple_of=step,
-                                           maximum=max(step, sizes.max_chunk_per_device * num_devices))
-        chunk_size = min(chunk_size, step * math.ceil(num_images / step))
-    if chunk_size % step:
-        raise ValueError(f"--chunk-size: must be a multiple of devices x block = {num_devices} x {block}, "
-                         f"got {chunk_size}")
-    return chunk_size, block, config
-
-
-def select_images(dataset, num_images, seed):
-    """The images, labels and random wrong targets that table2 also draws for the same seed and N.
-
-    A sorted random subset of size N (all images when N is the split's size),
-    so `--num-images 500 --seed 0` attacks exactly Table 2's images and targets.
-    """
-    if not 1 <= num_images <= len(dataset.labels):
-        raise ValueError(f"--num-images: must be in [1, {len(dataset.labels)}], got {num_images}")
-    pick_key, target_key, _ = jax.random.split(jax.random.PRNGKey(seed), 3)
-    index = np.sort(np.asarray(jax.random.choice(pick_key, len(dataset.labels), (num_images,), replace=False)))
-    images, labels = dataset.images[index], dataset.labels[index]
-    targets = np.asarray(random_wrong_targets(target_key, labels, NUM_CLASSES), dtype=np.int32)
-    return index, images, labels, targets
+    attacks, timing = {}, {}
+    for name, logits_fn in logits_fns.items():
+        try:
+            sizes = attack_sizes(logits_fn, images, config, chunk_size=args.chunk_size, block_size=args.block_size)
+        except ValueError as error:      # an accelerator's block, which --chunk-size was not checked against
+            if not str(error).startswith("chunk_size:"):
+                raise
+            parser.error(f"argument --chunk-size{str(error)[len('chunk_size'):]}")
+        print(f"{name}: {sizes.describe()}", flush=True)
+        start = time.time()
+        attacks[name] = attack_dataset(logits_fn, images, targets[name] if isinstance(targets, dict) else targets,
+                                       directory_for(name), config, chunk_size=sizes.chunk_size,
+                                       block_size=sizes.block_size, lanes=sizes.lanes, name=name)
+        timing[name] = {"seconds_this_invocation": time.time() - start, "chunk_size": sizes.chunk_size,
+                        "block_size": sizes.block_size, "lanes": sizes.lanes, "device_kind": sizes.device_kind}
+    return attacks, timing

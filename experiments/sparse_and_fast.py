@@ -10,8 +10,8 @@ moving each image away from the model's own prediction:
    pixel flips. On the first `--fine-images` images the scan is repeated with
    `--fine-values` values per pixel, to measure how far the bounds are from exact.
 2. `min_pixels_attack`: the fewest pixels (greedy; exact at 1): median and 90th percentile.
-3. `lbfgs_attack_untargeted`: the smallest L2 change of the prediction at all (the
-   untargeted minimum, refined to the boundary), r = x′ − x. Then, per image:
+3. `attack_dataset(..., untargeted=True)`: the smallest L2 change of the prediction at
+   all (the untargeted minimum, refined to the boundary), r = x′ − x. Then, per image:
    - `fgm` at exactly ε = ‖r‖₂: does one FGM step of the same L2 fool the model?
    - the cosine between the FGM direction (the cross-entropy's gradient at x) and r,
      and the same with the gradient's components that leave the box removed;
@@ -21,12 +21,11 @@ moving each image away from the model's own prediction:
    beside the share whose minimal L2 is below it.
 
 Per-image results are saved chunk by chunk under WORKDIR/sparse_and_fast/chunks/<model>/
-(a rerun resumes). Writes results.json, table.md, single_pixels.png, cosines.png
+(the L-BFGS attack's in lbfgs-n<N>-seed<S>/; a rerun resumes). Writes results.json, table.md, single_pixels.png, cosines.png
 and fgm_vs_minimal.png under WORKDIR/sparse_and_fast/.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -34,14 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (LBFGS_SOURCES, add_common_args, attack_source_fingerprint, int_in, markdown_table,
-                                output_dir, resolve_workdir, run_main, save_figure_atomic, trained_models,
-                                write_json_atomic, write_text_atomic)
-from jaxadv.attacks import (UNTARGETED, fast_gradient_direction, fgm, fgsm, lbfgs_attack_untargeted,
+from experiments.common import (ArgumentParser, add_common_args, int_in, markdown_table, output_dir, parse_args,
+                                percent, run_main, save_figure_atomic, significant, trained_models, write_json_atomic,
+                                write_text_atomic)
+from jaxadv.attacks import (UNTARGETED, attack_dataset, attack_source_fingerprint, fast_gradient_direction, fgm, fgsm,
                             min_pixels_attack, minimal_fast_gradient, single_pixel_attack, success_along_direction)
 from jaxadv.data import CLASS_NAMES, load_dataset
 from jaxadv.models import ZOO
-from jaxadv.sweep import fingerprint_arrays, run_sweep
+from jaxadv.sweep import function_fingerprint, run_sweep
 
 NAME = "sparse_and_fast"
 MODELS = ZOO + ("ConvNet",)
@@ -57,9 +56,8 @@ FIGURE_MODELS = ("FC10(1e-4)", "FC100-100-10", "ConvNet")
 FIGURE_IMAGES = 6
 
 
-def measure(logits_fn, x, max_pixels):
-    """Every per-image quantity of one chunk, by library calls only."""
-    labels = jnp.argmax(logits_fn(x), axis=-1).astype(jnp.int32)
+def measure(logits_fn, x, labels, adversarial, lbfgs_success, max_pixels):
+    """Every per-image quantity of one chunk but the L-BFGS attack's (`adversarial`, given), by library calls only."""
     t = {}
     start = time.perf_counter()
     one = jax.block_until_ready(single_pixel_attack(logits_fn, x, labels))
@@ -68,13 +66,10 @@ def measure(logits_fn, x, max_pixels):
     few = jax.block_until_ready(min_pixels_attack(logits_fn, x, labels, max_pixels=max_pixels))
     t["min_pixels"] = time.perf_counter() - start
     start = time.perf_counter()
-    lb = jax.block_until_ready(lbfgs_attack_untargeted(logits_fn, x, labels, UNTARGETED))
-    t["lbfgs"] = time.perf_counter() - start
-    start = time.perf_counter()
-    r = (lb.adversarial - x).reshape(len(labels), -1)
+    r = (adversarial - x).reshape(len(labels), -1)
     l2 = jnp.sqrt(jnp.sum(r * r, -1))
     linf = jnp.max(jnp.abs(r), -1)
-    ok = lb.success
+    ok = lbfgs_success
     direction = fast_gradient_direction(logits_fn, x, labels, norm="l2").reshape(len(labels), -1)
     flat = x.reshape(len(labels), -1)
     # The components the box allows: a pixel at 0 cannot fall, a pixel at 1 cannot rise.
@@ -169,28 +164,20 @@ def summarize(name, out, fine, fine_values, true_labels):
 
 # -- outputs --------------------------------------------------------------------------------------
 
-def _f(x, digits=3):
-    return "–" if x is None else (f"{x:.{digits}g}" if np.isfinite(x) else "∞")
-
-
-def _p(x):
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
 def table_markdown(results) -> str:
-    rows = [[r["model"], r["kind"], f"{_p(r['one_pixel_share'])} ({_p(r.get('one_pixel_share_correct'))})",
-             f"{_f(r['min_pixels_median'])} / {_f(r['min_pixels_p90'])}",
-             _f(r["lbfgs_l2_median"]), _p(r["fgm_at_min_l2_success"]),
-             f"{_f(r['cosine_median'], 2)} ({_f(r['cosine_feasible_median'], 2)})",
-             f"{_f(r['fgm_l2_ratio_median'])} / {_f(r['fgm_l2_ratio_p90'])}",
-             _p(r["fgsm_at_linf_success"]),
-             f"{_f(r['fgsm_linf_ratio_median'])} / {_f(r['fgsm_linf_ratio_p90'])}"] for r in results["rows"]]
+    rows = [[r["model"], r["kind"], f"{percent(r['one_pixel_share'], 1)} ({percent(r.get('one_pixel_share_correct'), 1)})",
+             f"{significant(r['min_pixels_median'], 3)} / {significant(r['min_pixels_p90'], 3)}",
+             significant(r["lbfgs_l2_median"], 3), percent(r["fgm_at_min_l2_success"], 1),
+             f"{significant(r['cosine_median'], 2)} ({significant(r['cosine_feasible_median'], 2)})",
+             f"{significant(r['fgm_l2_ratio_median'], 3)} / {significant(r['fgm_l2_ratio_p90'], 3)}",
+             percent(r["fgsm_at_linf_success"], 1),
+             f"{significant(r['fgsm_linf_ratio_median'], 3)} / {significant(r['fgsm_linf_ratio_p90'], 3)}"] for r in results["rows"]]
     main = markdown_table(["Model", "Kind", "One pixel flips (of correctly classified)", "Min. pixels: median / 90th",
                            "Min. L2 (L-BFGS), median", "FGM at min. L2: success",
                            "Cosine FGM dir. vs r: median (box-feasible)", "FGM L2 needed / min. L2: median / 90th",
                            "FGSM at r's L∞: success", "FGSM L∞ needed / r's L∞: median / 90th"], rows)
     fine_rows = [[r["model"], str(r["fine_images"]), str(r["fine_verdict_changed"]), str(r["fine_flips_bounds_do_not"]),
-                  _p(r["fine_margin_lower_share"]), _f(r["fine_gap_mean"]), _f(r["fine_gap_max"]),
+                  percent(r["fine_margin_lower_share"], 1), significant(r["fine_gap_mean"], 3), significant(r["fine_gap_max"], 3),
                   f"{100 * r['fine_pixels_lower_share']:.3f}%" if r["fine_pixels_lower_share"] is not None else "–",
                   str(r["fine_images_with_a_pixel_lower"])]
                  for r in results["rows"]]
@@ -299,8 +286,8 @@ def fgm_curve_figure(per_model):
 
 # -- entry point ------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--num-images", type=int_in(1, TEST_SIZE), default=None,
                         help=f"test images per model (default {DEFAULT_NUM_IMAGES}, {QUICK_NUM_IMAGES} with --quick)")
@@ -318,10 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
     fine_images = min(num_images, args.fine_images if args.fine_images is not None else (20 if args.quick else 100))
-    workdir = resolve_workdir(args)
+    workdir = args.workdir
     out_dir = str(output_dir(parser, args, NAME))       # this run's outputs; the chunks are shared
     chunks_dir = os.path.join(workdir, NAME, "chunks")
     start = time.time()
@@ -337,18 +324,27 @@ def main(argv=None):
         model, params = models[name]
         logits_fn = jax.tree_util.Partial(model.apply, params)
         seconds = {"single_pixel": 0.0, "min_pixels": 0.0, "lbfgs": 0.0, "fast": 0.0}
+        # The model's own predictions: every search moves each image away from its own.
+        labels = np.asarray(jnp.argmax(jax.jit(logits_fn)(images), axis=-1), np.int32)
+        tic = time.perf_counter()
+        lbfgs = attack_dataset(logits_fn, images, labels,
+                               os.path.join(chunks_dir, name, f"lbfgs-n{num_images}-seed{args.seed}"),
+                               UNTARGETED, untargeted=True, name=f"{NAME} {name}")
+        seconds["lbfgs"] = time.perf_counter() - tic
 
         def fn(batch, logits_fn=logits_fn, seconds=seconds):
-            out, t = measure(logits_fn, jnp.asarray(batch["images"]), args.max_pixels)
+            out, t = measure(logits_fn, jnp.asarray(batch["images"]), jnp.asarray(batch["label"]),
+                             jnp.asarray(batch["adversarial"]), jnp.asarray(batch["lb_success"]), args.max_pixels)
             for k, v in t.items():
                 seconds[k] += v
             return out
 
-        config = {"model": name, "params": fingerprint_arrays({"params": params}),
-                  "attacks_source": attack_source_fingerprint(LBFGS_SOURCES + ("sparse.py", "fast.py")),
-                  "max_pixels": args.max_pixels,
-                  "lbfgs": repr(UNTARGETED), "curve": CURVE_L2.tolist(), "jax": jax.__version__}
-        out = run_sweep(fn, {"images": images}, os.path.join(chunks_dir, name, f"n{num_images}-seed{args.seed}"),
+        config = {**function_fingerprint(logits_fn, images[:1]),
+                  "attacks_source": attack_source_fingerprint(("sparse.py", "fast.py")),
+                  "max_pixels": args.max_pixels, "curve": CURVE_L2.tolist(), "jax": jax.__version__}
+        out = run_sweep(fn, {"images": images, "label": labels, "adversarial": lbfgs["adversarial"],
+                             "lb_success": lbfgs["success"]},
+                        os.path.join(chunks_dir, name, f"n{num_images}-seed{args.seed}"),
                         chunk, config=config, success_key="sp_success", label=f"{NAME} {name}")
         fine = {"fine_margin": np.zeros(0, np.float32), "fine_success": np.zeros(0, bool),
                 "fine_pixels_lower": np.zeros(0, np.int32)}
@@ -409,7 +405,8 @@ def _carry_timing(path, timing, num_images, seed):
         return timing
     for name, seconds in timing.items():
         previous = old.get("timing", {}).get(name)
-        if previous and not any(seconds.get(k) for k in ("single_pixel", "min_pixels", "lbfgs", "fast")):
+        # (the L-BFGS seconds count even when resumed: they include reading its chunks)
+        if previous and not any(seconds.get(k) for k in ("single_pixel", "min_pixels", "fast")):
             timing[name] = {**previous, "carried_over": True}
     return timing
 

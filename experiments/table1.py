@@ -5,11 +5,10 @@
 
 For each model of Table 1 (trained first if WORKDIR/models/<name>/ is missing):
 its error on the training and test sets, and the box-constrained L-BFGS attack
-(`jaxadv.attacks.lbfgs_attack_core`, default `AttackConfig`) on N images of
-`--split` (the paper attacked training images), one target label per image.
-The attack runs through `jaxadv.sweep`: sharded over every device JAX sees, in
-chunks saved under WORKDIR/table1/chunks/<model>/<run>/, so an interrupted run
-resumes where it stopped. "Av. min. distortion" is the mean per-pixel RMS
+(default `AttackConfig`) on N images of `--split` (the paper attacked training
+images), one target label per image. The attack is `jaxadv.attacks.attack_dataset`:
+sharded over every device JAX sees, in chunks saved under
+WORKDIR/table1/chunks/<model>/<run>/, so an interrupted run resumes where it stopped. "Av. min. distortion" is the mean per-pixel RMS
 distortion sqrt(Σ(x'−x)²/n) of the successful adversarial examples; the
 success rate is reported beside it.
 
@@ -20,7 +19,6 @@ names the options that change the results ("default" for none; see
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import time
@@ -28,10 +26,10 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_attack_args, add_common_args, attack_images, check_attack_args, choose_sizes,
-                                markdown_table, output_dir, resolve_workdir, run_main, save_figure_atomic,
-                                select_images, trained_models, write_json_atomic, write_text_atomic)
-from jaxadv.attacks import AttackConfig, runner_up_targets
+from experiments.common import (ArgumentParser, add_attack_args, add_common_args, attack_models, check_attack_args,
+                                fixed, markdown_table, output_dir, parse_args, percent, run_main, save_figure_atomic,
+                                trained_models, write_json_atomic, write_text_atomic)
+from jaxadv.attacks import AttackConfig, runner_up_targets, select_images
 from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset
 from jaxadv.models import ZOO
 from jaxadv.plots import DistortionPanel, distortion_grid_figure
@@ -39,7 +37,6 @@ from jaxadv.train import error_rate
 from jaxadv.transfer import gaussian_noise
 
 NAME = "table1"
-NUM_CLASSES = 10
 DEFAULT_NUM_IMAGES = 1000
 QUICK_NUM_IMAGES = 40
 FIGURE_IMAGES = 8
@@ -90,22 +87,14 @@ def summarize(name, attack, labels, targets, adversarial_predictions, train_err,
 
 # -- outputs --------------------------------------------------------------------------------------
 
-def pct(x):
-    return "–" if x is None else f"{100 * x:.2f}%"
-
-
-def num(x):
-    return "–" if x is None else f"{x:.3f}"
-
-
 def table_markdown(results) -> str:
     headers = ["Model", "Training error", "Test error", "Av. distortion, paper's method", "Av. min. distortion",
                "Success rate", "Adv. accuracy", "Images"]
-    rows = [[r["model"], f"{pct(r['train_error'])} ({pct(r['paper_train_error'])})",
-             f"{pct(r['test_error'])} ({pct(r['paper_test_error'])})",
-             f"{num(r.get('paper_method_av_distortion'))} ({num(r['paper_av_min_distortion'])})",
-             num(r["av_min_distortion"]),
-             pct(r["success_rate"]), pct(r["adversarial_accuracy"]), str(r["num_images"])]
+    rows = [[r["model"], f"{percent(r['train_error'])} ({percent(r['paper_train_error'])})",
+             f"{percent(r['test_error'])} ({percent(r['paper_test_error'])})",
+             f"{fixed(r.get('paper_method_av_distortion'))} ({fixed(r['paper_av_min_distortion'])})",
+             fixed(r["av_min_distortion"]),
+             percent(r["success_rate"]), percent(r["adversarial_accuracy"]), str(r["num_images"])]
             for r in results["rows"]]
     return (f"# Table 1 ({results['dataset']}{', quick' if results['quick'] else ''})\n\n"
             f"Each cell: this run (the paper's MNIST value). Attack: {results['num_images']} {results['split']} "
@@ -149,8 +138,8 @@ def figure7(models, chosen, images, labels, attacks, noise_key, class_names=None
 
 # -- entry point -------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_attack_args(parser, "images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
     parser.add_argument("--split", choices=("train", "test"), default="train",
@@ -164,48 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     num_images = check_attack_args(parser, args, DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES, NUM_EXAMPLES[args.split],
                                    f"the {args.split} set")
-    workdir = resolve_workdir(args)
     out_dir = str(output_dir(parser, args, NAME))
     start = time.time()
 
-    models = trained_models(list(args.models), args.dataset, workdir, args.data_dir, args.quick)
+    models = trained_models(list(args.models), args.dataset, args.workdir, args.data_dir, args.quick)
     train = load_dataset(args.dataset, "train", args.data_dir)
     test = load_dataset(args.dataset, "test", args.data_dir)
     source = train if args.split == "train" else test
-    try:
-        index, images, labels, random_targets = select_images(source, num_images, args.seed)
-    except ValueError as e:
-        parser.error(str(e))
+    _, images, labels, random_targets = select_images(source.images, source.labels, num_images, args.seed)
+    logits_fns = {name: jax.tree_util.Partial(models[name][0].apply, models[name][1]) for name in args.models}
+    if args.targets == "random":
+        targets = random_targets
+    else:
+        targets = {name: np.asarray(runner_up_targets(jax.jit(fn)(images)), dtype=np.int32)
+                   for name, fn in logits_fns.items()}
     config = AttackConfig()
-    num_devices = len(jax.devices())
+    run = f"{args.split}-n{num_images}-seed{args.seed}-{args.targets}"
+    attacks, timing = attack_models(parser, args, logits_fns, images, targets,
+                                    lambda name: os.path.join(args.workdir, NAME, "chunks", name, run), config)
 
-    rows, attacks, timing = [], {}, {}
+    rows = []
     for name in args.models:
         model, params = models[name]
-        try:
-            chunk_size, block, config = choose_sizes(num_images, num_devices, model, config, args.chunk_size,
-                                                     args.block_size)
-        except ValueError as e:
-            parser.error(str(e))
-        if args.targets == "random":
-            targets = random_targets
-        else:
-            targets = np.asarray(runner_up_targets(jax.jit(functools.partial(model.apply, params))(images)),
-                                 dtype=np.int32)
-        run = f"{args.split}-n{num_images}-seed{args.seed}-{args.targets}"
-        t0 = time.time()
-        print(f"{name}: {num_devices} {jax.devices()[0].device_kind} device(s), {config.lanes} lanes, blocks of "
-              f"{block}, chunks of {chunk_size}", flush=True)
-        attacks[name] = attack_images(model, params, images, targets,
-                                      os.path.join(workdir, NAME, "chunks", name, run), config, chunk_size, block)
-        timing[name] = {"seconds_this_invocation": time.time() - t0, "chunk_size": chunk_size, "block_size": block,
-                        "lanes": config.lanes, "device_kind": jax.devices()[0].device_kind}
         adversarial_predictions = predict(model, params, attacks[name]["adversarial"])
-        rows.append(summarize(name, attacks[name], labels, targets, adversarial_predictions,
-                              error_rate(model, params, train.images, train.labels),
+        rows.append(summarize(name, attacks[name], labels, targets[name] if isinstance(targets, dict) else targets,
+                              adversarial_predictions, error_rate(model, params, train.images, train.labels),
                               error_rate(model, params, test.images, test.labels)))
 
     results = {
@@ -217,8 +192,8 @@ def main(argv=None):
         "quick": args.quick,
         "targets": ("one uniformly random wrong label per image (seeded), shared by all models"
                     if args.targets == "random" else "each model's runner-up class"),
-        "attack_config": repr(config),
-        "num_devices": num_devices,
+        "attack_config": repr(config._replace(lanes=timing[args.models[-1]]["lanes"])),
+        "num_devices": len(jax.devices()),
         "rows": rows,
         "timing": timing,
         "paper": {"dataset": "mnist", **{n: dict(zip(("train_error", "test_error", "av_min_distortion"), v))

@@ -19,7 +19,6 @@ targets, so whichever runs second reuses the other's attacks.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import time
@@ -27,10 +26,10 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_attack_args, add_common_args, attack_images, check_attack_args, choose_sizes,
-                                markdown_table, output_dir, resolve_workdir, run_main, save_figure_atomic,
-                                select_images, trained_models, write_json_atomic, write_text_atomic)
-from jaxadv.attacks import AttackConfig
+from experiments.common import (ArgumentParser, add_attack_args, add_common_args, attack_models, check_attack_args,
+                                markdown_table, output_dir, parse_args, percent, run_main, save_figure_atomic,
+                                trained_models, write_json_atomic, write_text_atomic)
+from jaxadv.attacks import AttackConfig, select_images
 from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset
 from jaxadv.models import ZOO
 from jaxadv.plots import adversarial_triplets_figure
@@ -56,25 +55,11 @@ PAPER_ERROR_RATES = [
 PAPER_AV_DISTORTION = [0.062, 0.1, 0.14, 0.058, 0.065, 0.086, 0.1, 0.3]
 
 
-def attack_models(models, names, images, targets, directory_for, config, chunk_size=None, block_size=None):
-    """table1's resumable, device-sharded attack of `images` for each named model: ({name: outputs}, {name: seconds})."""
-    attacks, seconds = {}, {}
-    for name in names:
-        model, params = models[name]
-        chunk, block, sized = choose_sizes(len(images), len(jax.devices()), model, config, chunk_size, block_size)
-        print(f"{name}: {len(jax.devices())} {jax.devices()[0].device_kind} device(s), {sized.lanes} lanes, blocks of "
-              f"{block}, chunks of {chunk}", flush=True)
-        t0 = time.time()
-        attacks[name] = attack_images(model, params, images, targets, directory_for(name), sized, chunk, block)
-        seconds[name] = time.time() - t0
-    return attacks, seconds
-
-
 def describe_comparison(comparison, noise_label) -> str:
     text = (f"Off-diagonal transfer above {noise_label} on the same model: "
             f"{comparison['above_noise']} of {comparison['cells']} cells.")
     if comparison["not_above"]:
-        text += " Not above: " + "; ".join(f"{c['made_for']} → {c['fed_to']} {pct(c['transfer'])} vs {pct(c['noise'])}"
+        text += " Not above: " + "; ".join(f"{c['made_for']} → {c['fed_to']} {percent(c['transfer'], 1)} vs {percent(c['noise'], 1)}"
                                            for c in comparison["not_above"]) + "."
     return text
 
@@ -142,12 +127,8 @@ def heatmap_figure(error_rates, row_labels, column_labels, paper=None, title="")
     return fig
 
 
-def pct(x):
-    return f"{100 * x:.1f}%"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_attack_args(parser, "training images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
     return parser
@@ -155,19 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     num_images = check_attack_args(parser, args, DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES, NUM_EXAMPLES["train"],
                                    "the training set")
-    workdir = str(resolve_workdir(args))
     out_dir = str(output_dir(parser, args, NAME))
     start = time.time()
 
-    models = trained_models(list(ZOO), args.dataset, workdir, args.data_dir, args.quick)
+    models = trained_models(list(ZOO), args.dataset, args.workdir, args.data_dir, args.quick)
     train = load_dataset(args.dataset, "train", args.data_dir)
-    try:
-        _, images, labels, targets = select_images(train, num_images, args.seed)
-    except ValueError as e:
-        parser.error(str(e))
+    _, images, labels, targets = select_images(train.images, train.labels, num_images, args.seed)
     noise_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)[2]
 
     names = list(ZOO)
@@ -175,9 +152,8 @@ def main(argv=None):
     config = AttackConfig()
     # table1's chunk folder for the same split, N, seed and targets: whichever runs first attacks, the other resumes.
     run = f"train-n{num_images}-seed{args.seed}-random"
-    attacks, attack_seconds = attack_models(
-        models, names, images, targets, lambda name: os.path.join(workdir, "table1", "chunks", name, run),
-        config, args.chunk_size, args.block_size)
+    attacks, timing = attack_models(parser, args, dict(zip(names, logits_fns)), images, targets,
+                                    lambda name: os.path.join(args.workdir, "table1", "chunks", name, run), config)
 
     sets = [PerturbedSet(images, attacks[n]["adversarial"], labels) for n in names]
     sets += noise_sets(noise_key, images, labels, NOISE_STDDEVS)
@@ -200,7 +176,7 @@ def main(argv=None):
         "av_distortion": table.av_distortion.tolist(),
         "clean_error_rates": clean.tolist(),
         "attack_success_rate": {n: float(np.mean(attacks[n]["success"])) for n in names},
-        "attack_seconds_this_invocation": attack_seconds,
+        "attack_seconds_this_invocation": {n: t["seconds_this_invocation"] for n, t in timing.items()},
         "attack_config": repr(config),
         "targets": "one uniformly random wrong label per image, shared by all models",
         "noise": {"stddevs": list(NOISE_STDDEVS), "clipped_to_unit_box": True,
@@ -228,11 +204,11 @@ def table_markdown(results) -> str:
     headers = ["made for ↓ / fed to →"] + names + ["Av. distortion"]
     rows = []
     for i, label in enumerate(results["row_labels"]):
-        cells = [f"{pct(ours)} ({pct(paper)})" for ours, paper in
+        cells = [f"{percent(ours, 1)} ({percent(paper, 1)})" for ours, paper in
                  zip(results["error_rates"][i], results["paper"]["error_rates"][i])]
         rows.append([label] + cells + [f"{results['av_distortion'][i]:.3f} ({results['paper']['av_distortion'][i]:g})"])
-    rows.append(["clean images (not in the paper)"] + [pct(e) for e in results["clean_error_rates"]] + ["0"])
-    success = ", ".join(f"{n} {pct(s)}" for n, s in results["attack_success_rate"].items())
+    rows.append(["clean images (not in the paper)"] + [percent(e, 1) for e in results["clean_error_rates"]] + ["0"])
+    success = ", ".join(f"{n} {percent(s, 1)}" for n, s in results["attack_success_rate"].items())
     return (f"# Table 2: cross-model generalization ({results['dataset']}, {results['num_images']} "
             f"training images{', quick' if results['quick'] else ''})\n\n"
             f"Each cell: this run (the paper's MNIST value). Error = fraction not classified as the true label.\n\n"

@@ -23,7 +23,6 @@ Writes WORKDIR/table3/<run>/results.json, table.md, heatmap.png and figure5.png
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import time
@@ -31,11 +30,10 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (add_attack_args, add_common_args, check_attack_args, markdown_table, output_dir,
-                                resolve_workdir, run_main, select_images, trained_models)
-from experiments.table2 import (attack_models, describe_comparison, heatmap_figure, noise_sets, pct,
-                                triplets_figure, write_outputs)
-from jaxadv.attacks import AttackConfig
+from experiments.common import (ArgumentParser, add_attack_args, add_common_args, attack_models, check_attack_args,
+                                markdown_table, output_dir, parse_args, percent, run_main, trained_models)
+from experiments.table2 import describe_comparison, heatmap_figure, noise_sets, triplets_figure, write_outputs
+from jaxadv.attacks import AttackConfig, select_images
 from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset, training_halves
 from jaxadv.transfer import (PerturbedSet, error_rate_matrix, rescale_perturbations, transfer_table,
                              transfer_versus_noise)
@@ -68,8 +66,8 @@ PAPER_TABLE4 = [  # rows: adversarial x3, Gaussian 0.06, amplified x3, Gaussian 
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_attack_args(parser, "test images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
     return parser
@@ -77,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     num_images = check_attack_args(parser, args, DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES, NUM_EXAMPLES["test"],
                                    "the test set")
-    workdir = str(resolve_workdir(args))
+    workdir = args.workdir
     out_dir = str(output_dir(parser, args, NAME))
     start = time.time()
 
@@ -95,17 +93,13 @@ def main(argv=None):
     names = [label for label, _, _ in MODELS]
     logits_fns = [functools.partial(models[n][0].apply, models[n][1]) for n in names]
 
-    try:
-        _, images, labels, targets = select_images(test, num_images, args.seed)
-    except ValueError as e:
-        parser.error(str(e))
+    _, images, labels, targets = select_images(test.images, test.labels, num_images, args.seed)
     noise_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)[2]
     config = AttackConfig()
     run = f"test-n{num_images}-seed{args.seed}-random"
-    attacks, attack_seconds = attack_models(
-        models, names, images, targets,
-        lambda name: os.path.join(workdir, NAME, "chunks", name.replace("'", "_prime"), run),
-        config, args.chunk_size, args.block_size)
+    attacks, timing = attack_models(
+        parser, args, dict(zip(names, logits_fns)), images, targets,
+        lambda name: os.path.join(workdir, NAME, "chunks", name.replace("'", "_prime"), run), config)
 
     # Table 3: clean errors on P1, P2, test (full sets) and the minimal distortion.
     baseline = error_rate_matrix(logits_fns, [halves["P1"].images, halves["P2"].images, test.images],
@@ -165,7 +159,7 @@ def main(argv=None):
         },
         "clean_error_rates": clean.tolist(),
         "attack_success_rate": {n: float(np.mean(attacks[n]["success"])) for n in names},
-        "attack_seconds_this_invocation": attack_seconds,
+        "attack_seconds_this_invocation": {n: t["seconds_this_invocation"] for n, t in timing.items()},
         "attack_config": repr(config),
         "targets": "one uniformly random wrong label per image, shared by all models",
         "noise": {"stddevs": list(NOISE_STDDEVS), "clipped_to_unit_box": True,
@@ -188,13 +182,13 @@ def table_markdown(results) -> str:
     for name, values in zip(t3["row_labels"], t3["values"]):
         paper = t3["paper"][name]
         rows3.append([f"{name} (trained on {results['models'][name]['trained_on']})"]
-                     + [f"{pct(v)} ({pct(p)})" for v, p in zip(values[:3], paper[:3])]
+                     + [f"{percent(v, 1)} ({percent(p, 1)})" for v, p in zip(values[:3], paper[:3])]
                      + [f"{values[3]:.3f} ({paper[3]:g})"])
-    rows4 = [[label] + [f"{pct(v)} ({pct(p)})" for v, p in zip(rates, paper)]
+    rows4 = [[label] + [f"{percent(v, 1)} ({percent(p, 1)})" for v, p in zip(rates, paper)]
              for label, rates, paper in zip(t4["row_labels"], t4["error_rates"], t4["paper"])]
-    rows_extra = [[label] + [pct(v) for v in rates] + [f"{d:.4f}"]
+    rows_extra = [[label] + [percent(v, 1) for v in rates] + [f"{d:.4f}"]
                   for label, rates, d in zip(t4["extra_row_labels"], t4["extra_error_rates"], t4["extra_av_distortion"])]
-    success = ", ".join(f"{n} {pct(s)}" for n, s in results["attack_success_rate"].items())
+    success = ", ".join(f"{n} {percent(s, 1)}" for n, s in results["attack_success_rate"].items())
     quick = ", quick" if results["quick"] else ""
     return (f"# Table 3: cross-training-set models ({results['dataset']}{quick})\n\n"
             "Each cell: this run (the paper's MNIST value). Errors on clean images; distortion over "
@@ -203,7 +197,7 @@ def table_markdown(results) -> str:
             + f"\n\n# Table 4: cross-training-set generalization ({results['num_images']} test images{quick})\n\n"
             + markdown_table([""] + t4["column_labels"], rows4)
             + f"\n\nAttack success (targeted, random wrong label): {success}.\n"
-              f"Clean error on these test images: {', '.join(pct(e) for e in results['clean_error_rates'])}.\n"
+              f"Clean error on these test images: {', '.join(percent(e, 1) for e in results['clean_error_rates'])}.\n"
               f"Amplification: {t4['amplification']}. Gaussian noise is clipped to [0, 1].\n\n"
             + "\n".join(f"- {k}: {describe_comparison(c, 'the noise row')}" for k, c in t4["transfer_versus_noise"].items())
             + "\n\n"

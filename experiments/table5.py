@@ -13,12 +13,11 @@
    says how loose the bound is.
 
 Writes WORKDIR/table5/<run>/results.json, table.md and radius_scatter.png
-(<run>: see `experiments.common.run_name`). The attacks are saved chunk by
-chunk under WORKDIR/table5/attacks/<model>/.
+(<run>: see `experiments.common.run_name`). The attacks (`attack_dataset`) are
+saved chunk by chunk under WORKDIR/table5/attacks/<model>/n<N>-seed<S>/.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
@@ -28,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import attack_source_fingerprint, run_main
+from experiments.common import run_main
 from jaxadv import spectral
 from jaxadv.models import ZOO, Layer, Model
 
@@ -95,36 +94,25 @@ def network_spectrum(model: Model, params, key: jax.Array, power_iterations: int
             "power_iterations": power_iterations}
 
 
-def radius_against_attack(model: Model, params, images: np.ndarray, lipschitz: float, directory: str,
-                          config, chunk_size: int) -> dict[str, np.ndarray]:
-    """Certified radius and the untargeted attack's smallest L2 (`lbfgs_attack_untargeted`), per image.
+def radius_against_attack(logits_fn, images: np.ndarray, lipschitz: float, directory: str, config,
+                          name: str, **sizes) -> dict[str, np.ndarray]:
+    """Certified radius and the untargeted attack's smallest L2 (`attack_dataset`, untargeted), per image.
 
     The attack moves away from the predicted class (the class the radius certifies),
-    and every adversarial image is re-checked here: `verified` means the model
-    really predicts another class there.
+    and every adversarial image is re-checked here: `success` means the model
+    really predicts another class there. `sizes`: chunk_size, block_size for `attack_dataset`.
     """
-    from jaxadv.attacks import lbfgs_attack_untargeted
-    from jaxadv.sweep import fingerprint_arrays, run_sweep
+    from jaxadv.attacks import attack_dataset
 
-    logits_fn = jax.tree_util.Partial(model.apply, params)
-
-    @jax.jit
-    def measure(chunk):
-        x = chunk["images"]
-        logits = logits_fn(x)
-        predicted = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        best = lbfgs_attack_untargeted(logits_fn, x, predicted, config)
-        adversarial_class = jnp.argmax(logits_fn(best.adversarial), axis=-1)
-        l2 = jnp.sqrt(jnp.sum((best.adversarial - x) ** 2, axis=(1, 2, 3)))
-        return {"certified": spectral.certified_radius(logits, lipschitz), "predicted": predicted,
-                "success": best.success & (adversarial_class != predicted),
-                "attained": l2, "adversarial_class": adversarial_class.astype(jnp.int32)}
-
-    sweep_config = {"model": model.name, "params": fingerprint_arrays({"params": params}),
-                    "attack": repr(config), "attack_source": attack_source_fingerprint(), "lipschitz": lipschitz,
-                    "what": "untargeted, away from the prediction"}
-    return run_sweep(measure, {"images": images}, directory, chunk_size, config=sweep_config,
-                     label=f"radius {model.name}")
+    logits = jax.jit(logits_fn)(images)
+    predicted = np.asarray(jnp.argmax(logits, axis=-1), np.int32)
+    attack = attack_dataset(logits_fn, images, predicted, directory, config, untargeted=True,
+                            name=f"radius {name}", **sizes)
+    adversarial_class = np.asarray(jnp.argmax(jax.jit(logits_fn)(attack["adversarial"]), axis=-1), np.int32)
+    attained = jax.jit(lambda a, x: jnp.sqrt(jnp.sum((a - x) ** 2, axis=(1, 2, 3))))(attack["adversarial"], images)
+    return {"certified": np.asarray(spectral.certified_radius(logits, lipschitz)), "predicted": predicted,
+            "success": attack["success"] & (adversarial_class != predicted), "attained": np.asarray(attained),
+            "adversarial_class": adversarial_class}
 
 
 def looseness_summary(out: dict[str, np.ndarray]) -> dict:
@@ -233,11 +221,11 @@ def table_markdown(results: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from experiments.common import add_common_args, int_in
+def build_parser():
+    from experiments.common import ArgumentParser, add_common_args, add_size_args, int_in
     from jaxadv.data import NUM_EXAMPLES
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--num-images", type=int_in(1, NUM_EXAMPLES["test"]), default=None,
                         help=f"test images for the certified radius (default {DEFAULT_NUM_IMAGES}, "
@@ -246,23 +234,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"per dense/conv layer (default {DEFAULT_POWER_ITERATIONS}, "
                              f"{QUICK_POWER_ITERATIONS} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="picks the test images and the power-iteration starts")
-    parser.add_argument("--chunk-size", type=int_in(1), default=100, help="images per saved attack chunk")
+    add_size_args(parser)
     parser.add_argument("--alexnet-only", action="store_true", help="only the AlexNet-shaped table (no data needed)")
     parser.add_argument("--no-alexnet", action="store_true", help="skip the AlexNet-shaped table")
     return parser
 
 
 def main(argv=None):
-    from experiments.common import output_dir, resolve_workdir, save_figure_atomic, write_json_atomic, write_text_atomic
+    from experiments.common import (check_size_args, output_dir, parse_args, save_figure_atomic, write_json_atomic,
+                                    write_text_atomic)
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.alexnet_only and args.no_alexnet:
         parser.error("--alexnet-only and --no-alexnet exclude each other")
     num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
+    check_size_args(parser, args, num_images)
     iterations = args.power_iterations if args.power_iterations is not None else (
         QUICK_POWER_ITERATIONS if args.quick else DEFAULT_POWER_ITERATIONS)
-    workdir = resolve_workdir(args)
+    workdir = args.workdir
     out_dir = str(output_dir(parser, args, NAME))
     start = time.time()
     key = jax.random.PRNGKey(args.seed)
@@ -299,8 +289,9 @@ def main(argv=None):
         for name in ZOO:
             model, params = models[name]
             t0 = time.time()
-            out = radius_against_attack(model, params, images, bound_of[name],
-                                        os.path.join(workdir, NAME, "attacks", name), config, min(args.chunk_size, num_images))
+            out = radius_against_attack(jax.tree_util.Partial(model.apply, params), images, bound_of[name],
+                                        os.path.join(workdir, NAME, "attacks", name, f"n{num_images}-seed{args.seed}"),
+                                        config, name, chunk_size=args.chunk_size, block_size=args.block_size)
             per_model[name] = out
             summaries[name] = {"network_bound": bound_of[name], **looseness_summary(out),
                                "attack_seconds": time.time() - t0}

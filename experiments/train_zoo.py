@@ -8,13 +8,11 @@ num_params, train_seconds) and table.md (<run>: "default", or "quick").
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from experiments.common import (
-    add_common_args, load_meta, markdown_table, output_dir, percent, resolve_workdir,
-    trained_models, write_json_atomic, write_text_atomic, run_main)
+from experiments.common import (ArgumentParser, add_common_args, load_meta, markdown_table, output_dir, parse_args,
+                                percent, run_main, trained_models, write_json_atomic, write_text_atomic)
 from jaxadv.data import load_dataset
 from jaxadv.models import ALL_MODELS
 from jaxadv.train import error_rate
@@ -34,14 +32,14 @@ PAPER_ERRORS = {
 QUICK_TEST_SIZE = 2000
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return add_common_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+def build_parser() -> ArgumentParser:
+    return add_common_args(ArgumentParser(description=__doc__.splitlines()[0]))
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    workdir = resolve_workdir(args)
+    args = parse_args(parser, argv)
+    workdir = args.workdir
     out = output_dir(parser, args, "train_zoo")
     start = time.perf_counter()
 

@@ -20,15 +20,14 @@ Writes WORKDIR/units/<run>/results.json, table.md, the grids and coherence.png
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import jax
 import numpy as np
 
-from experiments.common import (add_common_args, int_in, markdown_table, output_dir, resolve_workdir,
-                                save_figure_atomic, trained_models, write_json_atomic, write_text_atomic, run_main)
+from experiments.common import (ArgumentParser, add_common_args, int_in, markdown_table, output_dir, parse_args,
+                                run_main, save_figure_atomic, trained_models, write_json_atomic, write_text_atomic)
 from jaxadv.data import NUM_EXAMPLES, load_dataset
 from jaxadv.functional import hidden_layers, layer_kind, split_sequential
 from jaxadv.plots import image_rows_figure
@@ -140,8 +139,8 @@ def results_table(results, k):
             "the smallest reportable p is 1/(permutations+1)):\n\n" + markdown_table(test_headers, test_rows) + "\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser)
     parser.add_argument("--num-random", type=int_in(2), default=None,
                         help=f"random directions per model (default: 100; {QUICK_NUM_RANDOM} with --quick)")
@@ -153,18 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     num_random = args.num_random if args.num_random is not None else (QUICK_NUM_RANDOM if args.quick else 100)
     if args.quick and args.k > QUICK_TEST_IMAGES:
         parser.error(f"argument --k: must be in [2, {QUICK_TEST_IMAGES}] with --quick (its test images), got {args.k}")
 
-    workdir = resolve_workdir(args)
     out_dir = str(output_dir(parser, args, NAME))
     test = load_dataset(args.dataset, "test", args.data_dir)
     images, labels = test.images, test.labels
     if args.quick:
         images, labels = images[:QUICK_TEST_IMAGES], labels[:QUICK_TEST_IMAGES]
-    models = trained_models(MODELS, args.dataset, workdir, args.data_dir, args.quick)
+    models = trained_models(MODELS, args.dataset, args.workdir, args.data_dir, args.quick)
 
     key = jax.random.PRNGKey(args.seed)
     results, record = {}, {}

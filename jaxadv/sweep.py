@@ -13,8 +13,12 @@ Two independent pieces, both generic (nothing here knows about attacks):
   `manifest.json` that fingerprints the inputs and the configuration. Run again
   after an interruption, it loads the finished chunks, computes only the
   missing ones, and refuses to mix results from different inputs or configs.
+  A tqdm bar on stderr shows its progress. `function_fingerprint(fn, example)`
+  describes what a model computes (its jaxpr and the arrays it closes over) for
+  that config, whatever library built it.
 
-Multi-host use (several processes, e.g. a pod): call
+The attack over a data set (`jaxadv.attacks.attack_dataset`) is these two around
+the L-BFGS attack. Multi-host use (several processes, e.g. a pod): call
 `jax.distributed.initialize()` in every process before anything else touches
 JAX, then use these functions unchanged in every process, each with the same
 inputs. `batch_mesh()` spans `jax.devices()`, which then lists every host's
@@ -34,14 +38,16 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
-import time
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from tqdm import tqdm
 
 from jaxadv.io import TEMP_PREFIX, atomic_path, write_atomic
 
@@ -280,8 +286,8 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
 
     `directory` receives `manifest.json` and one `chunk_NNNNNN.npz` per chunk.
     The manifest fingerprints the inputs (names, dtypes, shapes, bytes) and
-    `config` (any JSON-serialisable description of `fn`: model, parameters'
-    fingerprint, attack settings); a rerun with a different fingerprint,
+    `config` (any JSON-serialisable description of `fn`: what it computes, e.g.
+    `function_fingerprint` of the model, and its settings); a rerun with a different fingerprint,
     config or chunk size raises SweepMismatch (a ValueError) instead of mixing
     results.
     Finished chunks are never recomputed.
@@ -295,8 +301,10 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
 
     Returns the outputs of all chunks concatenated, read back from the chunk
     files, so a resumed sweep returns exactly what an uninterrupted one would.
-    `progress` prints images done, the mean of `outputs[success_key]` so far
-    and images per second on stderr. `stop_after=k` raises SweepInterrupted
+    `progress` shows a tqdm bar on stderr: images done, images per second,
+    the time left and the mean of `outputs[success_key]` so far. `label`
+    names the sweep there and in the manifest (for messages only: it is no
+    part of the sweep's identity). `stop_after=k` raises SweepInterrupted
     after k newly computed chunks (for tests of resumption).
     """
     if not isinstance(inputs, Mapping) or not inputs:
@@ -319,6 +327,7 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
         "chunk_size": chunk_size,
         "num_items": num_items,
         "num_chunks": num_chunks,
+        "name": label,          # for messages only: not part of the sweep's identity
     }
     os.makedirs(directory, exist_ok=True)          # after the config is known to be describable
     # Multi-host, every process computes every chunk in step with the others: no chunk may be skipped.
@@ -352,8 +361,22 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
     meter = _Progress(num_items, label, enabled=progress and writer)
     for rows, successes in resumed:
         meter.resumed(rows, successes)
+    meter.start(len(done), num_chunks)
+    try:
+        _compute_pending(fn, inputs, directory, manifest, chunk_size, num_items, num_chunks, done, meter,
+                         locking=locking, writer=writer, progress=progress, success_key=success_key,
+                         stop_after=stop_after)
+    finally:
+        meter.close()
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("jaxadv.sweep: chunks written")
+    return load_sweep(directory)
 
-    meter.announce_resumed(len(done), num_chunks)
+
+def _compute_pending(fn, inputs, directory, manifest, chunk_size, num_items, num_chunks, done, meter, *,
+                     locking, writer, progress, success_key, stop_after):
+    """Compute and save every chunk not in `done`: first those no other process holds, then wait for the rest."""
     computed = 0
     pending = [i for i in range(num_chunks) if i not in done]
     for wait in (False, True):     # first the chunks no other process holds, then wait for the others
@@ -369,7 +392,6 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
                         meter.resumed(_chunk_rows(i, chunk_size, num_items), _successes(outputs, success_key))
                         continue
                 if stop_after is not None and computed >= stop_after:
-                    meter.close()
                     raise SweepInterrupted(f"stopped after {computed} new chunk(s) in {directory}")
                 if locking:   # a temporary of this chunk is a dead writer's: we hold the chunk's lock
                     _remove_temporaries(directory, lambda name: name.startswith(f"chunk_{i:06d}."))
@@ -380,13 +402,8 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
                 meter.computed(_chunk_rows(i, chunk_size, num_items), _successes(outputs, success_key))
         pending = held_elsewhere
         if pending and progress:
-            print(f"jaxadv.sweep: waiting for chunk(s) {pending[:10]} of {directory!r}, which another process "
-                  "is computing", file=sys.stderr, flush=True)
-    meter.close()
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("jaxadv.sweep: chunks written")
-    return load_sweep(directory)
+            meter.note(f"jaxadv.sweep: waiting for chunk(s) {pending[:10]} of {directory!r}, which another process "
+                       "is computing")
 
 
 def _successes(outputs, success_key):
@@ -444,6 +461,27 @@ def fingerprint_arrays(arrays: Mapping[str, Any]) -> str:
             digest.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
             digest.update(a.tobytes())
     return digest.hexdigest()
+
+
+def function_fingerprint(fn: Callable, *example_args) -> dict[str, str]:
+    """What `fn` computes, for a sweep's identity: {"function": ..., "parameters": ...}, two sha256 digests.
+
+        function_fingerprint(jax.tree_util.Partial(module.apply, variables), images[:1])
+
+    "function" hashes the text of `fn`'s jaxpr on `example_args` (its operations, shapes and
+    dtypes: the architecture), "parameters" the arrays it closes over (a `jax.tree_util.Partial`'s
+    arguments, a closure's variables), which tracing makes the jaxpr's constants. So the same
+    architecture with other weights differs in "parameters" alone, and a process started anew
+    gets the same digests (no object's address or name enters them), whatever model library
+    built `fn`.
+    """
+    # Traced on the example, the arrays fn closes over (a Partial's arguments, a closure's
+    # variables) become the jaxpr's constants: typed variables in its text, values in .consts.
+    closed = jax.make_jaxpr(fn)(*example_args)
+    # A parameter printed as a function's repr would carry its memory address; drop any.
+    text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed.jaxpr))
+    return {"function": hashlib.sha256(text.encode()).hexdigest(),
+            "parameters": fingerprint_arrays({"constants": list(closed.consts)})}
 
 
 def _chunk_rows(i: int, chunk_size: int, num_items: int) -> int:
@@ -559,8 +597,9 @@ def _check_or_write_manifest(directory: str, manifest: dict, writer: bool) -> No
             if key == "config_hash" and isinstance(old, dict) and isinstance(new, dict):
                 detail = "; ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}"
                                    for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)) or detail
+            of = f" of {existing['name']}" if existing.get("name") else ""
             raise SweepMismatch(
-                f"directory: {directory!r} holds a sweep with different {what} ({detail}); "
+                f"directory: {directory!r} holds a sweep{of} with different {what} ({detail}); "
                 "refusing to mix results. Use another directory or delete this one to start over.")
 
 
@@ -598,29 +637,51 @@ def _hash_json(obj) -> str:
 
 
 class _Progress:
-    """One self-updating line on stderr: images done, success so far, images per second."""
+    """tqdm's bar on stderr (images done, rate, ETA) with the success share so far as its postfix.
+
+    Chunks found finished (resumed) count as done but not in the rate: the bar starts at them
+    (tqdm's `initial`) and `smoothing=0` makes the rate this run's images over this run's time.
+    A chunk takes seconds to minutes, so every chunk is shown (`mininterval=0`, `miniters=1`).
+    """
 
     def __init__(self, total: int, label: str, enabled: bool):
         self.total, self.label, self.enabled = total, label, enabled
         self.done = self.successes = self.success_rows = 0
-        self.new_rows, self.start = 0, time.perf_counter()
-        self.tty = enabled and sys.stderr.isatty()
-        self.printed = False
+        self.bar = None
 
     def resumed(self, rows, successes):
         self._count(rows, successes)
+        if self.bar is not None:        # saved by another process meanwhile: done, but not this run's rate
+            self.bar.initial += rows
+            self._advance(rows)
 
-    def announce_resumed(self, chunks, total_chunks):
-        if self.enabled and chunks:
-            success = f", success {self.successes / self.success_rows:.1%}" if self.success_rows else ""
+    def start(self, chunks, total_chunks):
+        """Say what was found finished, then start the bar there."""
+        if not self.enabled:
+            return
+        if chunks:
             sys.stderr.write(f"{self.label + ' ' if self.label else ''}resuming: {chunks}/{total_chunks} chunks "
-                             f"({self.done}/{self.total} images{success}) already done\n")
+                             f"({self.done}/{self.total} images{self._success(', success ')}) already done\n")
             sys.stderr.flush()
+        self.bar = tqdm(total=self.total, initial=self.done, desc=self.label or None, unit="img", file=sys.stderr,
+                        smoothing=0, mininterval=0, miniters=1, dynamic_ncols=True)
+        self.bar.set_postfix_str(self._success("success "), refresh=False)
 
     def computed(self, rows, successes):
-        self.new_rows += rows
         self._count(rows, successes)
-        self._show()
+        if self.bar is not None:
+            self._advance(rows)
+
+    def _advance(self, rows):
+        self.bar.set_postfix_str(self._success("success "), refresh=False)
+        self.bar.update(rows)
+
+    def note(self, text):
+        """A line on stderr that leaves the bar whole."""
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
 
     def _count(self, rows, successes):
         self.done += rows
@@ -628,20 +689,10 @@ class _Progress:
             self.successes += successes
             self.success_rows += rows
 
-    def _show(self):
-        if not self.enabled:
-            return
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        success = f" | success {self.successes / self.success_rows:6.1%}" if self.success_rows else ""
-        resumed = self.done - self.new_rows
-        line = (f"{self.label + ' ' if self.label else ''}{self.done}/{self.total} images"
-                f" ({self.done / self.total:4.0%}){success} | {self.new_rows / elapsed:.1f} img/s"
-                + (f" | {resumed} resumed" if resumed else ""))
-        sys.stderr.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
-        sys.stderr.flush()
-        self.printed = True
+    def _success(self, prefix):
+        return f"{prefix}{self.successes / self.success_rows:.1%}" if self.success_rows else ""
 
     def close(self):
-        if self.enabled and self.tty and self.printed:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

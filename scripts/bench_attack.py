@@ -102,10 +102,12 @@ def run_batched(model, params, images, targets, config, repeats=3, core=None):
 
 
 def device_lanes() -> int:
-    """The lanes `jaxadv.sweep.sizes_for_device` gives this device for FC100-100-10 (32 on a CPU)."""
-    from experiments.common import choose_sizes
+    """The lanes `jaxadv.attacks.attack_sizes` gives this device for FC100-100-10 (32 on a CPU)."""
+    from jaxadv.attacks import attack_sizes
     from jaxadv.models import get_model
-    return choose_sizes(10_000, 1, get_model(MODEL), AttackConfig())[2].lanes
+    model = get_model(MODEL)
+    logits_fn = jax.tree_util.Partial(model.apply, model.init(jax.random.PRNGKey(0)))
+    return attack_sizes(logits_fn, np.zeros((10_000,) + tuple(model.input_shape), np.float32), AttackConfig()).lanes
 
 
 def attack_at_commit(commit: str):

@@ -77,6 +77,16 @@ def test_nonsense_values_are_refused_at_parse_time(experiment, argv, flag, capsy
     assert f"argument {flag}" in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--coordinator", "127.0.0.1:1"], "need --distributed"),
+    (["--distributed", "--coordinator", "127.0.0.1:1"], "go together"),
+    (["--distributed", "--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "--process-id"),
+])
+def test_the_distributed_flags_are_checked_before_jax_distributed_starts(argv, message, capsys, tmp_path, no_data):
+    err = _fails_in_one_line("table1", argv + no_data, capsys, tmp_path)
+    assert message in err
+
+
 def test_a_size_given_with_quick_is_used():
     # --eval-images was ignored under --quick.
     from experiments import adversarial_training as at

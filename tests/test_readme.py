@@ -42,3 +42,21 @@ def test_readme_optax_example_matches_scipy(capsys):
     assert abs(float(f(params)) - reference.fun) <= 1e-5 * abs(reference.fun)     # float32 against float64
     np.testing.assert_allclose(x, reference.x, atol=1e-3)
     assert "scipy L-BFGS-B" in capsys.readouterr().out
+
+
+def test_readme_dataset_example_resumes_what_it_saved(capsys, tmp_path, monkeypatch):
+    blocks = _python_blocks(README.read_text())
+    block = next(b for b in blocks if "attack_dataset(" in b)
+    monkeypatch.chdir(tmp_path)                     # its folder, runs/attacks/mlp, goes here
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)   # noqa: S102 - the batch example defines the model
+    exec(compile(block, "README.md", "exec"), namespace)       # noqa: S102
+    out, result = namespace["out"], namespace["result"]
+    assert "mean distortion" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "attacks" / "mlp" / "manifest.json").exists()
+    # The batch attack's answer (up to float32 rounding: one compiled program per block against
+    # steps dispatched one by one).
+    np.testing.assert_array_equal(out["success"], np.asarray(result.success))
+    np.testing.assert_allclose(out["distortion"], np.asarray(result.distortion), rtol=1e-3)
+    exec(compile(block, "README.md", "exec"), namespace)       # noqa: S102 - "interrupted? call it again"
+    assert "resuming: 1/1 chunks" in capsys.readouterr().err

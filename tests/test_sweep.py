@@ -1,6 +1,7 @@
 """Sharding over forced host devices and chunked, resumable sweeps (jaxadv.sweep)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -224,15 +225,20 @@ def test_an_experiment_meeting_a_foreign_sweep_says_so_in_one_line_and_exits_2(t
     assert err.startswith("error: directory:") and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_progress_line_reports_images_success_and_rate(tmp_path, capsys):
+def test_progress_bar_reports_images_rate_time_left_and_success(tmp_path, capsys):
     data = {"x": np.arange(6, dtype=np.float32)}
     sweep.run_sweep(lambda c: {"success": c["x"] < 2, "y": c["x"] * 2}, data, str(tmp_path), 3, label="demo")
     err = capsys.readouterr().err
-    assert "demo 3/6 images" in err and "success  66.7%" in err and "img/s" in err
-    assert "6/6 images" in err and "success  33.3%" in err
+    # tqdm's bar, one update per chunk: "demo:  50%|█████     | 3/6 [00:00<00:00, 812.4img/s, success 66.7%]"
+    assert re.search(r"demo: +50%\|.*\| 3/6 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+img/s, success 66\.7%\]", err), err
+    assert re.search(r"demo: 100%\|.*\| 6/6 \[.*img/s, success 33\.3%\]", err), err
     out = sweep.run_sweep(lambda c: 1 / 0, data, str(tmp_path), 3, label="demo")   # all resumed
-    assert "demo resuming: 2/2 chunks (6/6 images, success 33.3%) already done" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "demo resuming: 2/2 chunks (6/6 images, success 33.3%) already done" in err
+    assert re.search(r"demo: 100%\|.*\| 6/6 \[00:00<\?", err), err      # no rate: nothing computed in this run
     np.testing.assert_array_equal(out["y"], np.arange(6) * 2)
+    sweep.run_sweep(lambda c: {"y": c["x"]}, data, str(tmp_path / "quiet"), 3, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 def test_run_sweep_validates_its_arguments(tmp_path):
@@ -538,12 +544,14 @@ def test_sizes_follow_the_device_kind_and_its_memory():
         sizes_for_device(0)
 
 
-def test_experiments_take_the_lanes_of_the_device():
-    from experiments.common import choose_sizes
-    from jaxadv.attacks import AttackConfig
-    from jaxadv.models import get_model
-    model = get_model("FC100-100-10")
-    chunk, block, config = choose_sizes(60000, 1, model, AttackConfig(), device=_StandInDevice("gpu", "H200", 141 << 30))
-    assert config.lanes >= 4096 and block == 4 * config.lanes and chunk % block == 0
-    chunk, block, config = choose_sizes(60000, 1, model, AttackConfig(), device=_StandInDevice("cpu", "cpu"))
-    assert (config.lanes, block) == (32, 1000) and config == AttackConfig()    # the CPU path as before
+def test_attack_sizes_take_the_lanes_of_the_device():
+    from jaxadv.attacks import AttackConfig, attack_sizes
+    weights = jax.random.normal(jax.random.PRNGKey(0), (784, 10))
+    logits_fn = lambda x: jnp.tanh(x.reshape(len(x), -1) @ weights)   # noqa: E731
+    images = np.zeros((60000, 28, 28, 1), np.float32)
+    sizes = attack_sizes(logits_fn, images, AttackConfig(), device=_StandInDevice("gpu", "H200", 141 << 30))
+    assert sizes.lanes >= 4096 and sizes.block_size == 4 * sizes.lanes and sizes.chunk_size % sizes.block_size == 0
+    assert sizes.device_kind == "H200"
+    sizes = attack_sizes(logits_fn, images, AttackConfig(), device=_StandInDevice("cpu", "cpu"))
+    assert (sizes.lanes, sizes.block_size, sizes.chunk_size) == (32, 1000, 2000)     # the CPU's, as before
+    assert attack_sizes(logits_fn, images[:40]).block_size == 40                     # a small set: one block

@@ -263,10 +263,10 @@ def test_fc100_on_real_mnist_digits(data_dir):
 
 
 def test_common_args_default_workdir_follows_dataset():
-    import argparse
-    from experiments.common import add_common_args
-    parser = add_common_args(argparse.ArgumentParser())
-    args = parser.parse_args([])
+    from experiments.common import ArgumentParser, add_common_args, parse_args
+    parser = add_common_args(ArgumentParser())
+    args = parse_args(parser, [])
     assert (args.dataset, args.workdir, args.data_dir, args.quick) == ("fashion_mnist", "runs/fashion_mnist", None, False)
-    assert parser.parse_args(["--dataset", "mnist"]).workdir == "runs/mnist"
-    assert parser.parse_args(["--dataset", "mnist", "--workdir", "w"]).workdir == "w"
+    assert parse_args(parser, ["--dataset", "mnist"]).workdir == "runs/mnist"
+    assert parse_args(parser, ["--dataset", "mnist", "--workdir", "w"]).workdir == "w"
+    assert parser.parse_args([]).workdir is None          # argparse alone: nothing patched into the parser

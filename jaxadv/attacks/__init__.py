@@ -10,6 +10,8 @@
     boundary walk where the SQP stalls).
 `exact`: the exact minimum of a linear model (a scipy reference).
 `targets`: target-label helpers and the all-targets minimum.
+`dataset`: the attack over a whole data set, for any model: sharded over every device, in
+    resumable chunks (`attack_dataset`), with its sizes from the traced model (`attack_sizes`).
 `sparse`: the exhaustive single-pixel search and the fewest pixels that change the label.
 `fast`: FGSM / FGM, BIM / PGD, and the smallest fast-gradient step that succeeds.
 """
@@ -17,6 +19,8 @@ from jaxadv.attacks.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState
 from jaxadv.attacks.boundary import RefineConfig, RefineResult, project_onto_cuts, refine_core
 from jaxadv.attacks.lbfgs import (PENALTIES, UNTARGETED, AttackConfig, AttackResult, lbfgs_attack,
                                   lbfgs_attack_core, lbfgs_attack_untargeted)
+from jaxadv.attacks.dataset import (LBFGS_SOURCES, RESULT_FIELDS, AttackSizes, attack_dataset, attack_sizes,
+                                    attack_source_fingerprint, select_images)
 from jaxadv.attacks.fast import (FastResult, fast_gradient_direction, fgm, fgsm, minimal_fast_gradient, pgd,
                                  success_along_direction)
 from jaxadv.attacks.sparse import MinPixelsResult, SinglePixelResult, min_pixels_attack, single_pixel_attack
@@ -28,4 +32,6 @@ __all__ = ["AttackConfig", "AttackResult", "AllTargetsResult", "BoxLBFGSConfig",
            "lbfgs_attack_untargeted", "project_onto_cuts", "RefineConfig", "RefineResult", "refine_core",
            "random_wrong_targets", "runner_up_targets",
            "FastResult", "fast_gradient_direction", "fgm", "fgsm", "minimal_fast_gradient", "pgd", "success_along_direction",
-           "MinPixelsResult", "SinglePixelResult", "min_pixels_attack", "single_pixel_attack"]
+           "MinPixelsResult", "SinglePixelResult", "min_pixels_attack", "single_pixel_attack",
+           "AttackSizes", "LBFGS_SOURCES", "RESULT_FIELDS", "attack_dataset", "attack_sizes", "attack_source_fingerprint",
+           "select_images"]
