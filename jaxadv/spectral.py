@@ -383,9 +383,10 @@ def pairwise_certified_radius(logits: jax.Array, head_weights: jax.Array,
     if features_bound.ndim != 0:
         raise ValueError(f"features_bound must be a scalar, got shape {features_bound.shape}")
     predicted = jnp.argmax(logits, axis=1)
-    # ‖w_y − w_j‖ for every j, straight from the differences (no Gram-matrix cancellation).
-    differences = head_weights[:, predicted].T[:, :, None] - head_weights[None]        # [B, F, K]
-    pair_norms = jnp.linalg.norm(differences, axis=1)                                    # [B, K]
+    # ‖w_i − w_j‖ for every pair, straight from the differences (a Gram matrix would cancel for close
+    # columns), one class at a time: [K, K] without a [F, K, K] array (4·10⁹ for AlexNet's last layer).
+    pair_table = jax.lax.map(lambda column: jnp.linalg.norm(head_weights - column[:, None], axis=0), head_weights.T)
+    pair_norms = pair_table[predicted]                                                   # [B, K]
     margins = jnp.take_along_axis(logits, predicted[:, None], axis=1) - logits           # [B, K]
     radii = jnp.where(pair_norms > 0, margins / (jnp.where(pair_norms > 0, pair_norms, 1) * features_bound),
                       jnp.where(margins > 0, jnp.inf, 0.0))
@@ -399,9 +400,8 @@ def _check_logits(logits) -> jax.Array:
     logits = jnp.asarray(logits)
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must be [batch, classes >= 2], got shape {logits.shape}")
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        logits = logits.astype(jnp.float32)
-    return logits
+    # At least float32: a bound above 65504 would overflow in float16.
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
 def _check_positive_int(value, name: str) -> None:
