@@ -19,14 +19,14 @@ from jaxadv.models import get_model
 
 def exact_norm(linear_fn, input_shape) -> float:
     """‖J‖₂ of a linear map from its full Jacobian (float64 SVD)."""
-    jac = jax.jacfwd(linear_fn)(jnp.zeros(input_shape, jnp.float32))
+    jac = jax.jit(jax.jacfwd(linear_fn))(jnp.zeros(input_shape, jnp.float32))
     return float(np.linalg.norm(np.asarray(jac, np.float64).reshape(-1, math.prod(input_shape)), 2))
 
 
 def max_jacobian_norm(fn, input_shape, num_points=6, seed=0) -> float:
     """The largest ‖∂f/∂x‖₂ over random inputs: a lower bound of f's Lipschitz constant."""
     xs = jax.random.normal(jax.random.PRNGKey(seed), (num_points, *input_shape))
-    jacobians = np.asarray(jax.vmap(jax.jacfwd(fn))(xs), np.float64).reshape(num_points, -1, math.prod(input_shape))
+    jacobians = np.asarray(jax.jit(jax.vmap(jax.jacfwd(fn)))(xs), np.float64).reshape(num_points, -1, math.prod(input_shape))
     return float(max(np.linalg.norm(j, 2) for j in jacobians))
 
 
@@ -49,7 +49,7 @@ INPUT_SHAPE = (1, 8, 8, 2)
 
 def small_cnn(padding):
     module = SmallCNN(padding)
-    variables = module.init(jax.random.PRNGKey(0), jnp.zeros(INPUT_SHAPE))
+    variables = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros(INPUT_SHAPE))
     return module, variables, jax.tree_util.Partial(module.apply, variables)
 
 
@@ -126,7 +126,7 @@ def test_circular_convolution_with_dilation_and_groups_is_exact(stride, dilation
     module = nn.Conv(4, (3, 3), strides=stride, padding="CIRCULAR", kernel_dilation=dilation,
                      feature_group_count=groups, use_bias=False)
     shape = (1, 8, 8, 4)
-    variables = module.init(jax.random.PRNGKey(stride), jnp.zeros(shape))
+    variables = jax.jit(module.init)(jax.random.PRNGKey(stride), jnp.zeros(shape))
     conv = functools.partial(module.apply, variables)
     (row,) = lipschitz.operator_bounds(conv, jnp.zeros(shape)).rows
     assert row["upper_bound"] == pytest.approx(exact_norm(conv, shape), rel=1e-4)
@@ -135,7 +135,7 @@ def test_circular_convolution_with_dilation_and_groups_is_exact(stride, dilation
 def test_circular_padding_with_a_stride_not_dividing_the_size_is_still_a_bound():
     module = nn.Conv(3, (3, 3), strides=3, padding="CIRCULAR", use_bias=False)
     shape = (1, 8, 8, 2)
-    conv = functools.partial(module.apply, module.init(jax.random.PRNGKey(0), jnp.zeros(shape)))
+    conv = functools.partial(module.apply, jax.jit(module.init)(jax.random.PRNGKey(0), jnp.zeros(shape)))
     (row,) = lipschitz.operator_bounds(conv, jnp.zeros(shape)).rows
     assert row["upper_bound"] >= exact_norm(conv, shape) * (1 - 1e-5)
 
@@ -241,7 +241,7 @@ def test_custom_vjp_and_checkpoint_are_walked_into():
 
 def test_network_bound_of_a_sigmoid_mlp_is_the_product_of_weight_norms_and_slopes():
     mlp = nn.Sequential([nn.Dense(7), nn.sigmoid, nn.Dense(5), nn.sigmoid, nn.Dense(3)])
-    variables = mlp.init(jax.random.PRNGKey(3), jnp.zeros((1, 16)))
+    variables = jax.jit(mlp.init)(jax.random.PRNGKey(3), jnp.zeros((1, 16)))
     fn = jax.tree_util.Partial(mlp.apply, variables)
     norms = [np.linalg.norm(np.asarray(variables["params"][f"layers_{i}"]["kernel"], np.float64), 2) for i in (0, 2, 4)]
     bounds = lipschitz.operator_bounds(fn, jnp.zeros((1, 16)))
@@ -254,7 +254,7 @@ def test_network_bound_of_a_sigmoid_mlp_is_the_product_of_weight_norms_and_slope
 def test_zoo_bounds_are_weight_norms_slopes_and_fourier_bounds(name):
     """The zoo as the experiments reach it: `Partial(model.apply, params)`, whatever its layers are written in."""
     model = get_model(name)
-    params = model.init(jax.random.PRNGKey(0))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0))
     bounds = lipschitz.operator_bounds(jax.tree_util.Partial(model.apply, params), jnp.zeros((1, *model.input_shape)))
     weights = [w for w in jax.tree.leaves(params) if w.ndim >= 2]   # kernels, in layer order
     conv_inputs = iter([(28, 28), (14, 14)])                         # the ConvNet's maps before each convolution
@@ -271,7 +271,7 @@ def test_zoo_bounds_are_weight_norms_slopes_and_fourier_bounds(name):
 def test_pairwise_radius_is_the_exact_boundary_distance_of_a_linear_model():
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(4), 3)
     w, b = jax.random.normal(k1, (20, 6)), jax.random.normal(k2, (6,))
-    fn = lambda x: x.reshape(len(x), -1) @ w + b
+    fn = jax.jit(lambda x: x.reshape(len(x), -1) @ w + b)
     x = jax.random.normal(k3, (64, 4, 5))
     bounds = lipschitz.operator_bounds(fn, x[:1])
     assert bounds.features_bound == 1.0
@@ -307,7 +307,7 @@ def test_pairwise_radius_is_certified_on_a_cnn():
     # Perturbations of norm 0.999·radius: along each margin's gradient (the steepest way to close it) and at random.
     directions = [jax.random.normal(k, x.shape) for k in jax.random.split(jax.random.PRNGKey(8), 20)]
     margins = lambda v: jnp.take_along_axis(logits_fn(v), predicted[:, None], 1) - logits_fn(v)   # [B, K]
-    directions += list(-jax.jacrev(lambda v: margins(v).sum(0))(x))   # per image: images are independent
+    directions += list(-jax.jit(jax.jacrev(lambda v: margins(v).sum(0)))(x))   # per image: images are independent
     directions = jnp.stack(directions)                                          # [20 + K, B, ...]
     norms = jnp.linalg.norm(directions.reshape(*directions.shape[:2], -1), axis=2)
     steps = 0.999 * radius[None, :, None, None, None] * directions / jnp.maximum(norms, 1e-30)[..., None, None, None]
