@@ -3,7 +3,7 @@
     parser = ArgumentParser(description=...); add_common_args(parser)
     args = parse_args(parser, argv)                             # runs/<dataset> by default; jax.distributed
     out = output_dir(parser, args, "cross_model")               # WORKDIR/cross_model/<run>/, checked writable
-    models = trained_models(ZOO, args.dataset, args.workdir, args.data_dir, args.quick)
+    models = models_from_args(parser, args)                 # --models: zoo names or a config file
     write_json_atomic(out / "results.json", {...})
     write_text_atomic(out / "table.md", markdown_table(headers, rows))   # percent(), fixed(), significant()
     ...
@@ -39,8 +39,8 @@ from jaxadv.attacks import attack_dataset, attack_sizes
 from jaxadv.data import DATASETS, DataError
 from jaxadv.io import NotWritable, atomic_path, check_writable, is_writer, write_atomic  # noqa: F401
 from jaxadv.sweep import CPU_SIZES, SweepMismatch
-from jaxadv.zoo import (QUICK_TRAIN_SIZE, ConfigError, WorkdirMismatch, load_meta, model_dir,  # noqa: F401
-                        trained_models)
+from jaxadv.models import ALL_MODELS
+from jaxadv.zoo import QUICK_TRAIN_SIZE, ConfigError, ModelsContext, WorkdirMismatch, load_models
 
 #: Options that change no result (where things are, how the work is split): left out of run names.
 NOT_IN_RUN_NAME = frozenset({"help", "workdir", "data_dir", "distributed", "coordinator", "num_processes",
@@ -270,6 +270,29 @@ def add_attack_args(parser: argparse.ArgumentParser, images: str, default_num_im
                              f"{quick_num_images} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="picks the images, the targets and the noise")
     add_size_args(parser)
+
+
+def add_models_arg(parser: argparse.ArgumentParser, default: Sequence[str]) -> None:
+    """--models: zoo names, or one config file (configs as code) whose get_models(context) gives the user's models."""
+    parser.add_argument("--models", nargs="+", default=list(default), metavar="NAME | FILE.py",
+                        help=f"zoo models ({', '.join(default)} by default), or one file my_models.py defining "
+                             "get_models(context) -> {name: (model, params)}: your own models (README, \"Your own "
+                             "model\"); experiments/configs/zoo.py is the default as such a file")
+
+
+def models_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """{name: (model, params)} for --models: zoo models trained or loaded, or a config file's; checked before work."""
+    if len(args.models) == 1 and args.models[0].endswith(".py"):
+        spec = args.models[0]
+        if not Path(spec).is_file():
+            parser.error(f"argument --models: no config file {spec!r}")
+    else:
+        unknown = [name for name in args.models if name not in ALL_MODELS]
+        if unknown:
+            parser.error(f"argument --models: unknown model(s) {', '.join(map(repr, unknown))}: give zoo names "
+                         f"({', '.join(ALL_MODELS)}) or one config file ending in .py")
+        spec = list(args.models)
+    return load_models(spec, ModelsContext(args.dataset, args.workdir, args.data_dir, args.quick))
 
 
 def add_size_args(parser: argparse.ArgumentParser) -> None:

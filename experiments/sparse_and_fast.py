@@ -34,13 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (ArgumentParser, add_common_args, int_in, markdown_table, output_dir, parse_args,
-                                percent, run_main, save_figure_atomic, significant, trained_models, write_json_atomic,
+                                percent, run_main, save_figure_atomic, significant, write_json_atomic,
                                 write_text_atomic)
+from jaxadv import logits_function
 from jaxadv.attacks import (UNTARGETED, attack_dataset, attack_source_fingerprint, fast_gradient_direction, fgm, fgsm,
                             min_pixels_attack, minimal_fast_gradient, single_pixel_attack, success_along_direction)
 from jaxadv.data import CLASS_NAMES, load_dataset
 from jaxadv.models import ZOO
 from jaxadv.sweep import function_fingerprint, run_sweep
+from jaxadv.zoo import trained_models
 
 NAME = "sparse_and_fast"
 MODELS = ZOO + ("ConvNet",)
@@ -322,7 +324,7 @@ def main(argv=None):
     per_model, rows, timing = {}, [], {}
     for name in args.models:
         model, params = models[name]
-        logits_fn = jax.tree_util.Partial(model.apply, params)
+        logits_fn = logits_function(model.module, params)
         seconds = {"single_pixel": 0.0, "min_pixels": 0.0, "lbfgs": 0.0, "fast": 0.0}
         # The model's own predictions: every search moves each image away from its own.
         labels = np.asarray(jnp.argmax(jax.jit(logits_fn)(images), axis=-1), np.int32)

@@ -19,16 +19,16 @@ names the options that change the results ("default" for none; see
 """
 from __future__ import annotations
 
-import functools
 import os
 import time
 
 import jax
 import numpy as np
 
-from experiments.common import (ArgumentParser, add_attack_args, add_common_args, attack_models, check_attack_args,
-                                fixed, markdown_table, output_dir, parse_args, percent, run_main, save_figure_atomic,
-                                trained_models, write_json_atomic, write_text_atomic)
+from experiments.common import (ArgumentParser, add_attack_args, add_common_args, add_models_arg, attack_models,
+                                check_attack_args, fixed, markdown_table, models_from_args, output_dir, parse_args,
+                                percent, run_main, save_figure_atomic, write_json_atomic, write_text_atomic)
+from jaxadv import logits_function
 from jaxadv.attacks import AttackConfig, runner_up_targets, select_images
 from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset
 from jaxadv.models import ZOO
@@ -54,7 +54,7 @@ PAPER = {
 
 
 def predict(model, params, images, batch_size=2000):
-    apply = jax.jit(functools.partial(model.apply, params))
+    apply = jax.jit(logits_function(model, params))
     return np.concatenate([np.argmax(np.asarray(apply(images[i:i + batch_size])), axis=-1)
                            for i in range(0, len(images), batch_size)])
 
@@ -147,7 +147,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--targets", choices=("random", "runner-up"), default="random",
                         help="random: one seeded uniformly random wrong label per image, shared by all models; "
                              "runner-up: each model's second most likely class")
-    parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO), help="subset of Table 1's models")
+    add_models_arg(parser, ZOO)
     return parser
 
 
@@ -159,12 +159,12 @@ def main(argv=None):
     out_dir = str(output_dir(parser, args, NAME))
     start = time.time()
 
-    models = trained_models(list(args.models), args.dataset, args.workdir, args.data_dir, args.quick)
+    models = models_from_args(parser, args)
     train = load_dataset(args.dataset, "train", args.data_dir)
     test = load_dataset(args.dataset, "test", args.data_dir)
     source = train if args.split == "train" else test
     _, images, labels, random_targets = select_images(source.images, source.labels, num_images, args.seed)
-    logits_fns = {name: jax.tree_util.Partial(models[name][0].apply, models[name][1]) for name in args.models}
+    logits_fns = {name: logits_function(model, params) for name, (model, params) in models.items()}
     if args.targets == "random":
         targets = random_targets
     else:
@@ -176,8 +176,7 @@ def main(argv=None):
                                     lambda name: os.path.join(args.workdir, NAME, "chunks", name, run), config)
 
     rows = []
-    for name in args.models:
-        model, params = models[name]
+    for name, (model, params) in models.items():
         adversarial_predictions = predict(model, params, attacks[name]["adversarial"])
         rows.append(summarize(name, attacks[name], labels, targets[name] if isinstance(targets, dict) else targets,
                               adversarial_predictions, error_rate(model, params, train.images, train.labels),
@@ -192,7 +191,7 @@ def main(argv=None):
         "quick": args.quick,
         "targets": ("one uniformly random wrong label per image (seeded), shared by all models"
                     if args.targets == "random" else "each model's runner-up class"),
-        "attack_config": repr(config._replace(lanes=timing[args.models[-1]]["lanes"])),
+        "attack_config": repr(config._replace(lanes=timing[list(models)[-1]]["lanes"])),
         "num_devices": len(jax.devices()),
         "rows": rows,
         "timing": timing,
@@ -202,7 +201,7 @@ def main(argv=None):
     }
     write_json_atomic(os.path.join(out_dir, "results.json"), results)
     write_text_atomic(os.path.join(out_dir, "table.md"), table_markdown(results))
-    chosen = [n for n in ("FC10(1e-4)", "FC200-200-10") if n in args.models] or list(args.models[:2])
+    chosen = [n for n in ("FC10(1e-4)", "FC200-200-10") if n in models] or list(models)[:2]
     save_figure_atomic(figure7(models, chosen, images, labels, attacks, jax.random.fold_in(jax.random.PRNGKey(args.seed), 7),
                                class_names=CLASS_NAMES.get(args.dataset)),
                        os.path.join(out_dir, "figure7.png"), dpi=110)

@@ -19,16 +19,16 @@ targets, so whichever runs second reuses the other's attacks.
 """
 from __future__ import annotations
 
-import functools
 import os
 import time
 
 import jax
 import numpy as np
 
-from experiments.common import (ArgumentParser, add_attack_args, add_common_args, attack_models, check_attack_args,
-                                markdown_table, output_dir, parse_args, percent, run_main, save_figure_atomic,
-                                trained_models, write_json_atomic, write_text_atomic)
+from experiments.common import (ArgumentParser, add_attack_args, add_common_args, add_models_arg, attack_models,
+                                check_attack_args, markdown_table, models_from_args, output_dir, parse_args, percent,
+                                run_main, save_figure_atomic, write_json_atomic, write_text_atomic)
+from jaxadv import logits_function
 from jaxadv.attacks import AttackConfig, select_images
 from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset
 from jaxadv.models import ZOO
@@ -131,6 +131,7 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     add_attack_args(parser, "training images", DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES)
+    add_models_arg(parser, ZOO)
     return parser
 
 
@@ -142,13 +143,13 @@ def main(argv=None):
     out_dir = str(output_dir(parser, args, NAME))
     start = time.time()
 
-    models = trained_models(list(ZOO), args.dataset, args.workdir, args.data_dir, args.quick)
+    models = models_from_args(parser, args)
     train = load_dataset(args.dataset, "train", args.data_dir)
     _, images, labels, targets = select_images(train.images, train.labels, num_images, args.seed)
     noise_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)[2]
 
-    names = list(ZOO)
-    logits_fns = [functools.partial(models[n][0].apply, models[n][1]) for n in names]
+    names = list(models)
+    logits_fns = [logits_function(model, params) for model, params in models.values()]
     config = AttackConfig()
     # table1's chunk folder for the same split, N, seed and targets: whichever runs first attacks, the other resumes.
     run = f"train-n{num_images}-seed{args.seed}-random"
@@ -186,14 +187,18 @@ def main(argv=None):
         "transfer_versus_noise": {
             f"stddev={s}": transfer_versus_noise(table.error_rates[:len(names)], table.error_rates[len(names) + k], names)
             for k, s in enumerate(NOISE_STDDEVS)},
-        "paper": {"dataset": "mnist", "error_rates": PAPER_ERROR_RATES, "av_distortion": PAPER_AV_DISTORTION},
+        # The paper's figures stand beside the zoo's only: other models have no paper values.
+        "paper": ({"dataset": "mnist", "error_rates": PAPER_ERROR_RATES, "av_distortion": PAPER_AV_DISTORTION}
+                  if names == list(ZOO) else None),
         "elapsed_seconds": time.time() - start,
     }
+    shown = "FC100-100-10" if "FC100-100-10" in names else names[0]
     write_outputs(out_dir, results, table_markdown(results),
-                  heatmap_figure(table.error_rates, row_labels, names, PAPER_ERROR_RATES,
+                  heatmap_figure(table.error_rates, row_labels, names,
+                                 PAPER_ERROR_RATES if results["paper"] else None,
                                  f"Table 2 on {args.dataset}, {num_images} training images"),
-                  triplets_figure(names, logits_fns, images, attacks["FC100-100-10"]["adversarial"], labels,
-                                  f"Adversarial for FC100-100-10 ({args.dataset} training images)",
+                  triplets_figure(names, logits_fns, images, attacks[shown]["adversarial"], labels,
+                                  f"Adversarial for {shown} ({args.dataset} training images)",
                                   CLASS_NAMES.get(args.dataset)))
     return results
 
@@ -202,16 +207,21 @@ def table_markdown(results) -> str:
     """Ours and the paper's side by side in every cell: "ours (paper)"."""
     names = results["column_labels"]
     headers = ["made for ↓ / fed to →"] + names + ["Av. distortion"]
-    rows = []
+    rows, paper = [], results["paper"]
     for i, label in enumerate(results["row_labels"]):
-        cells = [f"{percent(ours, 1)} ({percent(paper, 1)})" for ours, paper in
-                 zip(results["error_rates"][i], results["paper"]["error_rates"][i])]
-        rows.append([label] + cells + [f"{results['av_distortion'][i]:.3f} ({results['paper']['av_distortion'][i]:g})"])
+        if paper:
+            cells = [f"{percent(ours, 1)} ({percent(theirs, 1)})" for ours, theirs in
+                     zip(results["error_rates"][i], paper["error_rates"][i])]
+            distortion = f"{results['av_distortion'][i]:.3f} ({paper['av_distortion'][i]:g})"
+        else:
+            cells, distortion = [percent(ours, 1) for ours in results["error_rates"][i]], f"{results['av_distortion'][i]:.3f}"
+        rows.append([label] + cells + [distortion])
     rows.append(["clean images (not in the paper)"] + [percent(e, 1) for e in results["clean_error_rates"]] + ["0"])
     success = ", ".join(f"{n} {percent(s, 1)}" for n, s in results["attack_success_rate"].items())
     return (f"# Table 2: cross-model generalization ({results['dataset']}, {results['num_images']} "
             f"training images{', quick' if results['quick'] else ''})\n\n"
-            f"Each cell: this run (the paper's MNIST value). Error = fraction not classified as the true label.\n\n"
+            + ("Each cell: this run (the paper's MNIST value). " if paper else "")
+            + "Error = fraction not classified as the true label.\n\n"
             + markdown_table(headers, rows)
             + f"\n\nAttack success (targeted, random wrong label): {success}.\n"
               f"Gaussian noise is clipped to [0, 1]; its distortion column is measured after clipping.\n\n"

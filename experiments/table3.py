@@ -31,12 +31,13 @@ import jax
 import numpy as np
 
 from experiments.common import (ArgumentParser, add_attack_args, add_common_args, attack_models, check_attack_args,
-                                markdown_table, output_dir, parse_args, percent, run_main, trained_models)
+                                markdown_table, output_dir, parse_args, percent, run_main)
 from experiments.table2 import describe_comparison, heatmap_figure, noise_sets, triplets_figure, write_outputs
 from jaxadv.attacks import AttackConfig, select_images
 from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset, training_halves
 from jaxadv.transfer import (PerturbedSet, error_rate_matrix, rescale_perturbations, transfer_table,
                              transfer_versus_noise)
+from jaxadv.zoo import trained_models
 
 NAME = "table3"
 DEFAULT_NUM_IMAGES = 1000

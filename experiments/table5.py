@@ -2,34 +2,38 @@
 
     python -m experiments.table5 [--dataset fashion_mnist] [--num-images 100] [--quick] [--alexnet-only]
 
-1. An AlexNet-shaped network with the paper's layer sizes and strides, at a
-   stated random initialisation (the authors' weights are not public): every
+Every bound is read from the network's jaxpr (`jaxadv.lipschitz.operator_bounds`),
+so any pure logits function works; nothing here walks a layer list.
+
+1. An AlexNet-shaped flax network with the paper's layer sizes and strides, at
+   a stated random initialisation (the authors' weights are not public): every
    layer's bound (Fourier method for convolutions, exact top singular value
    for dense layers) beside a power-iteration estimate on the real layer.
 2. The same for every trained zoo model and the MNIST convnet.
 3. Beyond the paper: per test image, the L2 radius that the global bound
-   certifies (top-two logit margin / (√2 · Π_k L_k)) beside the smallest L2
-   perturbation the L-BFGS attack finds over all wrong targets; their ratio
-   says how loose the bound is.
+   certifies (top-two logit margin / (√2 · Π_k L_k)), the tighter radius of
+   the per-pair bounds (min over classes j of (z_y − z_j) / (‖w_y − w_j‖ ·
+   Π_{k below the last layer} L_k)), and the smallest L2 perturbation the
+   untargeted L-BFGS attack finds; their ratios say how loose the bounds are.
 
 Writes WORKDIR/table5/<run>/results.json, table.md and radius_scatter.png
-(<run>: see `experiments.common.run_name`). The attacks (`attack_dataset`) are
-saved chunk by chunk under WORKDIR/table5/attacks/<model>/n<N>-seed<S>/.
+(<run>: see `experiments.common.run_name`). The attacks are saved chunk by
+chunk under WORKDIR/table5/attacks/<model>/.
 """
 from __future__ import annotations
 
 import functools
-import math
 import os
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import run_main
-from jaxadv import spectral
-from jaxadv.models import ZOO, Layer, Model
+from jaxadv import lipschitz
+from jaxadv.models import ZOO
 
 NAME = "table5"
 ALEXNET_INPUT = (227, 227, 3)   # 227 with VALID conv1 gives the 55-27-13-6 maps and 9216 = 6·6·256 features
@@ -37,6 +41,8 @@ ALEXNET_SEED = 0
 DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES = 100, 10
 DEFAULT_POWER_ITERATIONS, QUICK_POWER_ITERATIONS = 100, 20
 SPECTRAL_MODELS = ZOO + ("ConvNet",)
+#: Bounded but not attacked for the radius comparison (the ConvNet's attack is the slowest of the zoo's).
+NOT_ATTACKED = ("ConvNet",)
 NUM_CLASSES = 10
 
 # The paper's Table 5 (its own AlexNet weights): layer -> (size, stride, upper bound).
@@ -52,81 +58,113 @@ PAPER_TABLE5 = {
 }
 
 
-def alexnet_shaped() -> Model:
+class AlexNetShaped(nn.Module):
     """Single-tower AlexNet (Krizhevsky et al. 2012) on 227×227×3, as in Table 5's sizes.
 
-    Local response normalisation is left out: `jaxadv.models` has no such layer
-    and the paper's Table 5 lists only the convolutional and dense layers.
+    Local response normalisation is left out, as before the port to flax: the
+    paper's Table 5 lists only the convolutional and dense layers.
     """
-    conv = functools.partial(Layer, "conv")
-    pool = Layer("maxpool", kernel=3, stride=2)
-    relu = Layer("relu")
-    return Model("AlexNet-shaped", (
-        conv(96, kernel=11, stride=4, padding="VALID"), relu, pool,
-        conv(256, kernel=5, padding="SAME"), relu, pool,
-        conv(384, kernel=3, padding="SAME"), relu,
-        conv(384, kernel=3, padding="SAME"), relu,
-        conv(256, kernel=3, padding="SAME"), relu, pool,
-        Layer("flatten"),
-        Layer("dense", 4096), relu,
-        Layer("dense", 4096), relu,
-        Layer("dense", 1000)), input_shape=ALEXNET_INPUT,
-        description="AlexNet shapes (227×227×3 input, no LRN), Glorot-uniform init")
+    num_classes: int = 1000
+
+    @nn.compact
+    def __call__(self, x):
+        pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2))
+        x = pool(nn.relu(nn.Conv(96, (11, 11), strides=4, padding="VALID", name="conv1")(x)))
+        x = pool(nn.relu(nn.Conv(256, (5, 5), padding="SAME", name="conv2")(x)))
+        x = nn.relu(nn.Conv(384, (3, 3), padding="SAME", name="conv3")(x))
+        x = nn.relu(nn.Conv(384, (3, 3), padding="SAME", name="conv4")(x))
+        x = pool(nn.relu(nn.Conv(256, (3, 3), padding="SAME", name="conv5")(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(4096, name="fc1")(x))
+        x = nn.relu(nn.Dense(4096, name="fc2")(x))
+        return nn.Dense(self.num_classes, name="fc3")(x)
 
 
-def network_spectrum(model: Model, params, key: jax.Array, power_iterations: int) -> dict:
-    """Every layer's bound (timed), then a power-iteration estimate of each dense/conv layer (timed)."""
+# Where each weighted layer sat in the 19-layer list the AlexNet-shaped net was drawn from before
+# the port to flax (conv, relu, pool, conv, relu, pool, conv, relu, conv, relu, conv, relu, pool,
+# flatten, dense, relu, dense, relu, dense): its weights came from key i of
+# jax.random.split(PRNGKey(seed), 19), so the same draw keeps Table 5's bounds comparable.
+ALEXNET_LAYER_INDEX = {"conv1": 0, "conv2": 3, "conv3": 6, "conv4": 8, "conv5": 10, "fc1": 14, "fc2": 16, "fc3": 18}
+ALEXNET_NUM_LAYERS = 19
+
+
+def alexnet_variables(seed: int = ALEXNET_SEED) -> dict:
+    """`AlexNetShaped`'s variables: Glorot-uniform kernels, zero biases, the draw Table 5 always used."""
+    shapes = jax.eval_shape(AlexNetShaped().init, jax.random.PRNGKey(0), jnp.zeros((1, *ALEXNET_INPUT)))["params"]
+    keys = jax.random.split(jax.random.PRNGKey(seed), ALEXNET_NUM_LAYERS)
+    glorot = jax.nn.initializers.glorot_uniform()
+    return {"params": {name: {"kernel": glorot(keys[ALEXNET_LAYER_INDEX[name]], layer["kernel"].shape, jnp.float32),
+                              "bias": jnp.zeros(layer["bias"].shape, jnp.float32)}
+                       for name, layer in shapes.items()}}
+
+
+def network_spectrum(name: str, logits_fn, input_shape, key: jax.Array,
+                     power_iterations: int) -> tuple[dict, lipschitz.LipschitzBounds]:
+    """Every operator's bound from the trace (timed), then a power-iteration estimate of each linear one (timed)."""
+    example = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     start, cpu = time.perf_counter(), time.process_time()
-    rows = spectral.layer_bounds(model, params)
+    bounds = lipschitz.operator_bounds(logits_fn, example)
     bounds_seconds, bounds_cpu = time.perf_counter() - start, time.process_time() - cpu
-    in_shapes = (model.input_shape,) + model.output_shapes()[:-1]
     start = time.perf_counter()
-    for row, k in zip(rows, jax.random.split(key, len(rows))):
-        i = row["index"]
-        layer = model.layers[i]
-        if layer.has_params and power_iterations:
-            row["power_iteration"] = float(spectral.layer_power_iteration(
-                layer, params[i], in_shapes[i], k, power_iterations))
+    if power_iterations:
+        bounds = lipschitz.estimate_by_power_iteration(bounds, key, power_iterations)
     power_seconds = time.perf_counter() - start
-    return {"name": model.name, "input_shape": list(model.input_shape), "layers": rows,
-            "network_bound": math.prod(r["upper_bound"] for r in rows),
-            "bounds_seconds": bounds_seconds, "bounds_cpu_seconds": bounds_cpu, "power_iteration_seconds": power_seconds,
-            "power_iterations": power_iterations}
+    return ({"name": name, "input_shape": list(input_shape), "layers": list(bounds.rows),
+             "network_bound": bounds.network_bound, "features_bound": bounds.features_bound,
+             "bounds_seconds": bounds_seconds, "bounds_cpu_seconds": bounds_cpu,
+             "power_iteration_seconds": power_seconds, "power_iterations": power_iterations}, bounds)
 
 
-def radius_against_attack(logits_fn, images: np.ndarray, lipschitz: float, directory: str, config,
-                          name: str, **sizes) -> dict[str, np.ndarray]:
-    """Certified radius and the untargeted attack's smallest L2 (`attack_dataset`, untargeted), per image.
+def radius_against_attack(name: str, logits_fn, images: np.ndarray, bounds: lipschitz.LipschitzBounds,
+                          directory: str, config, **sizes) -> dict[str, np.ndarray]:
+    """Both certified radii and the untargeted attack's smallest L2 (`attack_dataset`, untargeted), per image.
 
-    The attack moves away from the predicted class (the class the radius certifies),
-    and every adversarial image is re-checked here: `success` means the model
-    really predicts another class there. `sizes`: chunk_size, block_size for `attack_dataset`.
+    The attack moves away from the predicted class (the class the radii
+    certify), and every adversarial image is re-checked here: `success` means
+    the model really predicts another class there. The radii come from the
+    logits alone, outside the saved attack chunks, so a change of bound never
+    invalidates them. `sizes`: chunk_size, block_size for `attack_dataset`.
     """
     from jaxadv.attacks import attack_dataset
 
-    logits = jax.jit(logits_fn)(images)
+    logits = jax.jit(logits_fn)(jnp.asarray(images))
     predicted = np.asarray(jnp.argmax(logits, axis=-1), np.int32)
     attack = attack_dataset(logits_fn, images, predicted, directory, config, untargeted=True,
                             name=f"radius {name}", **sizes)
     adversarial_class = np.asarray(jnp.argmax(jax.jit(logits_fn)(attack["adversarial"]), axis=-1), np.int32)
     attained = jax.jit(lambda a, x: jnp.sqrt(jnp.sum((a - x) ** 2, axis=(1, 2, 3))))(attack["adversarial"], images)
-    return {"certified": np.asarray(spectral.certified_radius(logits, lipschitz)), "predicted": predicted,
-            "success": attack["success"] & (adversarial_class != predicted), "attained": np.asarray(attained),
-            "adversarial_class": adversarial_class}
+    return {"predicted": predicted, "success": attack["success"] & (adversarial_class != predicted),
+            "attained": np.asarray(attained), "adversarial_class": adversarial_class,
+            "certified": np.asarray(bounds.certified_radius(logits)),
+            "certified_pairwise": np.asarray(bounds.pairwise_certified_radius(logits))}
+
+
+RADII = (("certified", "paper's: margin / (√2 · Π L_k)"),
+         ("certified_pairwise", "pairwise: min_j (z_y − z_j) / (‖w_y − w_j‖ · Π_{below} L_k)"))
 
 
 def looseness_summary(out: dict[str, np.ndarray]) -> dict:
-    """Per-model summary of attained / certified over images the attack moved."""
-    ok = np.asarray(out["success"], bool) & (out["certified"] > 0)
-    ratio = out["attained"][ok] / out["certified"][ok]
-    violations = np.flatnonzero(np.asarray(out["success"], bool) & (out["certified"] > out["attained"]))
-    summary = {"images": int(len(out["success"])), "attack_success": int(np.sum(out["success"])),
-               "median_certified_l2": float(np.median(out["certified"])),
-               "median_attained_l2": float(np.median(out["attained"][ok])) if ok.any() else None,
-               "violations": violations.tolist()}
-    if ok.any():
-        summary.update(ratio_median=float(np.median(ratio)), ratio_geometric_mean=float(np.exp(np.mean(np.log(ratio)))),
-                       ratio_min=float(ratio.min()), ratio_max=float(ratio.max()))
+    """Per-model summary of attained / certified over images the attack moved, for both radii.
+
+    Keys for the paper's radius as before (`median_certified_l2`, `ratio_median`,
+    `violations`, ...); the pairwise radius's carry `_pairwise` (`median_certified_pairwise_l2`,
+    `ratio_pairwise_median`, `violations_pairwise`, ...).
+    """
+    moved = np.asarray(out["success"], bool)
+    summary = {"images": int(len(moved)), "attack_success": int(np.sum(moved))}
+    for key, _ in RADII:
+        suffix = key.removeprefix("certified")
+        certified = np.asarray(out[key])
+        ok = moved & (certified > 0)
+        ratio = out["attained"][ok] / certified[ok]
+        summary[f"median_certified{suffix}_l2"] = float(np.median(certified))
+        summary[f"violations{suffix}"] = np.flatnonzero(moved & (certified > out["attained"])).tolist()
+        if not suffix:
+            summary["median_attained_l2"] = float(np.median(out["attained"][ok])) if ok.any() else None
+        if ok.any():
+            summary.update({f"ratio{suffix}_median": float(np.median(ratio)),
+                            f"ratio{suffix}_geometric_mean": float(np.exp(np.mean(np.log(ratio)))),
+                            f"ratio{suffix}_min": float(ratio.min()), f"ratio{suffix}_max": float(ratio.max())})
     return summary
 
 
@@ -136,20 +174,23 @@ def scatter_figure(per_model: dict[str, dict[str, np.ndarray]], dataset: str):
     fig = Figure(figsize=(6.5, 5.5), layout="constrained")
     ax = fig.subplots()
     lo, hi = np.inf, 0.0
-    for name, out in per_model.items():
-        ok = np.asarray(out["success"], bool) & (out["certified"] > 0)
-        if not ok.any():
-            continue
-        ax.scatter(out["certified"][ok], out["attained"][ok], s=10, alpha=0.7, label=name)
-        lo = min(lo, out["certified"][ok].min(), out["attained"][ok].min())
-        hi = max(hi, out["certified"][ok].max(), out["attained"][ok].max())
+    for color, (name, out) in enumerate(per_model.items()):
+        for (key, _), marker in zip(RADII, ("o", "x")):
+            ok = np.asarray(out["success"], bool) & (out[key] > 0) & np.isfinite(out[key])
+            if not ok.any():
+                continue
+            ax.scatter(out[key][ok], out["attained"][ok], s=10, alpha=0.7, marker=marker, color=f"C{color}",
+                       label=name if marker == "o" else None)
+            lo = min(lo, out[key][ok].min(), out["attained"][ok].min())
+            hi = max(hi, out[key][ok].max(), out["attained"][ok].max())
     if hi > 0:
         ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="attained = certified")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("certified L2 radius: margin / (√2 · Π L_k)")
+    ax.set_xlabel("certified L2 radius: o margin / (√2 · Π L_k),  x pairwise min_j (z_y − z_j) / (‖w_y − w_j‖ · Π L_k)")
+    ax.xaxis.label.set_fontsize(7)
     ax.set_ylabel("attained L2 distortion (untargeted L-BFGS)")
-    ax.set_title(f"Global Lipschitz certificate vs attack ({dataset} test images)", fontsize=10)
+    ax.set_title(f"Global Lipschitz certificates vs attack ({dataset} test images)", fontsize=10)
     ax.legend(fontsize=7)
     return fig
 
@@ -205,28 +246,32 @@ def table_markdown(results: dict) -> str:
             parts += [f"### {net['name']}: network bound {net['network_bound']:.4g}\n", spectrum_table(net), ""]
     if results.get("radius"):
         parts.append(f"## Certified radius vs attained distortion (L2, {results['num_images']} test images)\n")
-        parts.append("Certified: top-two logit margin / (√2 · network bound). Attained: the smallest ‖x′ − x‖₂ "
-                     "the untargeted L-BFGS attack finds away from the predicted class "
-                     "(`lbfgs_attack_untargeted`, refined to the boundary). "
-                     "Ratio = attained / certified (≥ 1 if both are right).\n")
+        parts.append("Certified, paper's: top-two logit margin / (√2 · network bound). Certified, pairwise: "
+                     "min over classes j ≠ y of (z_y − z_j) / (‖w_y − w_j‖ · the bound of every layer below the "
+                     "last), never smaller. Attained: the smallest ‖x′ − x‖₂ the untargeted L-BFGS attack finds "
+                     "away from the predicted class (`lbfgs_attack_untargeted`, refined to the boundary). "
+                     "Ratio = attained / certified (≥ 1 if both are right); paper's / pairwise.\n")
         rows = []
         for name, s in results["radius"].items():
+            pair = lambda key, digits=4: f"{_fmt(s.get(key), digits)} / {_fmt(s.get(key.replace('ratio', 'ratio_pairwise')), digits)}"
             rows.append([name, _fmt(s["network_bound"]), f"{s['attack_success']}/{s['images']}",
-                         _fmt(s["median_certified_l2"]), _fmt(s["median_attained_l2"]),
-                         _fmt(s.get("ratio_median")), _fmt(s.get("ratio_geometric_mean")),
-                         _fmt(s.get("ratio_min")), _fmt(s.get("ratio_max")), str(len(s["violations"]))])
-        parts.append(markdown_table(["Model", "Bound Π L_k", "Attacked", "Median certified", "Median attained",
-                                     "Ratio median", "Ratio geo. mean", "Ratio min", "Ratio max",
-                                     "Certified > attained"], rows))
+                         _fmt(s["median_attained_l2"]),
+                         f"{_fmt(s['median_certified_l2'])} / {_fmt(s['median_certified_pairwise_l2'])}",
+                         pair("ratio_median"), pair("ratio_geometric_mean"), pair("ratio_min"), pair("ratio_max"),
+                         f"{len(s['violations'])} / {len(s['violations_pairwise'])}"])
+        parts.append(markdown_table(["Model", "Bound Π L_k", "Attacked", "Median attained",
+                                     "Median certified", "Ratio median", "Ratio geo. mean", "Ratio min",
+                                     "Ratio max", "Certified > attained"], rows))
     return "\n".join(parts) + "\n"
 
 
 def build_parser():
-    from experiments.common import ArgumentParser, add_common_args, add_size_args, int_in
+    from experiments.common import ArgumentParser, add_common_args, add_models_arg, add_size_args, int_in
     from jaxadv.data import NUM_EXAMPLES
 
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
+    add_models_arg(parser, SPECTRAL_MODELS)
     parser.add_argument("--num-images", type=int_in(1, NUM_EXAMPLES["test"]), default=None,
                         help=f"test images for the certified radius (default {DEFAULT_NUM_IMAGES}, "
                              f"{QUICK_NUM_IMAGES} with --quick)")
@@ -241,8 +286,8 @@ def build_parser():
 
 
 def main(argv=None):
-    from experiments.common import (check_size_args, output_dir, parse_args, save_figure_atomic, write_json_atomic,
-                                    write_text_atomic)
+    from experiments.common import (check_size_args, models_from_args, output_dir, parse_args, save_figure_atomic,
+                                    write_json_atomic, write_text_atomic)
 
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -263,41 +308,46 @@ def main(argv=None):
 
     alex = None
     if not args.no_alexnet:
-        alexnet = alexnet_shaped()
-        alex_params = alexnet.init(jax.random.PRNGKey(ALEXNET_SEED))
-        alex = network_spectrum(alexnet, alex_params, alex_key, iterations)
+        alexnet = AlexNetShaped()
+        logits_fn = jax.tree_util.Partial(alexnet.apply, alexnet_variables(ALEXNET_SEED))
+        alex, _ = network_spectrum("AlexNet-shaped", logits_fn, ALEXNET_INPUT, alex_key, iterations)
         alex["weights"] = f"Glorot-uniform init, zero biases, jax.random.PRNGKey({ALEXNET_SEED}); no LRN"
-        del alex_params
+        del logits_fn
         print(spectrum_table(alex, PAPER_TABLE5), flush=True)
     results = {"experiment": NAME, "dataset": args.dataset, "quick": args.quick, "seed": args.seed,
                "alexnet": alex, "paper_table5": {k: {"size": v[0], "stride": v[1], "upper_bound": v[2]}
                                                  for k, v in PAPER_TABLE5.items()}}
 
     if not args.alexnet_only:
-        from experiments.common import trained_models
+        from jaxadv import logits_function
         from jaxadv.attacks import UNTARGETED
 
-        models = trained_models(SPECTRAL_MODELS, args.dataset, workdir, args.data_dir, args.quick)
-        results["zoo"] = [network_spectrum(models[name][0], models[name][1], jax.random.fold_in(zoo_key, i),
-                                           iterations) for i, name in enumerate(SPECTRAL_MODELS)]
-        bound_of = {net["name"]: net["network_bound"] for net in results["zoo"]}
+        models = models_from_args(parser, args)
+        logits_fns = {name: logits_function(model, params) for name, (model, params) in models.items()}
+        results["zoo"], bounds_of = [], {}
+        for i, name in enumerate(models):
+            net, bounds_of[name] = network_spectrum(name, logits_fns[name], test.images.shape[1:],
+                                                    jax.random.fold_in(zoo_key, i), iterations)
+            results["zoo"].append(net)
 
         index = np.sort(np.asarray(jax.random.choice(pick_key, len(test.labels), (num_images,), replace=False)))
         images = test.images[index]
         config = UNTARGETED
         per_model, summaries = {}, {}
-        for name in ZOO:
-            model, params = models[name]
+        for name in [n for n in models if n not in NOT_ATTACKED]:
             t0 = time.time()
-            out = radius_against_attack(jax.tree_util.Partial(model.apply, params), images, bound_of[name],
+            out = radius_against_attack(name, logits_fns[name], images, bounds_of[name],
                                         os.path.join(workdir, NAME, "attacks", name, f"n{num_images}-seed{args.seed}"),
-                                        config, name, chunk_size=args.chunk_size, block_size=args.block_size)
+                                        config, chunk_size=args.chunk_size, block_size=args.block_size)
             per_model[name] = out
-            summaries[name] = {"network_bound": bound_of[name], **looseness_summary(out),
+            summaries[name] = {"network_bound": bounds_of[name].network_bound,
+                               "features_bound": bounds_of[name].features_bound, **looseness_summary(out),
                                "attack_seconds": time.time() - t0}
-            summaries[name]["violation_details"] = [
-                {"test_index": int(index[i]), "certified": float(out["certified"][i]),
-                 "attained": float(out["attained"][i])} for i in summaries[name]["violations"]]
+            for key, _ in RADII:
+                suffix = key.removeprefix("certified")
+                summaries[name][f"violation{suffix}_details"] = [
+                    {"test_index": int(index[i]), "certified": float(out[key][i]), "attained": float(out["attained"][i])}
+                    for i in summaries[name][f"violations{suffix}"]]
         results.update(num_images=num_images, test_indices=index.tolist(), attack_config=repr(config),
                        radius=summaries,
                        radius_per_image={n: {k: np.asarray(v).tolist() for k, v in o.items()}

@@ -11,11 +11,12 @@ from __future__ import annotations
 import sys
 import time
 
-from experiments.common import (ArgumentParser, add_common_args, load_meta, markdown_table, output_dir, parse_args,
-                                percent, run_main, trained_models, write_json_atomic, write_text_atomic)
+from experiments.common import (ArgumentParser, add_common_args, markdown_table, output_dir, parse_args, percent,
+                                run_main, write_json_atomic, write_text_atomic)
 from jaxadv.data import load_dataset
 from jaxadv.models import ALL_MODELS
 from jaxadv.train import error_rate
+from jaxadv.zoo import load_meta, trained_models
 
 #: (training error, test error) on MNIST as the paper reports them. Table 1, and
 #: Table 3 for FC123-456-10 (trained on P1 only; its "training error" is the error on P1).

@@ -23,13 +23,15 @@ from __future__ import annotations
 import os
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 
-from experiments.common import (ArgumentParser, add_common_args, int_in, markdown_table, output_dir, parse_args,
-                                run_main, save_figure_atomic, trained_models, write_json_atomic, write_text_atomic)
+from experiments.common import (ArgumentParser, UsageError, add_common_args, add_models_arg, int_in, markdown_table,
+                                models_from_args, output_dir, parse_args, run_main, save_figure_atomic,
+                                write_json_atomic, write_text_atomic)
 from jaxadv.data import NUM_EXAMPLES, load_dataset
-from jaxadv.functional import hidden_layers, layer_kind, split_sequential
+from jaxadv.functional import LastDenseInput, hidden_layers, layer_kind, split_sequential
 from jaxadv.plots import image_rows_figure
 from jaxadv.units import (
     layer_features, live_units, majority_label_share, mean_pairwise_cosine, natural_basis, permutation_test,
@@ -68,12 +70,24 @@ def summarize(values):
             "n": int(values.size)}
 
 
-def analyse_model(model, params, images, labels, layer, key, num_random, k, seed):
-    features = layer_features(split_sequential(model.module, layer)[0], images, params=params)
+def last_feature_layer(name, model):
+    """φ, "the last feature layer" (§1), and a description: a Sequential's last hidden layer, else the input of a
+    flax module's last dense layer (the same values for the zoo)."""
+    if isinstance(model, nn.Sequential):
+        layer = hidden_layers(model)[-1]
+        return split_sequential(model, layer)[0], layer, f"layer {layer} ({layer_kind(model.layers[layer])})"
+    if isinstance(model, nn.Module):
+        return LastDenseInput(model), None, "the input of its last dense layer"
+    raise UsageError(f"--models: {name!r} is a plain function; the units need a flax module (its last feature layer)")
+
+
+def analyse_model(name, model, params, images, labels, key, num_random, k, seed):
+    features_fn, layer, where = last_feature_layer(name, model)
+    features = layer_features(features_fn, images, params=params)
     dim = features.shape[1]
     live = live_units(features)
     if live.size == 0:
-        raise RuntimeError(f"{model.name}: every unit of layer {layer} is constant on the test images")
+        raise RuntimeError(f"{name}: every unit of {where} is constant on the test images")
     natural = direction_stats(features, images, labels, natural_basis(dim, live), k)
     random_key, chance_key, pick_key = jax.random.split(key, 3)
     random = direction_stats(features, images, labels, random_unit_directions(random_key, num_random, dim), k)
@@ -89,7 +103,7 @@ def analyse_model(model, params, images, labels, layer, key, num_random, k, seed
     shown_units = np.sort(np.asarray(jax.random.choice(pick_key, live.size, (min(FIGURE_ROWS, live.size),),
                                                        replace=False)))
     return {
-        "layer": layer, "layer_kind": layer_kind(model.module.layers[layer]), "dim": dim, "live_units": int(live.size),
+        "layer": layer, "where": where, "dim": dim, "live_units": int(live.size),
         "natural": natural, "random": random, "chance": chance, "tests": tests,
         "figure_natural_rows": [int(i) for i in shown_units],      # positions in natural["indices"]
         "figure_units": [int(live[i]) for i in shown_units],
@@ -113,7 +127,7 @@ def coherence_figure(path, results):
             ax = axes[r, c]
             data = [res["natural"][metric], res["random"][metric], res["chance"][metric]]
             ax.boxplot(data, tick_labels=["natural e_i", "random v", "random k-subset"])
-            ax.set_title(f"{name}, layer {res['layer']}: {label}", fontsize=9)
+            ax.set_title(f"{name}, {res['where']}: {label}", fontsize=9)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=110)
     plt.close(fig)
@@ -127,7 +141,7 @@ def results_table(results, k):
                              ("random", f"random v ({len(res['random']['majority_share'])})"),
                              ("chance", f"random {k}-subsets of I ({NUM_CHANCE_SUBSETS})")):
             share, cosine = summarize(res[group]["majority_share"]), summarize(res[group]["pixel_cosine"])
-            rows.append([name, f"{res['layer_kind']} ({res['layer']}, n={res['dim']})", label,
+            rows.append([name, f"{res['where']}, n={res['dim']}", label,
                          f"{share['mean']:.3f} ± {share['std']:.3f}", f"{cosine['mean']:.3f} ± {cosine['std']:.3f}"])
     test_headers = ["Model", "Metric", "natural − random", "p", "natural − chance", "p", "random − chance", "p"]
     test_rows = [[name, metric, f"{t['natural_minus_random']:+.3f}", f"{t['p_natural_vs_random']:.4f}",
@@ -147,6 +161,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--k", type=int_in(2, NUM_EXAMPLES["test"]), default=10,
                         help="top images per direction (the paper shows 10)")
     parser.add_argument("--seed", type=int, default=0)
+    add_models_arg(parser, MODELS)
     return parser
 
 
@@ -162,28 +177,26 @@ def main(argv=None):
     images, labels = test.images, test.labels
     if args.quick:
         images, labels = images[:QUICK_TEST_IMAGES], labels[:QUICK_TEST_IMAGES]
-    models = trained_models(MODELS, args.dataset, args.workdir, args.data_dir, args.quick)
+    models = models_from_args(parser, args)
 
     key = jax.random.PRNGKey(args.seed)
     results, record = {}, {}
-    for i, name in enumerate(MODELS):
+    for i, (name, (model, params)) in enumerate(models.items()):
         tic = time.perf_counter()
-        model, params = models[name]
-        layer = hidden_layers(model.module)[-1]      # "the last feature layer" (§1)
-        res = analyse_model(model, params, images, labels, layer, jax.random.fold_in(key, i), num_random,
+        res = analyse_model(name, model, params, images, labels, jax.random.fold_in(key, i), num_random,
                             args.k, args.seed)
         results[name] = res
         slug = name.replace("(", "").replace(")", "")
         rows_nat = [res["natural"]["indices"][r] for r in res["figure_natural_rows"]]
         grid_figure(os.path.join(out_dir, f"natural_{slug}.png"), images, rows_nat,
                     [f"unit {u}" for u in res["figure_units"]],
-                    f"{name}, layer {layer} ({res['layer_kind']}): top {args.k} test images of single units e_i")
+                    f"{name}, {res['where']}: top {args.k} test images of single units e_i")
         rows_rand = list(res["random"]["indices"][:FIGURE_ROWS])
         grid_figure(os.path.join(out_dir, f"random_{slug}.png"), images, rows_rand,
                     [f"random v{j}" for j in range(len(rows_rand))],
-                    f"{name}, layer {layer} ({res['layer_kind']}): top {args.k} test images of random directions v")
+                    f"{name}, {res['where']}: top {args.k} test images of random directions v")
         record[name] = {
-            "layer": layer, "layer_kind": res["layer_kind"], "dim": res["dim"], "live_units": res["live_units"],
+            "layer": res["layer"], "where": res["where"], "dim": res["dim"], "live_units": res["live_units"],
             "figure_units": res["figure_units"], "tests": res["tests"],
             "summary": {g: {m: summarize(res[g][m]) for m in ("majority_share", "pixel_cosine")}
                         for g in ("natural", "random", "chance")},

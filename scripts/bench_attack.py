@@ -6,7 +6,7 @@
 
 Problems: the first --num-images Fashion-MNIST test images, random wrong
 targets (seed --seed), the trained FC100-100-10 from WORKDIR/models (trained
-and stored there by `experiments.common.trained_models` if missing).
+and stored there by `jaxadv.zoo.trained_models` if missing).
 
 (a) `lbfgs_attack` with the default AttackConfig, all images in one compiled
     program; compile time measured apart (ahead-of-time lower + compile).
@@ -66,7 +66,8 @@ import scipy.optimize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.common import trained_models, write_json_atomic  # noqa: E402
+from experiments.common import write_json_atomic  # noqa: E402
+from jaxadv.zoo import trained_models  # noqa: E402
 from jaxadv.attacks import AttackConfig, lbfgs_attack, random_wrong_targets  # noqa: E402
 from jaxadv.attacks.lbfgs import _cross_entropy, _penalty, lbfgs_attack_core  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402

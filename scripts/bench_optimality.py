@@ -34,7 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.common import markdown_table, trained_models, write_json_atomic  # noqa: E402
+from experiments.common import markdown_table, write_json_atomic  # noqa: E402
+from jaxadv.zoo import trained_models  # noqa: E402
 from jaxadv.attacks import AttackConfig, lbfgs_attack_all_targets, lbfgs_attack_untargeted  # noqa: E402
 from jaxadv.attacks.exact import exact_linear_minimum  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402
