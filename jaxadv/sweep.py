@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -69,15 +70,17 @@ def batch_mesh(devices=None) -> Mesh:
     return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
-def sharded(fn: Callable, mesh: Mesh | None = None, block_size: int | None = None) -> Callable:
+def sharded(fn: Callable, mesh: Mesh | None = None, block_size: int | None = None, replicated: int = 0) -> Callable:
     """Run `fn` with its leading (batch) axis split over the devices of `mesh`.
 
     `fn(*args)` must be a batched pure function whose every input and output
     leaf has the batch as its leading axis, and whose output row i depends only
     on input row i (per-example independence); close over anything else
-    (parameters, configs). The returned function takes the same arguments
-    (NumPy or JAX arrays, any batch size >= 1) and returns `fn`'s outputs as
-    JAX arrays with the same batch size.
+    (configs), or pass it as one of the first `replicated` arguments, which
+    every device receives whole (parameters: a `jax.tree_util.Partial` model
+    passed so is traced, and new parameters reuse the compiled program). The
+    returned function takes the same arguments (NumPy or JAX arrays, any batch
+    size >= 1) and returns `fn`'s outputs as JAX arrays with the same batch size.
 
     The batch is padded to a whole number of blocks per device with copies of
     the first example; the padding is dropped from the outputs. Padding is
@@ -108,16 +111,26 @@ def sharded(fn: Callable, mesh: Mesh | None = None, block_size: int | None = Non
         raise ValueError(f"mesh: needs an axis named {BATCH_AXIS!r}, got {mesh.axis_names}")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size: must be a positive int or None, got {block_size!r}")
+    if isinstance(replicated, bool) or not isinstance(replicated, int) or replicated < 0:
+        raise ValueError(f"replicated: must be a non-negative int, got {replicated!r}")
     num_devices = mesh.shape[BATCH_AXIS]
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
     spec = PartitionSpec(BATCH_AXIS)
+    whole = NamedSharding(mesh, PartitionSpec())
 
-    # check_vma=False: `fn` is ordinary single-device code with no collectives;
-    # its loop carries may start from constants (jnp.zeros(())), which the
-    # varying-manual-axes check would reject although every row is independent.
-    compiled = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+    def compiled(*args):
+        in_specs = (PartitionSpec(),) * replicated + (spec,) * (len(args) - replicated)
+        try:
+            program = _shard_mapped(fn, mesh, in_specs, spec)
+        except TypeError:       # an unhashable fn: compiled for this call alone
+            program = _shard_mapped.__wrapped__(fn, mesh, in_specs, spec)
+        return program(*args)
 
-    def call(*args):
+    def call(*all_args):
+        if len(all_args) < replicated:
+            raise ValueError(f"args: expected the {replicated} replicated argument(s) first, got {len(all_args)} in all")
+        shared = jax.tree.map(lambda a: jax.device_put(a, whole), all_args[:replicated])
+        args = all_args[replicated:]
         leaves = jax.tree.leaves(args)
         if not leaves:
             raise ValueError("args: need at least one array with a batch axis")
@@ -131,13 +144,23 @@ def sharded(fn: Callable, mesh: Mesh | None = None, block_size: int | None = Non
         outs = []
         for start in range(0, total, step):
             group = jax.tree.map(lambda a: _global_array(a[start:start + step], sharding), padded)
-            outs.append(compiled(*group))
+            outs.append(compiled(*shared, *group))
         out = outs[0] if len(outs) == 1 else jax.tree.map(lambda *parts: jnp.concatenate(parts), *outs)
         return jax.tree.map(lambda a: a[:n], out)
 
     call.mesh = mesh
     call.block_size = block_size
     return call
+
+
+@functools.lru_cache(maxsize=64)
+def _shard_mapped(fn, mesh, in_specs, out_specs):
+    """One jitted shard_map per (function, mesh, specs), so that a second `sharded` of the same `fn` (equal
+    callables: a NamedTuple of settings) reuses its compilations."""
+    # check_vma=False: `fn` is ordinary single-device code with no collectives;
+    # its loop carries may start from constants (jnp.zeros(())), which the
+    # varying-manual-axes check would reject although every row is independent.
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False))
 
 
 def pad_to_multiple(tree, multiple: int):

@@ -114,3 +114,33 @@ def test_a_sequential_cut_at_each_layer_and_its_boxes():
     h = split_sequential(module, 2)[0](variables, x)
     result = lbfgs_attack(head, h, jnp.argmin(head(h), -1).astype(jnp.int32), QUICK)
     assert result.adversarial.shape == h.shape
+
+
+@pytest.fixture
+def compilations():
+    """A counter of XLA compilations (backend compiles), read before and after a loop."""
+    from jax import monitoring
+    events = []
+
+    def listen(name, _duration, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    yield events
+    monitoring.unregister_event_duration_listener(listen)
+
+
+def test_a_sweep_over_checkpoints_compiles_once(tmp_path, compilations):
+    """attack_dataset over five parameter sets of one architecture: the first call compiles, the others reuse it."""
+    from jaxadv.attacks import attack_dataset
+    x, targets = _images(40), np.full(40, 1, np.int32)
+    sweep = functools.partial(attack_dataset, config=QUICK, chunk_size=20, block_size=20, progress=False)
+    sweep(SmallNet(), x, targets, tmp_path / "warm", params=_variables(99))
+    before = len(compilations)
+    outs = [sweep(SmallNet(), x, targets, tmp_path / f"ckpt{seed}", params=_variables(seed)) for seed in range(5)]
+    assert len(compilations) == before, compilations[before:]
+    assert len({float(out["l2"].sum()) for out in outs}) == 5
+    # The counter sees compilations: a closure per call compiles anew.
+    sweep(lambda x: SmallNet().apply(_variables(7), x), x, targets, tmp_path / "closure")
+    assert len(compilations) > before

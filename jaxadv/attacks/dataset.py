@@ -53,6 +53,7 @@ from jax.extend.core import jaxprs_in_params
 from jaxadv.attacks.lbfgs import (UNTARGETED, AttackConfig, _as_traceable, _check_config, _check_images,
                                   _check_targets, _num_classes, lbfgs_attack_core)
 from jaxadv.attacks.targets import random_wrong_targets
+from jaxadv.functional import logits_function
 from jaxadv.sweep import chunk_size_for_memory, function_fingerprint, run_sweep, sharded, sizes_for_device
 
 #: The per-image arrays `attack_dataset` returns (the fields of `AttackResult`).
@@ -78,11 +79,13 @@ class AttackSizes(NamedTuple):
 def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.PathLike,
                    config: AttackConfig | None = None, *, untargeted: bool = False, lower: float = 0.0,
                    upper: float = 1.0, chunk_size: int | None = None, block_size: int | None = None,
-                   lanes: int | None = None, name: str | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+                   lanes: int | None = None, name: str | None = None, progress: bool = True,
+                   params=None) -> dict[str, np.ndarray]:
     """`lbfgs_attack_core` on every image, sharded over all devices, in resumable chunks under `directory`.
 
     logits_fn: any pure function [B, *shape] -> [B, classes] (a `jax.tree_util.Partial`
-      of a flax `module.apply` and its variables, a closure, ...).
+      of a flax `module.apply` and its variables, a closure, ...), or with `params` a flax
+      module (params: its variables) or a function apply(params, x), as for `lbfgs_attack`.
     images: [N, *shape] floating, inside [lower, upper]; targets: [N] ints, the
       classes to reach, or with `untargeted=True` the classes to leave (true labels or
       the model's predictions).
@@ -96,6 +99,7 @@ def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.Pat
     saved chunks. Every argument is checked before any work: ValueError or TypeError
     naming it. A folder holding another sweep raises `sweep.SweepMismatch`.
     """
+    logits_fn = logits_function(logits_fn, params, argument="logits_fn")
     config = _checked_config(config, untargeted)
     images, targets, image = _checked_inputs(logits_fn, images, targets, lower, upper, untargeted)
     if not isinstance(directory, (str, os.PathLike)):
@@ -108,17 +112,30 @@ def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.Pat
     config = config._replace(lanes=sizes.lanes)
     logits_fn = _as_traceable(logits_fn)       # the compiled core takes a pytree: a Partial, never a plain closure
 
-    def attack(x, t):
-        result = lbfgs_attack_core(logits_fn, x, t, lower, upper, config=config, untargeted=untargeted)
-        return {field: getattr(result, field) for field in RESULT_FIELDS}
-
-    attack_on_devices = sharded(attack, block_size=sizes.block_size)
+    # The model goes in as a replicated argument, not closed over: its parameters are traced, so a second
+    # call with new parameters of the same architecture reuses the compiled sweep (tests/test_attack_dataset.py).
+    attack_on_devices = sharded(_BlockAttack(config, untargeted, float(lower), float(upper)),
+                                block_size=sizes.block_size, replicated=1)
     identity = {**function_fingerprint(logits_fn, image), "attack": repr(config), "untargeted": untargeted,
                 "box": [lower, upper], "attack_source": attack_source_fingerprint(), "jax": jax.__version__,
                 "block_size": sizes.block_size}
-    return run_sweep(lambda chunk: attack_on_devices(chunk["images"], chunk["targets"]),
+    return run_sweep(lambda chunk: attack_on_devices(logits_fn, chunk["images"], chunk["targets"]),
                      {"images": images, "targets": targets}, os.fspath(directory), sizes.chunk_size,
                      config=identity, progress=progress, label=f"attack {name}" if name else "attack")
+
+
+class _BlockAttack(NamedTuple):
+    """`lbfgs_attack_core` on one block, as a hashable callable of (logits_fn, images, targets): equal settings, one
+    compiled program."""
+    config: AttackConfig
+    untargeted: bool
+    lower: float
+    upper: float
+
+    def __call__(self, logits_fn, x, t):
+        result = lbfgs_attack_core(logits_fn, x, t, self.lower, self.upper, config=self.config,
+                                   untargeted=self.untargeted)
+        return {field: getattr(result, field) for field in RESULT_FIELDS}
 
 
 def attack_sizes(logits_fn: Callable, images, config: AttackConfig | None = None, *, chunk_size: int | None = None,
@@ -214,7 +231,9 @@ def intermediate_bytes(fn: Callable, *example_args) -> int:
                 continue
             for var in equation.outvars:
                 aval = var.aval
-                if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                # (PRNG keys, which flax's apply may make, have an extended dtype of no fixed item size: negligible.)
+                if hasattr(aval, "shape") and hasattr(aval, "dtype") and not jax.dtypes.issubdtype(
+                        aval.dtype, jax.dtypes.extended):
                     count += math.prod(aval.shape) * np.dtype(aval.dtype).itemsize
         return count
     return total(jax.make_jaxpr(fn)(*example_args).jaxpr)
