@@ -187,7 +187,8 @@ def scatter_figure(per_model: dict[str, dict[str, np.ndarray]], dataset: str):
         ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="attained = certified")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("certified L2 radius: o margin / (√2 · Π L_k),  x pairwise min_j (z_y − z_j) / (‖w_y − w_j‖ · Π L_k)")
+    ax.set_xlabel("certified L2 radius: o margin / (√2 · Π L_k),  "
+                  "x pairwise min_j (z_y − z_j) / (‖w_y − w_j‖ · Π L_k)")
     ax.xaxis.label.set_fontsize(7)
     ax.set_ylabel("attained L2 distortion (untargeted L-BFGS)")
     ax.set_title(f"Global Lipschitz certificates vs attack ({dataset} test images)", fontsize=10)
@@ -201,6 +202,11 @@ def _fmt_shape(shape):
 
 def _fmt(x, digits=4):
     return "–" if x is None else f"{x:.{digits}g}"
+
+
+def _both_radii(summary: dict, key: str) -> str:
+    """"paper's / pairwise" for a ratio statistic such as ratio_median."""
+    return f"{_fmt(summary.get(key))} / {_fmt(summary.get(key.replace('ratio', 'ratio_pairwise')))}"
 
 
 def spectrum_table(network: dict, paper: dict | None = None) -> str:
@@ -253,11 +259,10 @@ def table_markdown(results: dict) -> str:
                      "Ratio = attained / certified (≥ 1 if both are right); paper's / pairwise.\n")
         rows = []
         for name, s in results["radius"].items():
-            pair = lambda key, digits=4: f"{_fmt(s.get(key), digits)} / {_fmt(s.get(key.replace('ratio', 'ratio_pairwise')), digits)}"
             rows.append([name, _fmt(s["network_bound"]), f"{s['attack_success']}/{s['images']}",
                          _fmt(s["median_attained_l2"]),
                          f"{_fmt(s['median_certified_l2'])} / {_fmt(s['median_certified_pairwise_l2'])}",
-                         pair("ratio_median"), pair("ratio_geometric_mean"), pair("ratio_min"), pair("ratio_max"),
+                         *(_both_radii(s, f"ratio_{stat}") for stat in ("median", "geometric_mean", "min", "max")),
                          f"{len(s['violations'])} / {len(s['violations_pairwise'])}"])
         parts.append(markdown_table(["Model", "Bound Π L_k", "Attacked", "Median attained",
                                      "Median certified", "Ratio median", "Ratio geo. mean", "Ratio min",
