@@ -183,7 +183,7 @@ def main(argv=None):
         "noise": {"stddevs": list(NOISE_STDDEVS), "clipped_to_unit_box": True,
                   "measured_av_distortion": table.av_distortion[len(names):].tolist()},
         "diagonal": diagonal.tolist(),
-        "mean_off_diagonal_by_row": off_diagonal.mean(axis=1).tolist(),
+        "mean_off_diagonal_by_row": off_diagonal.mean(axis=1).tolist() if len(names) > 1 else None,
         "transfer_versus_noise": {
             f"stddev={s}": transfer_versus_noise(table.error_rates[:len(names)], table.error_rates[len(names) + k], names)
             for k, s in enumerate(NOISE_STDDEVS)},

@@ -207,16 +207,18 @@ def main(argv=None):
             "seconds": time.perf_counter() - tic,
         }
     coherence_figure(os.path.join(out_dir, "coherence.png"), results)
-    write_json_atomic(os.path.join(out_dir, "results.json"), {
+    summary = {
         "experiment": NAME, "dataset": args.dataset, "quick": args.quick, "seed": args.seed, "k": args.k,
         "num_test_images": int(len(labels)), "num_random_directions": num_random,
         "num_chance_subsets": NUM_CHANCE_SUBSETS, "num_permutations": NUM_PERMUTATIONS,
         "random_direction_law": "uniform on the unit sphere (normalised standard Gaussian)",
         "natural_directions": "every live unit (activation not constant over I)",
-        "models": record})
+        "models": record}
+    write_json_atomic(os.path.join(out_dir, "results.json"), summary)
     table = f"# Units of φ(x) on {args.dataset} ({len(labels)} test images)\n\n" + results_table(results, args.k)
     write_text_atomic(os.path.join(out_dir, "table.md"), table)
     print(table)
+    return summary
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ def image_rows_figure(images, rows: Sequence[Sequence[int]], row_titles: Sequenc
     from matplotlib.figure import Figure
 
     images = np.asarray(images)
-    if images.ndim not in (3, 4) or len(rows) != len(row_titles) or not rows or not len(rows[0]):
+    rows = [list(np.asarray(row).reshape(-1)) for row in rows]
+    if images.ndim not in (3, 4) or len(rows) != len(row_titles) or not rows or not rows[0]:
         raise ValueError(f"images must be [N, H, W(, 1)] and rows a non-empty list with one title each, got images "
                          f"{images.shape}, {len(rows)} rows and {len(row_titles)} titles")
     num_rows, num_cols = len(rows), len(rows[0])

@@ -271,3 +271,35 @@ def test_sparse_and_fast_checks_its_numbers_at_parse_time(flag, capsys):
         main(flag + ["--workdir", "/nonexistent/never-made"])
     assert exit_info.value.code == 2
     assert flag[0] in capsys.readouterr().err
+
+
+def test_experiments_take_your_models_as_a_config_file(data_dir, tmp_path, capsys):
+    """--models my_models.py: Table 1's attack columns, Table 2's transfer, Table 5's bounds and the units run on a
+    user's flax CNN (experiments/configs/my_cnn.py, trained once on 2,000 images and then loaded)."""
+    from experiments import table1, table2, table5, units
+    config = str(REPO_ROOT / "experiments" / "configs" / "my_cnn.py")
+    common = ["--models", config, "--quick", "--data-dir", data_dir, "--workdir", str(tmp_path)]
+    t1 = table1.main(common + ["--num-images", "40"])
+    assert [row["model"] for row in t1["rows"]] == ["CNN-quick"] and t1["rows"][0]["success_rate"] > 0.9
+    assert (tmp_path / "models" / "CNN-quick" / "meta.json").is_file()      # trained once, loaded afterwards
+    t2 = table2.main(common + ["--num-images", "40"])
+    assert t2["column_labels"] == ["CNN-quick"] and t2["paper"] is None
+    assert t2["error_rates"][0][0] > 0.9                # its own adversarial set fools it
+    t5 = table5.main(common + ["--no-alexnet", "--num-images", "10"])
+    (network,) = t5["zoo"]
+    kinds = [row["kind"] for row in network["layers"]]
+    assert "conv" in kinds and "avgpool" in kinds and network["network_bound"] > 0
+    assert not t5["radius"]["CNN-quick"]["violations"] and not t5["radius"]["CNN-quick"]["violations_pairwise"]
+    u = units.main(common + ["--num-random", "4", "--k", "5"])
+    assert u["models"]["CNN-quick"]["where"] == "the input of its last dense layer"
+    assert u["models"]["CNN-quick"]["dim"] == 16 * 7 * 7
+    assert len(list((tmp_path / "units").rglob("natural_CNN-quick.png"))) == 1
+    # A config without get_models, and a model name that does not exist, are one line each.
+    capsys.readouterr()
+    (tmp_path / "broken.py").write_text("x = 1\n")
+    err = _fails_in_one_line("table1", ["--models", str(tmp_path / "broken.py"), "--quick", "--data-dir", data_dir,
+                                        "--workdir", str(tmp_path / "w")], capsys, tmp_path / "w")
+    assert "defines no get_models" in err
+    err = _fails_in_one_line("table1", ["--models", "FC7", "--quick", "--workdir", str(tmp_path / "w")], capsys,
+                             tmp_path / "w")
+    assert "--models: unknown model(s) 'FC7'" in err

@@ -1,4 +1,5 @@
 """The README's usage example runs as written, and does what it says."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,26 @@ def test_readme_dataset_example_resumes_what_it_saved(capsys, tmp_path, monkeypa
     np.testing.assert_allclose(out["distortion"], np.asarray(result.distortion), rtol=1e-3)
     exec(compile(block, "README.md", "exec"), namespace)       # noqa: S102 - "interrupted? call it again"
     assert "resuming: 1/1 chunks" in capsys.readouterr().err
+
+
+def test_readme_your_own_model_section_runs_every_analysis(data_dir, tmp_path, monkeypatch, capsys):
+    """The "Your own model" block: a flax CNN the reader writes, attacked, swept and resumed, bounded, its units shown."""
+    block = next(b for b in _python_blocks(README.read_text()) if "class CNN(nn.Module)" in b)
+    monkeypatch.setenv("JAXADV_DATA_DIR", data_dir)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)   # noqa: S102 - our own README
+    result, swept, again, bounds, radii = (namespace[k] for k in ("result", "swept", "again", "bounds", "radii"))
+    assert np.mean(np.asarray(result.success)) > 0.95
+    for field in swept:
+        np.testing.assert_array_equal(again[field], swept[field])
+    assert re.search(r"resuming: (\d+)/\1 chunks", capsys.readouterr().err)      # the second sweep computed nothing
+    kinds = [row["kind"] for row in bounds.rows]
+    assert kinds.count("conv") == 1 and "avgpool" in kinds and kinds.count("dense") == 1, kinds
+    # The radii are certified: where the prediction is the true label (what the attack moves away from), the
+    # attack never changed it within the radius.
+    predicted = np.argmax(np.asarray(namespace["logits_fn"](namespace["x"])), -1)
+    moved = np.asarray(result.success) & (predicted == np.asarray(namespace["y"]))
+    assert moved.sum() > 50 and np.all(radii[moved] <= np.asarray(result.l2)[moved] * (1 + 1e-4))
+    assert (tmp_path / "runs/my_cnn/units.png").stat().st_size > 10_000
+    assert namespace["features"].shape == (10000, 16 * 7 * 7)
