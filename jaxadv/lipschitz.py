@@ -64,6 +64,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from jaxadv import spectral
+from jaxadv.functional import logits_function
 
 __all__ = ["LipschitzBounds", "operator_bounds", "network_bound", "estimate_by_power_iteration", "RULES"]
 
@@ -105,17 +106,18 @@ class LipschitzBounds(NamedTuple):
 
 
 def operator_bounds(logits_fn: Callable[[jax.Array], jax.Array], example_input, *, power_iterations: int = 0,
-                    key: jax.Array | None = None) -> LipschitzBounds:
+                    key: jax.Array | None = None, params=None) -> LipschitzBounds:
     """Per-operator and whole-network upper Lipschitz bounds (L2 → L2) of `logits_fn`, from its jaxpr.
 
     `logits_fn` is any pure function of one array, typically
     `jax.tree_util.Partial(module.apply, variables)`; `example_input` an array
     or `jax.ShapeDtypeStruct` of the shape it takes (only shape and dtype are
     used). `power_iterations` > 0 adds power-iteration estimates of every
-    linear operator (needs `key`); see `estimate_by_power_iteration`.
+    linear operator (needs `key`); see `estimate_by_power_iteration`. With
+    `params`, `logits_fn` is a flax module (params: its variables) or a function
+    apply(params, x), as everywhere (`jaxadv.functional.logits_function`).
     """
-    if not callable(logits_fn):
-        raise TypeError(f"logits_fn must be callable, got {type(logits_fn).__name__}")
+    logits_fn = logits_function(logits_fn, params, argument="logits_fn")
     if isinstance(power_iterations, bool) or not isinstance(power_iterations, (int, np.integer)) or power_iterations < 0:
         raise ValueError(f"power_iterations must be an integer >= 0, got {power_iterations!r}")
     if power_iterations and key is None:

@@ -153,7 +153,7 @@ def sharded(fn: Callable, mesh: Mesh | None = None, block_size: int | None = Non
     return call
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)
 def _shard_mapped(fn, mesh, in_specs, out_specs):
     """One jitted shard_map per (function, mesh, specs), so that a second `sharded` of the same `fn` (equal
     callables: a NamedTuple of settings) reuses its compilations."""

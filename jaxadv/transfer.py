@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxadv.functional import logits_function
+
 LogitsFn = Callable[[jax.Array], jax.Array]
 
 #: Rows evaluated per call to a logits function; a fixed size keeps shapes static under jit.
@@ -132,8 +134,13 @@ def _rescale_flat(x, x_adv, rms, lower, upper, clip):
 
 # -- error rates ----------------------------------------------------------------
 
-def predictions(logits_fn: LogitsFn, images: jax.Array, batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    """argmax of `logits_fn` over `images`, evaluated in fixed-size batches (the last one padded)."""
+def predictions(logits_fn: LogitsFn, images: jax.Array, batch_size: int = DEFAULT_BATCH_SIZE, *,
+                params=None) -> np.ndarray:
+    """argmax of `logits_fn` over `images`, evaluated in fixed-size batches (the last one padded).
+
+    With `params`, `logits_fn` is a flax module or a function apply(params, x) (`jaxadv.logits_function`).
+    """
+    logits_fn = logits_function(logits_fn, params, argument="logits_fn")
     images = _as_float_images(images, "images")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -141,14 +148,25 @@ def predictions(logits_fn: LogitsFn, images: jax.Array, batch_size: int = DEFAUL
     batch = min(batch_size, max(n, 1))
     padded = -(-n // batch) * batch
     images = jnp.concatenate([images, jnp.zeros((padded - n,) + images.shape[1:], images.dtype)])
-    logits = jax.jit(logits_fn)  # jit caches on the function object: one compile per model
-    out = [np.argmax(np.asarray(logits(images[i:i + batch])), axis=-1) for i in range(0, padded, batch)]
+    # The model is an argument (its parameters traced), so one compile serves every model of one architecture.
+    out = [np.argmax(np.asarray(_logits(logits_fn, images[i:i + batch])), axis=-1) for i in range(0, padded, batch)]
     return np.concatenate(out)[:n] if out else np.zeros((0,), np.int32)
+
+
+@jax.jit
+def _logits(logits_fn, x):
+    return logits_fn(x)
 
 
 def error_rate_matrix(logits_fns: Sequence[LogitsFn], image_sets: Sequence[jax.Array],
                       labels: Sequence[jax.Array], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    """Entry [s, m]: the fraction of image_sets[s] that logits_fns[m] does not classify as labels[s]."""
+    """Entry [s, m]: the fraction of image_sets[s] that logits_fns[m] does not classify as labels[s].
+
+    Each model is a logits function, or a pair (model, params): a flax module and its variables, or a
+    function apply(params, x) and its parameters.
+    """
+    logits_fns = [logits_function(*fn, argument=f"logits_fns[{i}]") if isinstance(fn, tuple)
+                  else logits_function(fn, argument=f"logits_fns[{i}]") for i, fn in enumerate(logits_fns)]
     if len(image_sets) != len(labels):
         raise ValueError(f"image_sets and labels must have the same length, got {len(image_sets)} and {len(labels)}")
     if len(logits_fns) == 0:

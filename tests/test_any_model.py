@@ -100,6 +100,8 @@ def test_transfer_counts_what_each_model_gets_wrong(trained):
     sets = [images[:50], np.clip(images[50:120] + 0.2, 0, 1)]
     truths = [labels[:50], labels[50:120]]
     rates = error_rate_matrix(fns, sets, truths, batch_size=16)
+    # The same through (module, variables) pairs, the way every analysis takes a model.
+    np.testing.assert_array_equal(error_rate_matrix([(model, variables), (model, other)], sets, truths, 16), rates)
     for s, (x, y) in enumerate(zip(sets, truths)):
         for m, v in enumerate((variables, other)):
             wrong = [int(np.argmax(np.asarray(model.apply(v, image[None]))[0]) != label) for image, label in zip(x, y)]
@@ -109,7 +111,7 @@ def test_transfer_counts_what_each_model_gets_wrong(trained):
 def test_bounds_hold_against_the_jacobian_and_radii_are_certified(trained):
     model, variables, images, labels = trained
     logits_fn = logits_function(model, variables)
-    bounds = operator_bounds(logits_fn, images[:1], power_iterations=50, key=jax.random.PRNGKey(4))
+    bounds = operator_bounds(model, images[:1], power_iterations=50, key=jax.random.PRNGKey(4), params=variables)
     kinds = [row["kind"] for row in bounds.rows]
     assert "conv" in kinds and "avgpool" in kinds and "dense" in kinds, kinds
     for row in bounds.rows:

@@ -16,17 +16,7 @@ from jaxadv import spectral
 def circular_conv_matrix(kernel: np.ndarray, hw: tuple[int, int], stride: int) -> np.ndarray:
     """Dense matrix of the strided circular cross-correlation, from its definition:
     z_d(q) = Σ_{c,u} x_c((q·Δ + u) mod n) w_{c,d}(u)."""
-    k, _, c, d = kernel.shape
-    h, w = hw
-    mh, mw = h // stride, w // stride
-    matrix = np.zeros((mh, mw, d, h, w, c))
-    for q1 in range(mh):
-        for q2 in range(mw):
-            for u1 in range(k):
-                for u2 in range(k):
-                    p1, p2 = (q1 * stride + u1) % h, (q2 * stride + u2) % w
-                    matrix[q1, q2, :, p1, p2, :] += kernel[u1, u2].T
-    return matrix.reshape(mh * mw * d, h * w * c)
+    return circular_conv_matrix_rect(kernel, hw, stride)
 
 
 def jacobian_norm(linear_fn, in_shape) -> float:
