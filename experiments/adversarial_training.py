@@ -190,7 +190,8 @@ def main(argv=None):
         tic = time.perf_counter()
         # The same key for every variant: the same initial weights and the same clean batches.
         params, history = adversarial_train(model.module, train_x, train_y, jax.random.fold_in(key, 0), config,
-                                            pool_attack(POOL_ATTACK), evaluate, penalty=decay)
+                                            pool_attack(POOL_ATTACK), evaluate, params=model.init, penalty=decay,
+                                            frozen=model.frozen)
         wall = time.perf_counter() - tic
         records[variant] = {
             "config": config._asdict(), "epochs": config.epochs, "steps": history[-1]["step"],

@@ -205,9 +205,9 @@ def init_state(params: Params, config: AdversarialTrainingConfig, total_steps: i
     return TrainState(params, make_optimizer(config, total_steps).init(params), jnp.int32(0))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def run_steps(model, config: AdversarialTrainingConfig, total_steps: int, penalty: Callable | None, state: TrainState,
-              images, labels, batch_indices, pools: tuple, key: jax.Array):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def run_steps(model, config: AdversarialTrainingConfig, total_steps: int, penalty: Callable | None,
+              frozen: tuple[str, ...], state: TrainState, images, labels, batch_indices, pools: tuple, key: jax.Array):
     """`len(batch_indices)` optimiser steps as one `lax.scan`; returns (state, loss per step).
 
     Each step takes the clean batch `batch_indices[t]` and `pool_batch_size`
@@ -227,6 +227,9 @@ def run_steps(model, config: AdversarialTrainingConfig, total_steps: int, penalt
         loss, grads = jax.value_and_grad(
             lambda p: training_loss(model, p, clean, tuple(pool_batches), dropout_key, config.dropout_rate, penalty)
         )(state.params)
+        if frozen:     # frozen layers get no gradient, so Adam never moves them
+            grads = {**grads, "params": {name: jax.tree.map(jnp.zeros_like, g) if name in frozen else g
+                                         for name, g in grads["params"].items()}}
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
 
@@ -290,13 +293,16 @@ def validate_config(model, config: AdversarialTrainingConfig) -> None:
 
 def adversarial_train(model, images, labels, key: jax.Array, config: AdversarialTrainingConfig,
                       make_adversarial: MakeAdversarial | None = None,
-                      evaluate: Callable[[Params], dict] | None = None, *, params: Params | None = None,
-                      penalty: Callable[[Params], jax.Array] | None = None) -> tuple[Params, list[dict]]:
+                      evaluate: Callable[[Params], dict] | None = None, *, params=None,
+                      penalty: Callable[[Params], jax.Array] | None = None,
+                      frozen: tuple[str, ...] = ()) -> tuple[Params, list[dict]]:
     """Train `model` on (images, labels), with adversarial pools at `config.pool_layers`.
 
     model: a flax module (nn.Sequential for hidden-layer pools and dropout) or a function apply(params, x).
-    params: the initial parameters; a flax module without them is initialised from `key`.
+    params: the initial parameters, or a function of a key that draws them (e.g. a `ZooModel`'s `init`);
+      a flax module without them is initialised from `key` by `module.init`.
     penalty: params -> a scalar added to the loss (hashable: a jit cache key), e.g. the zoo's weight decay.
+    frozen: names in `params["params"]` kept as they are (the zoo's `ZooModel.frozen`: AE400-10's encoder).
 
     Training runs in chunks of `refresh_every` steps. Before each chunk after
     the first, every pool is refreshed: fresh adversarial examples are made
@@ -309,6 +315,11 @@ def adversarial_train(model, images, labels, key: jax.Array, config: Adversarial
         raise TypeError(f"model: expected a flax module or a function apply(params, x), got {type(model).__name__}")
     if params is None and not isinstance(model, nn.Module):
         raise TypeError("params: a function apply(params, x) needs its initial parameters")
+    if isinstance(frozen, str) or not all(isinstance(name, str) for name in frozen):
+        raise TypeError(f"frozen: expected a tuple of parameter names, got {frozen!r}")
+    frozen = tuple(frozen)
+    if isinstance(model, nn.Sequential) and not isinstance(model.layers, tuple):
+        model = model.clone(layers=tuple(model.layers))     # a list of layers cannot key a jit cache
     if penalty is not None and not callable(penalty):
         raise TypeError(f"penalty: expected a function of the parameters, got {type(penalty).__name__}")
     validate_config(model, config)
@@ -326,6 +337,11 @@ def adversarial_train(model, images, labels, key: jax.Array, config: Adversarial
     total_steps = schedule.shape[0]
     if params is None:
         params = model.init(init_key, images[:1])
+    elif callable(params):
+        params = params(init_key)
+    missing = [name for name in frozen if name not in params.get("params", {})] if frozen else []
+    if missing:
+        raise ValueError(f"frozen: no parameters named {missing} in params['params']")
     check_logits_call(logits_function(model, params), images.shape[1:], argument="model")
     state = init_state(params, config, total_steps)
     steps_per_epoch = images.shape[0] // config.batch_size
@@ -343,7 +359,7 @@ def adversarial_train(model, images, labels, key: jax.Array, config: Adversarial
             attack_seconds += time.perf_counter() - tic
             record["fresh_success_rate"] = success
         tic = time.perf_counter()
-        state, losses = run_steps(model, config, total_steps, penalty, state, images, labels,
+        state, losses = run_steps(model, config, total_steps, penalty, frozen, state, images, labels,
                                   jnp.asarray(schedule[start:start + config.refresh_every]), pools, step_key)
         losses.block_until_ready()
         train_seconds += time.perf_counter() - tic

@@ -17,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+import flax.linen
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,10 @@ def load_checkpoint(directory: str | os.PathLike, like):
     if hashlib.sha256(params_bytes).hexdigest() != checksum:
         raise ValueError(f"{str(directory / PARAMS_FILE)!r} does not match the checksum in {META_FILE} "
                          "(truncated, extended or altered): delete the folder to retrain")
-    owner = f" of {like.name}" if hasattr(like, "name") else ""
+    if isinstance(like, flax.linen.Module):
+        raise TypeError(f"like: a flax module is not its parameters: pass jax.eval_shape({type(like).__name__}().init, "
+                        "key, x), or variables of the same structure")
+    owner = f" of {like.name}" if isinstance(getattr(like, "name", None), str) else ""
     if hasattr(like, "init"):
         like = jax.eval_shape(like.init, jax.random.PRNGKey(0))
     stored = flax.serialization.msgpack_restore(params_bytes)

@@ -58,6 +58,9 @@ class _ModuleCallable:
         return type(self) is type(other) and (tuple(self) == tuple(other) if self.module is other.module
                                               else self._key() == other._key())
 
+    def __ne__(self, other):    # tuple's own __ne__ would compare fields alone: ModuleApply(m) != LastDenseInput(m)
+        return not self == other
+
     def __hash__(self):
         return hash(self._key())
 
@@ -78,6 +81,8 @@ def logits_function(model, params=None, *, argument: str = "model") -> jax.tree_
       arrays traced, a functools.partial over arrays is converted to one).
     argument: the name to put in error messages.
     """
+    if isinstance(model, _ModuleCallable) and params is None:
+        raise TypeError(f"{argument}: {type(model).__name__} is a function of (variables, x): pass params=variables")
     if isinstance(model, nn.Module):
         if params is None:
             raise TypeError(f"{argument}: a flax module needs its variables: pass params=variables "
@@ -116,8 +121,9 @@ def check_logits_call(logits_fn: Callable, example_shape, dtype=jnp.float32, *, 
         raise TypeError(
             f"{argument}: calling it on a batch of shape {tuple(batch.shape)} failed with "
             f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. It must map a batch "
-            "[batch, *image_shape] to logits [batch, classes]. A flax module or a function apply(params, x) "
-            "needs its parameters: pass params=... (or jaxadv.functional.logits_function(apply, params))"
+            "[batch, *image_shape] to logits [batch, classes]: a function of one image needs jax.vmap; a flax "
+            "module or a function apply(params, x) needs its parameters: pass params=... (a module's variables as "
+            "init returns them, {'params': ...})"
         ) from error
     if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != 2:
         raise ValueError(f"{argument}: returned shape {getattr(out, 'shape', type(out).__name__)} for a batch of 2 "

@@ -118,6 +118,7 @@ def operator_bounds(logits_fn: Callable[[jax.Array], jax.Array], example_input, 
     apply(params, x), as everywhere (`jaxadv.functional.logits_function`).
     """
     logits_fn = logits_function(logits_fn, params, argument="logits_fn")
+
     if isinstance(power_iterations, bool) or not isinstance(power_iterations, (int, np.integer)) or power_iterations < 0:
         raise ValueError(f"power_iterations must be an integer >= 0, got {power_iterations!r}")
     if power_iterations and key is None:
@@ -128,7 +129,12 @@ def operator_bounds(logits_fn: Callable[[jax.Array], jax.Array], example_input, 
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"example_input must have a floating dtype, got {dtype}")
 
-    closed = jax.make_jaxpr(logits_fn)(jax.ShapeDtypeStruct(tuple(shape), dtype))
+    try:
+        closed = jax.make_jaxpr(logits_fn)(jax.ShapeDtypeStruct(tuple(shape), dtype))
+    except Exception as error:    # noqa: BLE001 - the user's function: reported with the fix
+        raise TypeError(f"logits_fn: tracing it on an input of shape {tuple(shape)} failed with {type(error).__name__}: "
+                        f"{str(error).splitlines()[0] if str(error) else ''}. It takes a batch [batch, ...] (a function "
+                        "of one image needs jax.vmap); a flax module or apply(params, x) needs params=...") from error
     walker = _Walker()
     (output,) = _single_output(walker.run(closed.jaxpr, closed.consts, [_Traced(closed.jaxpr.invars[0].aval, 1.0)]))
     bounds = _collect(output)
@@ -137,9 +143,9 @@ def operator_bounds(logits_fn: Callable[[jax.Array], jax.Array], example_input, 
     return bounds
 
 
-def network_bound(logits_fn: Callable[[jax.Array], jax.Array], example_input) -> float:
+def network_bound(logits_fn: Callable[[jax.Array], jax.Array], example_input, *, params=None) -> float:
     """An upper Lipschitz constant (L2 → L2) of `logits_fn`: `operator_bounds(...).network_bound`."""
-    return operator_bounds(logits_fn, example_input).network_bound
+    return operator_bounds(logits_fn, example_input, params=params).network_bound
 
 
 def estimate_by_power_iteration(bounds: LipschitzBounds, key: jax.Array, num_iterations: int = 100) -> LipschitzBounds:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.functional import logits_function
+from jaxadv.functional import check_logits_call, logits_function
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -142,6 +142,7 @@ def predictions(logits_fn: LogitsFn, images: jax.Array, batch_size: int = DEFAUL
     """
     logits_fn = logits_function(logits_fn, params, argument="logits_fn")
     images = _as_float_images(images, "images")
+    check_logits_call(logits_fn, images.shape[1:], images.dtype, argument="logits_fn")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     n = images.shape[0]
@@ -165,7 +166,7 @@ def error_rate_matrix(logits_fns: Sequence[LogitsFn], image_sets: Sequence[jax.A
     Each model is a logits function, or a pair (model, params): a flax module and its variables, or a
     function apply(params, x) and its parameters.
     """
-    logits_fns = [logits_function(*fn, argument=f"logits_fns[{i}]") if isinstance(fn, tuple)
+    logits_fns = [logits_function(*fn, argument=f"logits_fns[{i}]") if type(fn) is tuple
                   else logits_function(fn, argument=f"logits_fns[{i}]") for i, fn in enumerate(logits_fns)]
     if len(image_sets) != len(labels):
         raise ValueError(f"image_sets and labels must have the same length, got {len(image_sets)} and {len(labels)}")

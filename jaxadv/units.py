@@ -50,10 +50,16 @@ def layer_features(features_fn, images, *, params=None, batch_size: int = 2000) 
         raise ValueError(f"images must have shape [N, *image_shape], got {images.shape}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    out = jax.eval_shape(features_fn, jax.ShapeDtypeStruct((2,) + images.shape[1:], images.dtype))
+    try:
+        out = jax.eval_shape(features_fn, jax.ShapeDtypeStruct((2,) + images.shape[1:], images.dtype))
+    except Exception as error:    # noqa: BLE001 - the user's function: reported with the fix
+        raise TypeError(f"features_fn: calling it on a batch of shape {(2,) + tuple(images.shape[1:])} failed with "
+                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. It must map a "
+                        "batch to features [batch, ...]: a function of one image needs jax.vmap; a flax module or "
+                        "apply(params, x) needs params=...") from error
     if getattr(out, "shape", (None,))[0] != 2:
         raise ValueError(f"features_fn: returned shape {getattr(out, 'shape', None)} for a batch of 2 images; "
-                         "it must keep the batch axis")
+                         "it must keep the batch axis (wrap a function of one image in jax.vmap)")
     chunks = [_flat_features(features_fn, images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
     return jnp.concatenate(chunks, axis=0)
 

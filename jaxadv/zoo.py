@@ -74,6 +74,7 @@ def _models_from_file(path: Path, context: ModelsContext) -> dict:
         raise ConfigError(f"--models: no config file {str(path)!r}")
     spec = importlib.util.spec_from_file_location(f"jaxadv_models_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module     # dataclasses (flax modules) look their module up there
     spec.loader.exec_module(module)
     if not callable(getattr(module, "get_models", None)):
         raise ConfigError(f"--models: {str(path)!r} defines no get_models(context) returning {{name: (model, params)}}")

@@ -90,3 +90,17 @@ def tiny_sigmoid_net(seed=0):
         return jax.nn.sigmoid(x.reshape(x.shape[0], -1) @ params[0] - 1.0) @ params[1]
 
     return jax.tree_util.Partial(logits, params)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fresh_compilation_caches():
+    """Each test module leaves the compilation caches empty behind it.
+
+    XLA:CPU maps memory for every compiled program it keeps, and the whole suite's programs alive in
+    one process passed Linux's limit of 65,530 mappings (vm.max_map_count): LLVM then aborted in the
+    middle of a compilation. Measured: 30,000 mappings after four test files, 4,600 after the first.
+    """
+    yield
+    from jaxadv import sweep
+    sweep._shard_mapped.cache_clear()
+    jax.clear_caches()

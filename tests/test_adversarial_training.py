@@ -217,3 +217,20 @@ def test_logits_above_is_the_head_and_hashes_by_value():
     np.testing.assert_array_equal(f(h), apply_layers(TINY, params, h, 5))
     # Same static part, different parameters: one compiled program serves both.
     assert jax.tree.structure(f) == jax.tree.structure(g)
+
+
+def test_a_sequential_written_with_a_list_trains_and_its_frozen_layers_stay():
+    """nn.Sequential([...]) is how flax's docs write one; frozen names (AE400-10's encoder) are never moved."""
+    module = nn.Sequential([flatten, nn.Dense(6), nn.sigmoid, nn.Dense(3)])
+    images = jax.random.uniform(jax.random.PRNGKey(0), (64, 2, 2, 1))
+    labels = (images[:, 0, 0, 0] > 0.5).astype(jnp.int32)
+    config = AdversarialTrainingConfig(epochs=2, batch_size=16, learning_rate=1e-1, pool_layers=(INPUT, 2),
+                                       pool_size=16, pool_batch_size=4, refresh_every=4, refresh_fraction=0.5)
+    start = _init(jax.random.PRNGKey(1), module)
+    trained, _ = adversarial_train(module, images, labels, jax.random.PRNGKey(2), config, _gradient_sign_attack,
+                                   params=lambda key: start, frozen=("layers_1",))
+    np.testing.assert_array_equal(trained["params"]["layers_1"]["kernel"], start["params"]["layers_1"]["kernel"])
+    assert not np.allclose(trained["params"]["layers_3"]["kernel"], start["params"]["layers_3"]["kernel"])
+    with pytest.raises(ValueError, match="frozen: no parameters named"):
+        adversarial_train(module, images, labels, jax.random.PRNGKey(2), config, _gradient_sign_attack,
+                          params=start, frozen=("layers_9",))

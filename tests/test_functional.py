@@ -144,3 +144,24 @@ def test_a_sweep_over_checkpoints_compiles_once(tmp_path, compilations):
     # The counter sees compilations: a closure per call compiles anew.
     sweep(lambda x: SmallNet().apply(_variables(7), x), x, targets, tmp_path / "closure")
     assert len(compilations) > before
+
+
+def test_wrappers_of_one_module_never_share_a_compilation():
+    """ModuleApply(m) and LastDenseInput(m) hold the same module but are different functions: jit must not mix them."""
+    from jaxadv.functional import LastDenseInput, ModuleApply
+    from jaxadv.units import layer_features
+    x, variables = _images(5), _variables(0)
+    assert ModuleApply(SmallNet()) != LastDenseInput(SmallNet()) and not ModuleApply(SmallNet()) == LastDenseInput(SmallNet())
+    assert ModuleApply(SmallNet()) == ModuleApply(SmallNet()) and not ModuleApply(SmallNet()) != ModuleApply(SmallNet())
+    for _ in range(2):     # alternate: each call must get its own program
+        assert layer_features(LastDenseInput(SmallNet()), x, params=variables).shape == (5, 4 * 4 * 4)
+        assert layer_features(SmallNet(), x, params=variables).shape == (5, 3)
+    with pytest.raises(TypeError, match=r"features_fn: LastDenseInput is a function of \(variables, x\): pass params="):
+        layer_features(LastDenseInput(SmallNet()), x)
+    # A function of one image is told about jax.vmap, in every analysis.
+    from jaxadv.transfer import predictions
+    per_image = lambda image: image.reshape(-1)[:3]    # noqa: E731
+    with pytest.raises((TypeError, ValueError), match="jax.vmap"):
+        predictions(per_image, x)
+    with pytest.raises((TypeError, ValueError), match="jax.vmap"):
+        layer_features(lambda image: jnp.dot(jnp.ones((3, 8)), image[:, :, 0]), x)

@@ -174,8 +174,8 @@ def test_a_damaged_checkpoint_is_named_never_used(tmp_path, damage):
 # -- jaxadv.zoo and train_zoo --------------------------------------------------------
 
 def test_trained_models_saves_then_reuses(tmp_path, synthetic, monkeypatch):
-    from jaxadv import zoo as common
-    got = common.trained_models(["FC10(1)"], "fashion_mnist", tmp_path, quick=True,
+    from jaxadv import zoo
+    got = zoo.trained_models(["FC10(1)"], "fashion_mnist", tmp_path, quick=True,
                                 train_set=synthetic, tag="syn", verbose=False)
     model, params = got["FC10(1)@syn"]
     meta = json.loads((tmp_path / "models" / "FC10(1)@syn" / "meta.json").read_text())
@@ -184,20 +184,20 @@ def test_trained_models_saves_then_reuses(tmp_path, synthetic, monkeypatch):
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a stored model was retrained")
-    monkeypatch.setattr(common, "train", must_not_train)
-    again = common.trained_models("FC10(1)", "fashion_mnist", tmp_path, quick=True,
+    monkeypatch.setattr(zoo, "train", must_not_train)
+    again = zoo.trained_models("FC10(1)", "fashion_mnist", tmp_path, quick=True,
                                   train_set=synthetic, tag="syn", verbose=False)
     assert leaves_equal_bitwise(again["FC10(1)@syn"][1], params)
     with pytest.raises(AssertionError, match="retrained"):  # a quick model never stands in for a full one
-        common.trained_models("FC10(1)", "fashion_mnist", tmp_path, train_set=synthetic, tag="syn")
-    with pytest.raises(common.WorkdirMismatch, match="trained on 'fashion_mnist'"):
-        common.trained_models("FC10(1)", "mnist", tmp_path, quick=True, train_set=synthetic, tag="syn")
+        zoo.trained_models("FC10(1)", "fashion_mnist", tmp_path, train_set=synthetic, tag="syn")
+    with pytest.raises(zoo.WorkdirMismatch, match="trained on 'fashion_mnist'"):
+        zoo.trained_models("FC10(1)", "mnist", tmp_path, quick=True, train_set=synthetic, tag="syn")
     with pytest.raises(ValueError, match="tag is required"):
-        common.trained_models("FC10(1)", "fashion_mnist", tmp_path, train_set=synthetic)
+        zoo.trained_models("FC10(1)", "fashion_mnist", tmp_path, train_set=synthetic)
     # The same models through the config loader, as (module, variables): the path a user's model takes.
-    context = common.ModelsContext("fashion_mnist", tmp_path, None, quick=True)
-    monkeypatch.setattr(common, "trained_models", lambda names, *a, **k: {n: got["FC10(1)@syn"] for n in names})
-    (module, variables), = common.load_models(["FC10(1)"], context).values()
+    context = zoo.ModelsContext("fashion_mnist", tmp_path, None, quick=True)
+    monkeypatch.setattr(zoo, "trained_models", lambda names, *a, **k: {n: got["FC10(1)@syn"] for n in names})
+    (module, variables), = zoo.load_models(["FC10(1)"], context).values()
     assert module is got["FC10(1)@syn"][0].module and leaves_equal_bitwise(variables, params)
 
 
@@ -212,6 +212,15 @@ def test_a_models_config_file_gives_the_users_models(tmp_path):
         "    return {'linear': (apply, {'w': jnp.ones((784, 10)) * (0.5 if context.quick else 1.0)})}\n")
     models = load_models(str(config), ModelsContext(quick=True))
     assert list(models) == ["linear"] and float(models["linear"][1]["w"][0, 0]) == 0.5
+    # A config written as the repo writes Python (postponed annotations, a flax module with a field) loads too.
+    (tmp_path / "flax_models.py").write_text(
+        "from __future__ import annotations\nimport flax.linen as nn, jax, jax.numpy as jnp\n"
+        "class MLP(nn.Module):\n    hidden: int = 8\n    @nn.compact\n    def __call__(self, x):\n"
+        "        return nn.Dense(10)(nn.relu(nn.Dense(self.hidden)(x.reshape(x.shape[0], -1))))\n"
+        "def get_models(context):\n"
+        "    return {'mlp': (MLP(), MLP().init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))))}\n")
+    (module, variables), = load_models(str(tmp_path / "flax_models.py")).values()
+    assert module.apply(variables, np.zeros((2, 28, 28, 1), np.float32)).shape == (2, 10)
     (tmp_path / "empty.py").write_text("x = 1\n")
     with pytest.raises(ConfigError, match="empty.py.*defines no get_models"):
         load_models(str(tmp_path / "empty.py"))
