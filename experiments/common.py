@@ -284,8 +284,6 @@ def models_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """{name: (model, params)} for --models: zoo models trained or loaded, or a config file's; checked before work."""
     if len(args.models) == 1 and args.models[0].endswith(".py"):
         spec = args.models[0]
-        if not Path(spec).is_file():
-            parser.error(f"argument --models: no config file {spec!r}")
     else:
         unknown = [name for name in args.models if name not in ALL_MODELS]
         if unknown:

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import run_main
+from experiments.common import run_main, significant
 from jaxadv import lipschitz
 from jaxadv.models import ZOO
 
@@ -200,13 +200,9 @@ def _fmt_shape(shape):
     return " × ".join(str(n) for n in shape) if shape else "–"
 
 
-def _fmt(x, digits=4):
-    return "–" if x is None else f"{x:.{digits}g}"
-
-
 def _both_radii(summary: dict, key: str) -> str:
     """"paper's / pairwise" for a ratio statistic such as ratio_median."""
-    return f"{_fmt(summary.get(key))} / {_fmt(summary.get(key.replace('ratio', 'ratio_pairwise')))}"
+    return f"{significant(summary.get(key))} / {significant(summary.get(key.replace('ratio', 'ratio_pairwise')))}"
 
 
 def spectrum_table(network: dict, paper: dict | None = None) -> str:
@@ -218,9 +214,9 @@ def spectrum_table(network: dict, paper: dict | None = None) -> str:
         if paper is None and not (r["kind"] in ("dense", "conv") or r["upper_bound"] != 1.0):
             continue   # the zoo tables skip the layers whose bound is 1
         row = [r["layer"], _fmt_shape(r["shape"]), "N/A" if r["stride"] is None else str(r["stride"]),
-               _fmt(r["upper_bound"]), _fmt(r["power_iteration"])]
+               significant(r["upper_bound"]), significant(r["power_iteration"])]
         if paper is not None:
-            row.append(_fmt(paper[r["layer"]][2], 3) if r["layer"] in paper else "–")
+            row.append(significant(paper[r["layer"]][2], 3) if r["layer"] in paper else "–")
         rows.append(row)
     return markdown_table(headers, rows)
 
@@ -259,9 +255,9 @@ def table_markdown(results: dict) -> str:
                      "Ratio = attained / certified (≥ 1 if both are right); paper's / pairwise.\n")
         rows = []
         for name, s in results["radius"].items():
-            rows.append([name, _fmt(s["network_bound"]), f"{s['attack_success']}/{s['images']}",
-                         _fmt(s["median_attained_l2"]),
-                         f"{_fmt(s['median_certified_l2'])} / {_fmt(s['median_certified_pairwise_l2'])}",
+            rows.append([name, significant(s["network_bound"]), f"{s['attack_success']}/{s['images']}",
+                         significant(s["median_attained_l2"]),
+                         f"{significant(s['median_certified_l2'])} / {significant(s['median_certified_pairwise_l2'])}",
                          *(_both_radii(s, f"ratio_{stat}") for stat in ("median", "geometric_mean", "min", "max")),
                          f"{len(s['violations'])} / {len(s['violations_pairwise'])}"])
         parts.append(markdown_table(["Model", "Bound Π L_k", "Attacked", "Median attained",

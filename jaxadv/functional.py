@@ -109,6 +109,15 @@ def logits_function(model, params=None, *, argument: str = "model") -> jax.tree_
     return jax.tree_util.Partial(model)
 
 
+def failed_call(argument: str, shape, error: Exception) -> TypeError:
+    """The error for a model that fails on a batch of `shape`: what failed, and the two usual fixes."""
+    return TypeError(
+        f"{argument}: calling it on a batch of shape {tuple(shape)} failed with {type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}. It must map a batch [batch, *image_shape] to "
+        "[batch, ...]: a function of one image needs jax.vmap; a flax module or a function apply(params, x) "
+        "needs its parameters: pass params=... (a module's variables as init returns them, {'params': ...})")
+
+
 def check_logits_call(logits_fn: Callable, example_shape, dtype=jnp.float32, *, argument: str = "logits_fn") -> int:
     """The number of classes of `logits_fn` on inputs [batch, *example_shape]; a wrong call is named with its fix.
 
@@ -118,13 +127,7 @@ def check_logits_call(logits_fn: Callable, example_shape, dtype=jnp.float32, *, 
     try:
         out = jax.eval_shape(logits_fn, batch)
     except Exception as error:   # noqa: BLE001 - any failure of the user's function is reported with the fix
-        raise TypeError(
-            f"{argument}: calling it on a batch of shape {tuple(batch.shape)} failed with "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. It must map a batch "
-            "[batch, *image_shape] to logits [batch, classes]: a function of one image needs jax.vmap; a flax "
-            "module or a function apply(params, x) needs its parameters: pass params=... (a module's variables as "
-            "init returns them, {'params': ...})"
-        ) from error
+        raise failed_call(argument, batch.shape, error) from error
     if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != 2:
         raise ValueError(f"{argument}: returned shape {getattr(out, 'shape', type(out).__name__)} for a batch of 2 "
                          "inputs; it must return logits [batch, classes], keeping the batch axis (wrap a function "

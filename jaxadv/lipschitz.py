@@ -64,7 +64,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from jaxadv import spectral
-from jaxadv.functional import logits_function
+from jaxadv.functional import failed_call, logits_function
 
 __all__ = ["LipschitzBounds", "operator_bounds", "network_bound", "estimate_by_power_iteration", "RULES"]
 
@@ -132,9 +132,7 @@ def operator_bounds(logits_fn: Callable[[jax.Array], jax.Array], example_input, 
     try:
         closed = jax.make_jaxpr(logits_fn)(jax.ShapeDtypeStruct(tuple(shape), dtype))
     except Exception as error:    # noqa: BLE001 - the user's function: reported with the fix
-        raise TypeError(f"logits_fn: tracing it on an input of shape {tuple(shape)} failed with {type(error).__name__}: "
-                        f"{str(error).splitlines()[0] if str(error) else ''}. It takes a batch [batch, ...] (a function "
-                        "of one image needs jax.vmap); a flax module or apply(params, x) needs params=...") from error
+        raise failed_call("logits_fn", shape, error) from error
     walker = _Walker()
     (output,) = _single_output(walker.run(closed.jaxpr, closed.consts, [_Traced(closed.jaxpr.invars[0].aval, 1.0)]))
     bounds = _collect(output)

@@ -71,10 +71,9 @@ def train(model: ZooModel, images, labels, key: jax.Array, config: TrainConfig =
     """Train `model` on `images` [N, 28, 28, 1] in [0, 1] and int `labels` [N]; return its variables."""
     _check_config(config)
     _check_model(model)
-    images, labels = _check_training_data(model.module, model.init(jax.random.PRNGKey(0)), images, labels,
-                                          model.input_shape)
     init_key, pretrain_key, shuffle_key = jax.random.split(key, 3)
     variables = model.init(init_key)
+    images, labels = _check_training_data(model.module, variables, images, labels, model.input_shape)
     if model.pretrain == "sparse_autoencoder":
         (encoder_name,) = model.frozen
         features = variables["params"][encoder_name]["kernel"].shape[-1]

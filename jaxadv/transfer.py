@@ -143,6 +143,10 @@ def predictions(logits_fn: LogitsFn, images: jax.Array, batch_size: int = DEFAUL
     logits_fn = logits_function(logits_fn, params, argument="logits_fn")
     images = _as_float_images(images, "images")
     check_logits_call(logits_fn, images.shape[1:], images.dtype, argument="logits_fn")
+    return _predictions(logits_fn, images, batch_size)
+
+
+def _predictions(logits_fn, images: jax.Array, batch_size: int) -> np.ndarray:
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     n = images.shape[0]
@@ -179,8 +183,11 @@ def error_rate_matrix(logits_fns: Sequence[LogitsFn], image_sets: Sequence[jax.A
             raise ValueError(f"labels[{s}] must have shape [{np.shape(images)[0]}] to match image_sets[{s}], got {y.shape}")
         if y.shape[0] == 0:
             raise ValueError(f"image_sets[{s}] is empty: an error rate needs at least one image")
+        images = _as_float_images(images, f"image_sets[{s}]")
         for m, logits_fn in enumerate(logits_fns):
-            rates[s, m] = np.mean(predictions(logits_fn, images, batch_size) != y)
+            if s == 0:       # each model's call checked once, not once per set
+                check_logits_call(logits_fn, images.shape[1:], images.dtype, argument=f"logits_fns[{m}]")
+            rates[s, m] = np.mean(_predictions(logits_fn, images, batch_size) != y)
     return rates
 
 

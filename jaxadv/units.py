@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.functional import logits_function
+from jaxadv.functional import failed_call, logits_function
 
 _PERMUTATION_BLOCK = 500
 
@@ -50,13 +50,11 @@ def layer_features(features_fn, images, *, params=None, batch_size: int = 2000) 
         raise ValueError(f"images must have shape [N, *image_shape], got {images.shape}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    batch = jax.ShapeDtypeStruct((2,) + images.shape[1:], images.dtype)
     try:
-        out = jax.eval_shape(features_fn, jax.ShapeDtypeStruct((2,) + images.shape[1:], images.dtype))
+        out = jax.eval_shape(features_fn, batch)
     except Exception as error:    # noqa: BLE001 - the user's function: reported with the fix
-        raise TypeError(f"features_fn: calling it on a batch of shape {(2,) + tuple(images.shape[1:])} failed with "
-                        f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. It must map a "
-                        "batch to features [batch, ...]: a function of one image needs jax.vmap; a flax module or "
-                        "apply(params, x) needs params=...") from error
+        raise failed_call("features_fn", batch.shape, error) from error
     if getattr(out, "shape", (None,))[0] != 2:
         raise ValueError(f"features_fn: returned shape {getattr(out, 'shape', None)} for a batch of 2 images; "
                          "it must keep the batch axis (wrap a function of one image in jax.vmap)")

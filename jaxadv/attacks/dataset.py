@@ -50,7 +50,7 @@ import jax
 import numpy as np
 from jax.extend.core import jaxprs_in_params
 
-from jaxadv.attacks.lbfgs import (UNTARGETED, AttackConfig, _as_traceable, _check_config, _check_images,
+from jaxadv.attacks.lbfgs import (UNTARGETED, AttackConfig, _check_config, _check_images,
                                   _check_targets, _num_classes, lbfgs_attack_core)
 from jaxadv.attacks.targets import random_wrong_targets
 from jaxadv.functional import logits_function
@@ -110,7 +110,6 @@ def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.Pat
         raise TypeError(f"progress: expected a bool, got {type(progress).__name__}")
     sizes = attack_sizes(logits_fn, images, config, chunk_size=chunk_size, block_size=block_size, lanes=lanes)
     config = config._replace(lanes=sizes.lanes)
-    logits_fn = _as_traceable(logits_fn)       # the compiled core takes a pytree: a Partial, never a plain closure
 
     # The model goes in as a replicated argument, not closed over: its parameters are traced, so a second
     # call with new parameters of the same architecture reuses the compiled sweep (tests/test_attack_dataset.py).
@@ -249,8 +248,6 @@ def _checked_config(config, untargeted):
 
 def _checked_inputs(logits_fn, images, targets, lower, upper, untargeted):
     """images and targets as NumPy arrays, and one image's abstract shape; checked as `lbfgs_attack` checks."""
-    if not callable(logits_fn):
-        raise TypeError(f"logits_fn: expected a callable, got {type(logits_fn).__name__}")
     for argument, bound in (("lower", lower), ("upper", upper)):
         if isinstance(bound, bool) or not isinstance(bound, (int, float, np.integer, np.floating)):
             raise TypeError(f"{argument}: expected a number, got {bound!r}")
