@@ -8,6 +8,9 @@ Where the data comes from, in order:
      `JAXADV_DATA_DIR`: a folder holding `mnist/` and/or `fashion_mnist/` with
      the original IDX files (gzipped or not). A local folder is authoritative:
      when one is given, no network is tried and a missing file is an error.
+     A relative `$JAXADV_DATA_DIR` means the folder relative to where the
+     process started (`STARTING_DIRECTORY`), as the shell that set it meant it,
+     wherever the process has changed directory since.
   2. Debian's `dataset-fashion-mnist` package folder (Fashion-MNIST only).
   3. tensorflow-datasets, which needs the internet (or prepared data) to serve.
      When its download hosts cannot be reached, that is an error at once
@@ -22,6 +25,7 @@ import os
 import socket
 import urllib.parse
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +34,13 @@ import numpy as np
 DATASETS = ("mnist", "fashion_mnist")
 SPLITS = ("train", "test")
 DATA_DIR_ENV = "JAXADV_DATA_DIR"
+#: Where this process started (read when jaxadv.data is first imported, which `import jaxadv` does): a relative
+#: $JAXADV_DATA_DIR is resolved against it. Read at first use rather than frozen at import, the variable may still
+#: be set or changed after import (a notebook, a test); resolved against the start, a later os.chdir cannot move it.
+try:
+    STARTING_DIRECTORY = os.getcwd()
+except FileNotFoundError:      # started in a folder deleted since: a relative variable cannot mean anything
+    STARTING_DIRECTORY = None
 #: Where Debian's `dataset-fashion-mnist` package installs the IDX files.
 DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -64,7 +75,7 @@ def load_dataset(name: str, split: str, data_dir: str | os.PathLike | None = Non
         raise ValueError(f"name must be one of {DATASETS}, got {name!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    local = data_dir if data_dir is not None else os.environ.get(DATA_DIR_ENV) or None
+    local = data_dir if data_dir is not None else environment_data_dir()
     if local is not None:
         source = "--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}"
         return _load_local(_dataset_folder(Path(local), name, source), name, split)
@@ -91,6 +102,14 @@ def training_halves(dataset: Dataset) -> tuple[Dataset, Dataset]:
 
 # -- IDX files ------------------------------------------------------------------
 
+def environment_data_dir() -> Path | None:
+    """$JAXADV_DATA_DIR as an absolute path (a relative one against `STARTING_DIRECTORY`), or None when unset."""
+    value = os.environ.get(DATA_DIR_ENV) or None
+    if value is None or STARTING_DIRECTORY is None:
+        return None if value is None else Path(value).absolute()
+    return Path(STARTING_DIRECTORY, value)
+
+
 def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.ndarray:
     """Parse an IDX file of unsigned bytes (gzipped or not) into a uint8 array.
 
@@ -105,7 +124,7 @@ def read_idx(path: str | os.PathLike, expected_magic: int | None = None) -> np.n
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (EOFError, OSError, gzip.BadGzipFile) as e:
+        except (EOFError, OSError, zlib.error) as e:      # zlib.error: corrupt in the middle
             raise DataError(f"{path} is a truncated or corrupt gzip file ({e})") from None
     if len(raw) < 4:
         raise DataError(f"{path} is too short to be an IDX file ({len(raw)} bytes)")
