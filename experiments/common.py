@@ -33,10 +33,13 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxadv import logits_function
 from jaxadv.attacks import attack_dataset, attack_sizes
-from jaxadv.data import DATASETS, DataError
+from jaxadv.checkpoint import CheckpointError
+from jaxadv.data import CLASS_NAMES, DATASETS, DataError
 from jaxadv.io import NotWritable, atomic_path, check_writable, is_writer, write_atomic  # noqa: F401
 from jaxadv.sweep import CPU_SIZES, SweepMismatch
 from jaxadv.models import ALL_MODELS
@@ -52,7 +55,9 @@ class UsageError(ValueError):
 
 
 #: What `run_main` reports in one line with exit status 2 instead of a traceback: the user's to fix.
-USER_ERRORS = (UsageError, DataError, SweepMismatch, NotWritable, WorkdirMismatch, ConfigError)
+USER_ERRORS = (UsageError, DataError, SweepMismatch, NotWritable, WorkdirMismatch, ConfigError, CheckpointError)
+#: One image of every data set here (MNIST, Fashion-MNIST): what --models are checked on before any work.
+IMAGE_SHAPE = (28, 28, 1)
 
 
 def int_in(low: int, high: int | None = None):
@@ -118,6 +123,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     args = parser.parse_args(argv)
     if args.workdir is None:
         args.workdir = str(Path("runs") / args.dataset)
+    # Paths mean what they meant where the command was typed, wherever the code later runs (a config's
+    # get_models, a library call after os.chdir): made absolute here, once.
+    args.workdir = os.path.abspath(args.workdir)
+    if args.data_dir is not None:
+        args.data_dir = os.path.abspath(args.data_dir)
+    if getattr(args, "models", None) and len(args.models) == 1 and args.models[0].endswith(".py"):
+        args.models = [os.path.abspath(args.models[0])]
     explicit = [args.coordinator, args.num_processes, args.process_id]
     if any(value is not None for value in explicit):
         if not args.distributed:
@@ -159,14 +171,17 @@ def run_name(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     return safe
 
 
-def output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace, experiment: str) -> Path:
-    """WORKDIR/<experiment>/<run_name>/: where this run writes, checked writable now, before any work.
+def output_dir(parser: argparse.ArgumentParser, args: argparse.Namespace, experiment: str,
+               sweeps: Sequence[str] = ()) -> Path:
+    """WORKDIR/<experiment>/<run_name>/: where this run writes, checked writable now, before any work, with
+    WORKDIR/models (trained models) and `sweeps` (folders under WORKDIR where its attacks save chunks).
 
     Nothing is created here: the first write makes the folder, so a run that stops on a user error
     leaves nothing behind.
     """
     path = Path(args.workdir) / experiment / run_name(parser, args)
-    check_writable(path)
+    for folder in (path, Path(args.workdir) / "models", *(Path(args.workdir) / sweep for sweep in sweeps)):
+        check_writable(folder)
     return path
 
 
@@ -248,9 +263,12 @@ def run_main(main, argv: Sequence[str] | None = None) -> None:
     try:
         main() if argv is None else main(argv)
     except KeyboardInterrupt:
-        print("\ninterrupted: trained models and finished attack chunks are saved in the workdir; "
-              "run the same command again to resume.", file=sys.stderr)
-        raise SystemExit(130) from None
+        print("interrupted: trained models and finished attack chunks are saved in the workdir; "
+              "run the same command again to resume.", file=sys.stderr, flush=True)
+        # At once: a chunk's computation may still run in XLA's threads, and nothing of it is kept (the
+        # saved files are whole: each was written to a temporary name and moved into place).
+        sys.stdout.flush()
+        os._exit(130)
     except USER_ERRORS as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -290,7 +308,27 @@ def models_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             parser.error(f"argument --models: unknown model(s) {', '.join(map(repr, unknown))}: give zoo names "
                          f"({', '.join(ALL_MODELS)}) or one config file ending in .py")
         spec = list(args.models)
-    return load_models(spec, ModelsContext(args.dataset, args.workdir, args.data_dir, args.quick))
+    models = load_models(spec, ModelsContext(args.dataset, args.workdir, args.data_dir, args.quick))
+    check_models(models, args.dataset, spec if isinstance(spec, str) else None)
+    return models
+
+
+def check_models(models: dict, dataset: str, config_file: str | None = None) -> None:
+    """ConfigError naming the model unless each of `models` runs on one image of `dataset` and gives one logit
+    per class: every model is checked (traced, nothing computed) before any is attacked."""
+    num_classes = len(CLASS_NAMES[dataset])
+    image = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), jnp.float32)
+    of = f" of {config_file!r}" if config_file else ""
+    for name, (model, params) in models.items():
+        try:
+            logits = jax.eval_shape(logits_function(model, params), image)
+        except Exception as error:     # noqa: BLE001 - the user's model: named, with JAX's first line
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(f"--models: model {name!r}{of} fails on one image of shape {list(IMAGE_SHAPE)} "
+                              f"({type(error).__name__}: {first_line})") from None
+        if getattr(logits, "shape", None) != (1, num_classes):
+            raise ConfigError(f"--models: model {name!r}{of} gives logits of shape {list(getattr(logits, 'shape', []))} "
+                              f"for one image; {dataset} has {num_classes} classes, so [1, {num_classes}] is needed")
 
 
 def add_size_args(parser: argparse.ArgumentParser) -> None:
@@ -333,14 +371,18 @@ def attack_models(parser, args, logits_fns: dict, images, targets, directory_for
 
     `targets`: one array for every model, or {name: array}; `directory_for(name)`: its chunk folder.
     """
-    attacks, timing = {}, {}
-    for name, logits_fn in logits_fns.items():
+    attacks, timing, sizes_of = {}, {}, {}
+    for name, logits_fn in logits_fns.items():      # every model's sizes and folder, before any attack
         try:
-            sizes = attack_sizes(logits_fn, images, config, chunk_size=args.chunk_size, block_size=args.block_size)
+            sizes_of[name] = attack_sizes(logits_fn, images, config, chunk_size=args.chunk_size,
+                                          block_size=args.block_size)
         except ValueError as error:      # an accelerator's block, which --chunk-size was not checked against
             if not str(error).startswith("chunk_size:"):
                 raise
             parser.error(f"argument --chunk-size{str(error)[len('chunk_size'):]}")
+        check_writable(directory_for(name))
+    for name, logits_fn in logits_fns.items():
+        sizes = sizes_of[name]
         print(f"{name}: {sizes.describe()}", flush=True)
         start = time.time()
         attacks[name] = attack_dataset(logits_fn, images, targets[name] if isinstance(targets, dict) else targets,

@@ -311,7 +311,7 @@ def main(argv=None):
     num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
     fine_images = min(num_images, args.fine_images if args.fine_images is not None else (20 if args.quick else 100))
     workdir = args.workdir
-    out_dir = str(output_dir(parser, args, NAME))       # this run's outputs; the chunks are shared
+    out_dir = str(output_dir(parser, args, NAME, sweeps=("sparse_and_fast/chunks",)))       # this run's outputs; the chunks are shared
     chunks_dir = os.path.join(workdir, NAME, "chunks")
     start = time.time()
 

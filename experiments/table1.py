@@ -156,7 +156,7 @@ def main(argv=None):
     args = parse_args(parser, argv)
     num_images = check_attack_args(parser, args, DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES, NUM_EXAMPLES[args.split],
                                    f"the {args.split} set")
-    out_dir = str(output_dir(parser, args, NAME))
+    out_dir = str(output_dir(parser, args, NAME, sweeps=("table1/chunks",)))
     start = time.time()
 
     models = models_from_args(parser, args)

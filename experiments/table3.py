@@ -80,7 +80,7 @@ def main(argv=None):
     num_images = check_attack_args(parser, args, DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES, NUM_EXAMPLES["test"],
                                    "the test set")
     workdir = args.workdir
-    out_dir = str(output_dir(parser, args, NAME))
+    out_dir = str(output_dir(parser, args, NAME, sweeps=("table3/chunks",)))
     start = time.time()
 
     train = load_dataset(args.dataset, "train", args.data_dir)

@@ -286,6 +286,17 @@ def build_parser():
     return parser
 
 
+def check_dense_heads(logits_fns: dict, input_shape) -> None:
+    """ConfigError naming the model unless each of `logits_fns` ends in a dense layer: the pairwise radius
+    beside each attack needs one (checked on the traced bounds, before any attack)."""
+    from jaxadv.zoo import ConfigError
+    example = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    for name, logits_fn in logits_fns.items():
+        if lipschitz.operator_bounds(logits_fn, example).head_weights is None:
+            raise ConfigError(f"--models: model {name!r} does not end in a dense layer (a [features, classes] "
+                              "matrix, then a bias), which Table 5's pairwise certified radius needs")
+
+
 def main(argv=None):
     from experiments.common import (check_size_args, models_from_args, output_dir, parse_args, save_figure_atomic,
                                     write_json_atomic, write_text_atomic)
@@ -299,13 +310,18 @@ def main(argv=None):
     iterations = args.power_iterations if args.power_iterations is not None else (
         QUICK_POWER_ITERATIONS if args.quick else DEFAULT_POWER_ITERATIONS)
     workdir = args.workdir
-    out_dir = str(output_dir(parser, args, NAME))
+    out_dir = str(output_dir(parser, args, NAME, sweeps=("table5/attacks",)))
     start = time.time()
     key = jax.random.PRNGKey(args.seed)
     alex_key, zoo_key, pick_key = jax.random.split(key, 3)
-    if not args.alexnet_only:     # a missing data folder is found now, not after the AlexNet table
+    if not args.alexnet_only:     # a missing data folder or a model unfit for the table is found now, before any work
+        from jaxadv import logits_function
         from jaxadv.data import load_dataset
         test = load_dataset(args.dataset, "test", args.data_dir)
+        models = models_from_args(parser, args)
+        logits_fns = {name: logits_function(model, params) for name, (model, params) in models.items()}
+        check_dense_heads({name: fn for name, fn in logits_fns.items() if name not in NOT_ATTACKED},
+                          test.images.shape[1:])
 
     alex = None
     if not args.no_alexnet:
@@ -320,11 +336,8 @@ def main(argv=None):
                                                  for k, v in PAPER_TABLE5.items()}}
 
     if not args.alexnet_only:
-        from jaxadv import logits_function
         from jaxadv.attacks import UNTARGETED
 
-        models = models_from_args(parser, args)
-        logits_fns = {name: logits_function(model, params) for name, (model, params) in models.items()}
         results["zoo"], bounds_of = [], {}
         for i, name in enumerate(models):
             net, bounds_of[name] = network_spectrum(name, logits_fns[name], test.images.shape[1:],

@@ -41,6 +41,7 @@ import math
 import os
 import re
 import sys
+import threading
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -50,6 +51,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from tqdm import tqdm
 
+from jaxadv import chunk_files
 from jaxadv.io import TEMP_PREFIX, atomic_path, write_atomic
 
 BATCH_AXIS = "batch"
@@ -216,8 +218,10 @@ class DeviceSizes(NamedTuple):
 
 
 #: On a CPU (measured on this 2-core machine, bench_attack): 32 lanes ran at 54-60% of the raw batched
-#: gradient, 64 gave more images/s at 45%, 128 no more than 64; blocks of 1,000 images.
-CPU_SIZES = DeviceSizes("cpu", lanes=32, block_size=1000, max_chunk_per_device=2000)
+#: gradient, 64 gave more images/s at 45%, 128 no more than 64. Blocks and chunks of 256 images (8 rounds of
+#: lanes): a chunk of a slow model (a CNN at a few images/s) is a minute of work, kept when the run is
+#: interrupted, and the progress bar moves; larger blocks cost fast models less of a block's tail (README, Sweeps).
+CPU_SIZES = DeviceSizes("cpu", lanes=32, block_size=256, max_chunk_per_device=256)
 #: On an accelerator a batched gradient of 32 leaves it nearly idle: as many lanes as fit in this share of
 #: its free memory, a power of two up to this many (not yet measured on one: see the README).
 ACCELERATOR_MEMORY_FRACTION = 0.25
@@ -310,10 +314,17 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
     `directory` receives `manifest.json` and one `chunk_NNNNNN.npz` per chunk.
     The manifest fingerprints the inputs (names, dtypes, shapes, bytes) and
     `config` (any JSON-serialisable description of `fn`: what it computes, e.g.
-    `function_fingerprint` of the model, and its settings); a rerun with a different fingerprint,
-    config or chunk size raises SweepMismatch (a ValueError) instead of mixing
-    results.
-    Finished chunks are never recomputed.
+    `function_fingerprint` of the model, and its settings; equal numbers are one
+    setting, 0 as 0.0); a rerun with different inputs or config raises SweepMismatch
+    (a ValueError) naming each setting that differs, instead of mixing results.
+    The chunk size is no part of that identity (a result does not depend on its
+    chunk): a rerun with another `chunk_size` resumes in the folder's chunks.
+    Finished chunks are never recomputed. What a chunk returns is checked before
+    it is saved: dtypes a file stores (bfloat16 and other ml_dtypes are stored as
+    their bits and load back as themselves; `jaxadv.chunk_files`), and in every
+    chunk the names, dtypes and row shapes of the first (ValueError naming the
+    folder and the chunk). Ctrl-C acts within a fraction of a second, even while
+    a chunk's computation runs (`call_interruptibly`).
 
     Other processes may run the same sweep in `directory` at the same time
     (single-host): a process computes a chunk only under that chunk's lock,
@@ -336,7 +347,7 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
     num_items = _batch_size(list(inputs.values()), "inputs")
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size: must be a positive int, got {chunk_size!r}")
-    chunk_size = int(chunk_size)
+    chunk_size = requested_chunk_size = int(chunk_size)
     if stop_after is not None and stop_after < 0:
         raise ValueError(f"stop_after: must be >= 0, got {stop_after}")
     num_chunks = math.ceil(num_items / chunk_size)
@@ -363,10 +374,17 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
             _remove_temporaries(directory, lambda name: not (locking and name.startswith("chunk_")))
     else:
         _check_or_write_manifest(directory, manifest, writer)
+    saved_chunk_size = manifest["chunk_size"]
+    if saved_chunk_size != chunk_size:
+        chunk_size = saved_chunk_size
+        num_chunks = manifest["num_chunks"]
+        if progress and writer:
+            print(f"jaxadv.sweep: {directory!r} is cut in chunks of {chunk_size} (this call asked for "
+                  f"{requested_chunk_size}); resuming in its chunks: the chunk size changes no result", file=sys.stderr)
 
     # A chunk that cannot be read (emptied, truncated, overwritten with garbage) is recomputed; one
     # from another sweep (a copied file, or old chunks under a rewritten manifest) is refused.
-    done, resumed = set(), []
+    done, resumed, first = set(), [], {}
     for i in range(num_chunks):
         if not os.path.exists(_chunk_path(directory, i)):
             continue
@@ -375,6 +393,8 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
             if writer:
                 print(f"jaxadv.sweep: {_chunk_path(directory, i)!r} is unreadable; recomputing it", file=sys.stderr)
             continue
+        first.setdefault("spec", chunk_files.spec(outputs))
+        first.setdefault("name", f"chunk {i}")
         done.add(i)
         resumed.append((_chunk_rows(i, chunk_size, num_items), _successes(outputs, success_key)))
     if jax.process_count() > 1:
@@ -388,7 +408,7 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
     try:
         _compute_pending(fn, inputs, directory, manifest, chunk_size, num_items, num_chunks, done, meter,
                          locking=locking, writer=writer, progress=progress, success_key=success_key,
-                         stop_after=stop_after)
+                         stop_after=stop_after, first=first)
     finally:
         meter.close()
     if jax.process_count() > 1:
@@ -398,7 +418,7 @@ def run_sweep(fn: Callable[[dict], Mapping[str, Any]], inputs: Mapping[str, Any]
 
 
 def _compute_pending(fn, inputs, directory, manifest, chunk_size, num_items, num_chunks, done, meter, *,
-                     locking, writer, progress, success_key, stop_after):
+                     locking, writer, progress, success_key, stop_after, first):
     """Compute and save every chunk not in `done`: first those no other process holds, then wait for the rest."""
     computed = 0
     pending = [i for i in range(num_chunks) if i not in done]
@@ -419,14 +439,60 @@ def _compute_pending(fn, inputs, directory, manifest, chunk_size, num_items, num
                 if locking:   # a temporary of this chunk is a dead writer's: we hold the chunk's lock
                     _remove_temporaries(directory, lambda name: name.startswith(f"chunk_{i:06d}."))
                 outputs = _compute_chunk(fn, inputs, i, chunk_size, num_items)
+                # Checked before it is saved: a dtype no file holds, or rows shaped unlike the first chunk's.
+                where = f"chunk {i} of {directory!r}"
+                if first:
+                    chunk_files.check_spec(outputs, first["spec"], where, first["name"])
+                stored = chunk_files.encode(outputs, where)
+                first.setdefault("spec", chunk_files.spec(outputs))
+                first.setdefault("name", f"chunk {i}")
                 if writer:
-                    _save_npz_atomic(_chunk_path(directory, i), {**outputs, SIGNATURE_KEY: np.asarray(_signature(manifest, i))})
+                    _save_npz_atomic(_chunk_path(directory, i), {**stored, SIGNATURE_KEY: np.asarray(_signature(manifest, i))})
                 computed += 1
                 meter.computed(_chunk_rows(i, chunk_size, num_items), _successes(outputs, success_key))
         pending = held_elsewhere
         if pending and progress:
             meter.note(f"jaxadv.sweep: waiting for chunk(s) {pending[:10]} of {directory!r}, which another process "
                        "is computing")
+
+
+def call_interruptibly(thunk: Callable[[], Any], poll_seconds: float = 0.2) -> Any:
+    """`thunk()`, run in a helper thread while this one polls, so that Ctrl-C acts within `poll_seconds`.
+
+    XLA:CPU runs a compiled call to its end before Python sees a signal (a chunk of an attack: minutes), so
+    KeyboardInterrupt is raised here at once instead, and the helper's work, which nothing keeps, runs on.
+    JAX's thread-local settings (`with jax.enable_x64(True):`) do not reach another thread: under any, `thunk`
+    runs here, as a plain call.
+    """
+    caller, done, box = _thread_settings(), threading.Event(), {}
+
+    def run():
+        try:
+            if _thread_settings() != caller:
+                box["inline"] = True
+            else:
+                box["value"] = thunk()
+        except BaseException as error:   # noqa: BLE001 - handed to the caller, which raises it
+            box["error"] = error
+        finally:
+            done.set()
+    threading.Thread(target=run, name="jaxadv.sweep.chunk", daemon=True).start()
+    while not done.wait(poll_seconds):
+        pass
+    if box.get("inline"):
+        return thunk()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _thread_settings():
+    """JAX's settings as this thread sees them (those its compiled programs depend on)."""
+    try:
+        from jax._src.config import trace_context
+    except ImportError:        # another jax: assume no thread-local settings
+        return None
+    return trace_context()
 
 
 def _successes(outputs, success_key):
@@ -438,10 +504,7 @@ def _compute_chunk(fn, inputs, i, chunk_size, num_items):
     start = i * chunk_size
     rows = _chunk_rows(i, chunk_size, num_items)
     chunk = pad_to_multiple({k: v[start:start + rows] for k, v in inputs.items()}, chunk_size)
-    outputs = fn(chunk)
-    if not isinstance(outputs, Mapping) or not outputs:
-        raise TypeError(f"fn: must return a non-empty dict of arrays, got {type(outputs).__name__}")
-    outputs = to_host(dict(outputs))
+    outputs = call_interruptibly(lambda: _outputs_on_host(fn, chunk))
     bad = {k: np.shape(v) for k, v in outputs.items() if np.shape(v)[:1] != (chunk_size,)}
     if bad:
         raise ValueError(f"fn: every output needs a leading axis of the chunk's {chunk_size} rows, got {bad}")
@@ -449,6 +512,13 @@ def _compute_chunk(fn, inputs, i, chunk_size, num_items):
     if SIGNATURE_KEY in outputs:
         raise ValueError(f"fn: the output name {SIGNATURE_KEY!r} is reserved")
     return outputs
+
+
+def _outputs_on_host(fn, chunk):
+    outputs = fn(chunk)
+    if not isinstance(outputs, Mapping) or not outputs:
+        raise TypeError(f"fn: must return a non-empty dict of arrays, got {type(outputs).__name__}")
+    return to_host(dict(outputs))
 
 
 def load_sweep(directory: str) -> dict[str, np.ndarray]:
@@ -466,8 +536,9 @@ def load_sweep(directory: str) -> dict[str, np.ndarray]:
         if outputs is None:
             raise ValueError(f"{_chunk_path(directory, i)!r} is damaged: rerun the sweep to recompute it")
         rows = _chunk_rows(i, chunk_size, num_items)
-        if parts and set(outputs) != set(parts):
-            raise ValueError(f"directory: chunk {i} has outputs {sorted(outputs)}, expected {sorted(parts)}")
+        if parts:
+            first = {key: value[0] for key, value in parts.items()}
+            chunk_files.check_spec(outputs, chunk_files.spec(first), f"chunk {i} of {directory!r}", "chunk 0")
         for key, value in outputs.items():
             if value.shape[:1] != (rows,):
                 raise ValueError(f"directory: chunk {i} output {key!r} has {value.shape[:1]} rows, expected {rows}")
@@ -527,9 +598,10 @@ def _read_chunk(directory: str, i: int, manifest: dict) -> dict[str, np.ndarray]
     try:
         with np.load(path) as data:
             outputs = {key: data[key] for key in data.files}      # every member decompresses
+        signature = outputs.pop(SIGNATURE_KEY, None)
+        outputs = chunk_files.decode(outputs)
     except Exception:                                            # EOFError, BadZipFile, ValueError, OSError, ...
         return None
-    signature = outputs.pop(SIGNATURE_KEY, None)
     if signature is None or str(signature) != _signature(manifest, i):
         raise SweepMismatch(f"{path!r} is not chunk {i} of this sweep (copied from another run, or left under a "
                             "rewritten manifest); refusing to mix results. Delete it, or the folder to start over.")
@@ -607,23 +679,40 @@ def _read_manifest(directory: str):
 
 
 def _check_or_write_manifest(directory: str, manifest: dict, writer: bool) -> None:
+    """Write `manifest` into a new sweep folder, or check it against the folder's: SweepMismatch naming what
+    differs. The chunk size is no part of a sweep's identity: `manifest` takes the folder's."""
     existing = _read_manifest(directory)
     if existing is None:
         if writer:
             _write_json_atomic(os.path.join(directory, MANIFEST), manifest)
         return
     for key, what in (("format", "file format"), ("inputs_fingerprint", "inputs"),
-                      ("config_hash", "config"), ("chunk_size", "chunk size"), ("num_items", "number of items")):
+                      ("config_hash", "config"), ("num_items", "number of items")):
         if existing.get(key) != manifest[key]:
             detail = f"{existing.get(key)!r} != {manifest[key]!r}"
-            old, new = existing.get("config"), manifest["config"]
-            if key == "config_hash" and isinstance(old, dict) and isinstance(new, dict):
-                detail = "; ".join(f"{k}: {old.get(k)!r} != {new.get(k)!r}"
-                                   for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)) or detail
+            if key == "config_hash":
+                detail = "; ".join(_differences(existing.get("config"), manifest["config"], "")) or detail
             of = f" of {existing['name']}" if existing.get("name") else ""
             raise SweepMismatch(
                 f"directory: {directory!r} holds a sweep{of} with different {what} ({detail}); "
-                "refusing to mix results. Use another directory or delete this one to start over.")
+                "refusing to mix results. Pass the folder's values to resume it, or use another directory "
+                "(or delete this one) to start over.")
+    manifest["chunk_size"], manifest["num_chunks"] = existing["chunk_size"], existing["num_chunks"]
+
+
+def _differences(old, new, path: str) -> list[str]:
+    """The settings in which two canonical configs differ, as "path: the folder's X, this call's Y"."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in sorted(set(old) | set(new))
+                for line in _differences(old.get(key), new.get(key), f"{path}.{key}" if path else key)]
+    if old == new:
+        return []
+    return [f"{path or 'config'}: the folder's {_short(old)}, this call's {_short(new)}"]
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _canonical(obj, where="config"):
@@ -632,13 +721,15 @@ def _canonical(obj, where="config"):
     repr elides the middle of a long numpy array (two vectors that differ in one element looked the
     same) and carries a function's memory address (every new process refused to resume).
     """
+    if isinstance(obj, float) and obj.is_integer():
+        return int(obj)                       # 0 and 0.0 are one setting, as Python's == says
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, np.generic):
-        return obj.item()
+        return _canonical(obj.item(), where)
     if isinstance(obj, (np.ndarray, jax.Array)):
         a = np.asarray(obj)
-        return a.item() if a.ndim == 0 else {"array": fingerprint_arrays({"a": a}), "dtype": a.dtype.str,
+        return _canonical(a.item(), where) if a.ndim == 0 else {"array": fingerprint_arrays({"a": a}), "dtype": a.dtype.str,
                                               "shape": list(a.shape)}
     if isinstance(obj, Mapping):
         bad = [k for k in obj if not isinstance(k, str)]

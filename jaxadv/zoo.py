@@ -119,17 +119,22 @@ def trained_models(names: Iterable[str], dataset: str, workdir: str | os.PathLik
         train_set = Dataset(np.asarray(train_set.images), np.asarray(train_set.labels))
     fingerprint = _fingerprint(train_set) if train_set is not None else None
 
-    out, data = {}, train_set
+    # Every stored model is loaded (a damaged one named) and every folder checked before any is trained.
+    out, data, missing = {}, train_set, []
     for name in names:
         model = get_model(name)
-        stored = _stored_name(name, tag)
         directory = model_dir(workdir, name, tag)
         if has_checkpoint(directory):
             params, meta = load_checkpoint(directory, model)
             if _reusable(meta, dataset, quick, fingerprint, directory):
-                out[stored] = (model, params)
+                out[_stored_name(name, tag)] = (model, params)
                 continue
         check_writable(directory)          # before the training, not after
+        missing.append(name)
+    for name in missing:
+        model = get_model(name)
+        stored = _stored_name(name, tag)
+        directory = model_dir(workdir, name, tag)
         if data is None:
             data = load_dataset(dataset, "train", data_dir)
         subset = _quick_subset(data) if quick else data
@@ -149,7 +154,7 @@ def trained_models(names: Iterable[str], dataset: str, workdir: str | os.PathLik
         if is_writer():     # (every process of a --distributed run trains the same model: training is deterministic)
             save_checkpoint(directory, params, meta)
         out[stored] = (model, params)
-    return out
+    return {_stored_name(name, tag): out[_stored_name(name, tag)] for name in names}
 
 
 def load_meta(workdir: str | os.PathLike, name: str, tag: str | None = None) -> dict:

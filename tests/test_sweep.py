@@ -115,28 +115,46 @@ def test_a_crash_inside_fn_loses_no_finished_chunk_and_writes_no_partial_one(tmp
     np.testing.assert_array_equal(out["iterations"], np.asarray(jitted(data["x"], data["target"])["iterations"]))
 
 
-@pytest.mark.parametrize("change", ["inputs", "config", "chunk_size"])
+@pytest.mark.parametrize("change", ["inputs", "config", "nested setting"])
 def test_a_rerun_with_other_inputs_or_config_refuses_to_mix_results(tmp_path, change):
     data = _inputs(10)
     calls = []
+    saved = {"model": "a", "attack": {"lanes": 32, "lower": 0}}
     with pytest.raises(sweep.SweepInterrupted):
-        sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path), 5, config={"model": "a"}, progress=False,
-                        stop_after=1)
-    other, config, chunk = dict(data), {"model": "a"}, 5
+        sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path), 5, config=saved, progress=False, stop_after=1)
+    other, config = dict(data), {"model": "a", "attack": {"lanes": 32, "lower": 0}}
     if change == "inputs":
         other["x"] = other["x"].copy()
         other["x"][7, 3] += 1e-3
     elif change == "config":
-        config = {"model": "b"}
+        config["model"] = "b"
     else:
-        chunk = 4
+        config["attack"] = {"lanes": 64, "lower": 0}
     with pytest.raises(sweep.SweepMismatch, match="refusing to mix") as error:
-        sweep.run_sweep(_sweep_fn(calls), other, str(tmp_path), chunk, config=config, progress=False)
-    if change == "config":
-        assert "model: 'a' != 'b'" in str(error.value)   # names what changed
+        sweep.run_sweep(_sweep_fn(calls), other, str(tmp_path), 5, config=config, progress=False)
+    if change == "config":       # names the setting and both values
+        assert 'model: the folder\'s "a", this call\'s "b"' in str(error.value)
+    elif change == "nested setting":
+        assert "attack.lanes: the folder's 32, this call's 64" in str(error.value) and "lower" not in str(error.value)
     assert len(calls) == 1
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["num_items"] == 10 and manifest["num_chunks"] == 2 and manifest["config"] == {"model": "a"}
+    assert manifest["num_items"] == 10 and manifest["num_chunks"] == 2 and manifest["config"] == saved
+
+
+def test_equal_settings_spelled_otherwise_and_another_chunk_size_resume(tmp_path, capsys):
+    """0 and 0.0 (or np.float32(0)) are one setting; another chunk size resumes in the folder's chunks, and the
+    result equals one uninterrupted sweep (independent reference: the jitted function on all rows at once)."""
+    data = _inputs(10)
+    calls = []
+    with pytest.raises(sweep.SweepInterrupted):
+        sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path), 5, config={"lower": 0, "upper": 1.0},
+                        progress=False, stop_after=1)
+    out = sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path), 4, config={"lower": 0.0, "upper": np.float32(1)})
+    assert calls == [5, 5]                         # one chunk computed before, one now, in the folder's chunks of 5
+    assert "cut in chunks of 5 (this call asked for 4)" in capsys.readouterr().err
+    reference = jax.jit(_descent)(data["x"], data["target"])
+    for key in reference:
+        np.testing.assert_array_equal(out[key], np.asarray(reference[key]))
 
 
 @pytest.mark.parametrize("how", ["manifest deleted", "chunk copied in"])
@@ -529,7 +547,7 @@ def test_sizes_follow_the_device_kind_and_its_memory():
     from jaxadv.sweep import ACCELERATOR_MAX_LANES, CPU_SIZES, sizes_for_device
     per_lane = 4 * (2 * 3 * 784 + 10 * 784 + 3 * 2000)        # the attack's state for a small MLP, float32
     cpu = sizes_for_device(per_lane, _StandInDevice("cpu", "cpu"))
-    assert (cpu.lanes, cpu.block_size, cpu.max_chunk_per_device) == (CPU_SIZES.lanes, 1000, 2000)
+    assert (cpu.lanes, cpu.block_size, cpu.max_chunk_per_device) == (CPU_SIZES.lanes, 256, 256)
     # An H200 (141 GiB, 1 GiB in use): the cap, a power of two, blocks of several rounds of lanes.
     gpu = sizes_for_device(per_lane, _StandInDevice("gpu", "NVIDIA H200", 141 << 30, 1 << 30))
     assert gpu.device_kind == "NVIDIA H200" and gpu.lanes == ACCELERATOR_MAX_LANES
@@ -553,5 +571,7 @@ def test_attack_sizes_take_the_lanes_of_the_device():
     assert sizes.lanes >= 4096 and sizes.block_size == 4 * sizes.lanes and sizes.chunk_size % sizes.block_size == 0
     assert sizes.device_kind == "H200"
     sizes = attack_sizes(logits_fn, images, AttackConfig(), device=_StandInDevice("cpu", "cpu"))
-    assert (sizes.lanes, sizes.block_size, sizes.chunk_size) == (32, 1000, 2000)     # the CPU's, as before
+    assert (sizes.lanes, sizes.block_size, sizes.chunk_size) == (32, 256, 256)       # the CPU's
     assert attack_sizes(logits_fn, images[:40]).block_size == 40                     # a small set: one block
+    # 400 images (a CNN at a few images/s: minutes) are no longer one chunk: an interrupted run keeps work.
+    assert attack_sizes(logits_fn, images[:400], device=_StandInDevice("cpu", "cpu")).chunk_size == 256

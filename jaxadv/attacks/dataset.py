@@ -19,8 +19,8 @@ attack (`lbfgs_attack_core`, targeted or untargeted) through `jaxadv.sweep`:
 * with a tqdm bar on stderr (images, rate, time left, success so far).
 
 The sizes default to the device's (`attack_sizes`): on a CPU 32 lanes (images
-attacked at once), blocks of 1,000 images and chunks of at most 2,000 per device,
-the sizes measured on this project's 2-core machine; on a GPU or TPU as many
+attacked at once), blocks of 256 images and chunks of one block per device, so
+that an interrupted run keeps its work and the bar moves; on a GPU or TPU as many
 lanes as fit in a quarter of its free memory (`sweep.sizes_for_device`). One lane's
 memory is read off the traced function itself: the L-BFGS history and iterates
 (image-sized vectors) and three times the bytes of every intermediate value in
@@ -30,11 +30,12 @@ no model class has to describe its layers.
 A folder holds one sweep. Its manifest records what the results depend on: the
 inputs' fingerprint, `sweep.function_fingerprint(logits_fn)` (the jaxpr's text,
 i.e. the architecture, and the arrays it closes over, i.e. the weights), the
-attack's settings, a hash of the attack's source files (`attack_source_fingerprint`),
-the jax version and the block size. A rerun that differs in any of them raises
-`SweepMismatch` naming the folder and what changed instead of mixing results:
-other weights for the same architecture, another architecture, or an upgraded
-attack. `name` is for people: it labels the bar and the manifest, and is no part of
+attack's settings, a hash of the attack's source files (`attack_source_fingerprint`)
+and the jax version. A rerun that differs in any of them raises `SweepMismatch`
+naming the folder and each setting that changed, with both values, instead of
+mixing results: other weights for the same architecture, another architecture,
+or an upgraded attack. The block and chunk sizes change no result and are no part
+of it: a rerun with other sizes resumes in the folder's chunks. `name` is for people: it labels the bar and the manifest, and is no part of
 the identity (tests/test_sweep.py: the same model with other weights and a second
 architecture are refused, the same model and weights resume, and an image's result
 is the same in any chunking and at any position).
@@ -115,11 +116,13 @@ def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.Pat
     # call with new parameters of the same architecture reuses the compiled sweep (tests/test_attack_dataset.py).
     attack_on_devices = sharded(_BlockAttack(config, untargeted, float(lower), float(upper)),
                                 block_size=sizes.block_size, replicated=1)
-    identity = {**function_fingerprint(logits_fn, image), "attack": repr(config), "untargeted": untargeted,
-                "box": [lower, upper], "attack_source": attack_source_fingerprint(), "jax": jax.__version__,
-                "block_size": sizes.block_size}
+    # What the results depend on, and nothing else: not the block or chunk size (an image's result is the same in
+    # any block and chunk: tests/test_attack_dataset.py), so a rerun with other sizes resumes.
+    identity = {**function_fingerprint(logits_fn, image), "attack": config._asdict(), "untargeted": untargeted,
+                "box": [float(lower), float(upper)], "attack_source": attack_source_fingerprint(),
+                "jax": jax.__version__}
     return run_sweep(lambda chunk: attack_on_devices(logits_fn, chunk["images"], chunk["targets"]),
-                     {"images": images, "targets": targets}, os.fspath(directory), sizes.chunk_size,
+                     {"images": images, "targets": targets}, os.path.abspath(directory), sizes.chunk_size,
                      config=identity, progress=progress, label=f"attack {name}" if name else "attack")
 
 
@@ -142,7 +145,7 @@ def attack_sizes(logits_fn: Callable, images, config: AttackConfig | None = None
     """The lanes, block and chunk sizes `attack_dataset` uses for `images` on this machine's devices.
 
     `device` (default the first local one) decides the lanes, blocks and chunks by
-    `sweep.sizes_for_device`: 32 lanes, blocks of 1,000 and chunks of at most 2,000 per
+    `sweep.sizes_for_device`: 32 lanes, blocks of 256 and chunks of one block per
     device on a CPU; on a GPU as many lanes as fit in a quarter of its free memory. A small
     set shrinks the block, so that padding never costs more than one block per device; the
     chunk is a whole number of devices x blocks, at most what fits in half of the free
