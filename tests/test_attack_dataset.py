@@ -148,6 +148,27 @@ def test_the_fingerprint_reads_the_function_not_its_python_object():
     assert a["function"] == b["function"] and a["parameters"] != b["parameters"]
 
 
+def test_a_rerun_with_other_sizes_or_settings_spelled_otherwise_resumes_and_a_real_change_is_named(tmp_path, monkeypatch,
+                                                                                                   capsys):
+    """Blocks and chunks change no result (tested below), so they are no part of the sweep's identity: a rerun with
+    other sizes, or lower=0 for 0.0, resumes the folder's chunks and returns what one uninterrupted run returns.
+    Other lanes are another sweep, named with both values."""
+    logits_fn = jax.tree_util.Partial(mlp, mlp_params(0))
+    images, targets = data(12)
+    whole = run(logits_fn, images, targets, tmp_path / "whole", lanes=4, chunk_size=4, block_size=4)
+    monkeypatch.setattr(dataset, "run_sweep", functools.partial(sweep.run_sweep, stop_after=1))
+    with pytest.raises(sweep.SweepInterrupted):
+        run(logits_fn, images, targets, tmp_path / "cut", lanes=4, chunk_size=4, block_size=4, lower=0, upper=1)
+    monkeypatch.undo()
+    capsys.readouterr()
+    resumed = attack_dataset(logits_fn, images, targets, str(tmp_path / "cut"), QUICK, lanes=4, chunk_size=6,
+                             block_size=2, lower=0.0, upper=1.0)
+    assert "resuming: 1/3 chunks" in capsys.readouterr().err
+    same(resumed, whole, "resumed with other sizes")
+    with pytest.raises(sweep.SweepMismatch, match="attack.lanes: the folder's 4, this call's 8"):
+        run(logits_fn, images, targets, tmp_path / "cut", lanes=8)
+
+
 # -- an image's result is the image's: any chunk, block or position ------------------------------------------
 
 def test_an_images_result_does_not_depend_on_chunks_blocks_or_its_position(tmp_path):

@@ -303,3 +303,106 @@ def test_experiments_take_your_models_as_a_config_file(data_dir, tmp_path, capsy
     err = _fails_in_one_line("table1", ["--models", "FC7", "--quick", "--workdir", str(tmp_path / "w")], capsys,
                              tmp_path / "w")
     assert "--models: unknown model(s) 'FC7'" in err
+
+
+# -- issue 23, class 10: every model of --models and every folder checked before any work -------------------
+
+TINY_CONFIG = """
+import jax.numpy as jnp
+import numpy as np
+
+
+def dense(params, x):
+    return x.reshape(len(x), -1) @ params["w"] + params["b"]
+
+
+def headless(params, x):                       # no dense layer last: Table 5's pairwise radius has nothing to use
+    return jnp.tanh(x.reshape(len(x), -1) @ params["w"])
+
+
+def layer(classes, inputs=784):
+    rng = np.random.default_rng(classes)
+    return {"w": rng.normal(size=(inputs, classes)).astype(np.float32) * 0.01, "b": np.zeros(classes, np.float32)}
+
+
+def get_models(context):
+    return {MODELS}
+"""
+
+
+@pytest.fixture
+def tiny_setup(tmp_path):
+    """(common flags with a synthetic data folder and a workdir under tmp_path, a writer of config files)."""
+    data = tmp_path / "data" / "fashion_mnist"
+    write_idx_split(data, "train", make_synthetic(64))
+    write_idx_split(data, "t10k", make_synthetic(64, seed=1))
+
+    def config(models: str) -> str:
+        path = tmp_path / f"models_{len(list(tmp_path.glob('models_*.py')))}.py"
+        path.write_text(TINY_CONFIG.replace("{MODELS}", models))
+        return str(path)
+    return ["--quick", "--num-images", "10", "--data-dir", str(tmp_path / "data"), "--workdir", str(tmp_path / "w")], config
+
+
+@pytest.mark.parametrize("models, message", [
+    ('{"three": (dense, layer(3))}', "model 'three' of '{config}' gives logits of shape [1, 3] for one image; "
+                                     "fashion_mnist has 10 classes"),
+    # The working model was attacked and its chunks saved, then a raw JAX traceback.
+    ('{"good": (dense, layer(10)), "broken": (dense, layer(10, inputs=100))}',
+     "model 'broken' of '{config}' fails on one image of shape [28, 28, 1] (TypeError: dot_general"),
+])
+def test_a_model_that_cannot_be_attacked_is_named_before_any_is(models, message, tiny_setup, capsys, tmp_path):
+    flags, config = tiny_setup
+    path = config(models)
+    err = _fails_in_one_line("table1", flags + ["--models", path], capsys, tmp_path)
+    assert err.startswith("error: --models: " + message.format(config=path)), err
+
+
+def test_a_model_without_a_dense_head_is_refused_by_table5_before_any_attack(tiny_setup, capsys, tmp_path):
+    flags, config = tiny_setup
+    path = config('{"good": (dense, layer(10)), "headless": (headless, {"w": layer(10)["w"]})}')
+    err = _fails_in_one_line("table5", flags + ["--no-alexnet", "--models", path], capsys, tmp_path)
+    assert "model 'headless' does not end in a dense layer" in err and "pairwise" in err
+
+
+def test_a_file_where_the_chunks_folder_should_be_is_named_before_any_work(tiny_setup, capsys, tmp_path):
+    flags, config = tiny_setup
+    path = config('{"good": (dense, layer(10))}')
+    chunks = tmp_path / "w" / "table1" / "chunks"
+    chunks.parent.mkdir(parents=True)
+    chunks.write_text("not a folder")
+    err = _fails_in_one_line("table1", flags + ["--models", path], capsys, tmp_path)
+    assert err.startswith("error: --workdir:") and f"{str(chunks)!r} is a file, not a folder" in err
+
+
+def test_a_damaged_checkpoint_in_the_workdir_is_named_before_any_training(tiny_setup, capsys, tmp_path):
+    """FC10(1)'s stored checkpoint has a flipped byte: named (which file, what to do), before FC10(1e-4), listed
+    first and not stored, is trained."""
+    import jax
+    from jaxadv.checkpoint import save_checkpoint
+    from jaxadv.models import get_model
+    flags, _ = tiny_setup
+    stored = tmp_path / "w" / "models" / "FC10(1)"
+    save_checkpoint(stored, get_model("FC10(1)").init(jax.random.PRNGKey(0)),
+                    {"model": "FC10(1)", "dataset": "fashion_mnist", "quick": True})
+    params = stored / "params.msgpack"
+    damaged = bytearray(params.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    params.write_bytes(bytes(damaged))
+    err = _fails_in_one_line("table1", flags + ["--models", "FC10(1e-4)", "FC10(1)"], capsys, tmp_path)
+    assert "params.msgpack' does not match the checksum" in err and "delete the folder to retrain" in err
+    assert not (tmp_path / "w" / "models" / "FC10(1e-4)").exists()
+
+
+def test_relative_paths_of_the_command_line_are_made_absolute_where_they_are_given(tmp_path, monkeypatch):
+    """--workdir, --data-dir and a --models file mean the same wherever the code later runs (a config's
+    get_models, a library call after os.chdir)."""
+    from experiments.common import ArgumentParser, add_common_args, add_models_arg, parse_args
+    monkeypatch.chdir(tmp_path)
+    parser = ArgumentParser()
+    add_common_args(parser)
+    add_models_arg(parser, ["FC10(1)"])
+    args = parse_args(parser, ["--workdir", "w", "--data-dir", "../data", "--models", "configs/mine.py"])
+    assert (args.workdir, args.data_dir, args.models) == (str(tmp_path / "w"), str(tmp_path.parent / "data"),
+                                                          [str(tmp_path / "configs" / "mine.py")])
+    assert parse_args(parser, []).workdir == str(tmp_path / "runs" / "fashion_mnist")

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -79,6 +81,20 @@ def test_read_idx_rejects_truncated_file(tmp_path, compress):
     assert str(path) in str(info.value)
 
 
+def test_a_gzip_file_corrupt_in_the_middle_is_named(tmp_path):
+    """Bytes flipped inside the compressed stream: zlib's own error (no file name) became a DataError naming it."""
+    rng = np.random.default_rng(1)
+    compressed = bytearray(gzip.compress(idx_bytes(rng.integers(0, 4, (50, 28, 28)))))   # compressible: coded
+    compressed[len(compressed) // 2:len(compressed) // 2 + 16] = b"\xff" * 16
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(bytes(compressed))
+    with pytest.raises(zlib.error):                       # what gzip itself raises here, naming no file
+        gzip.decompress(bytes(compressed))
+    with pytest.raises(DataError, match="corrupt gzip file") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+
+
 def test_read_idx_rejects_cut_header(tmp_path):
     path = tmp_path / "h"
     path.write_bytes(struct.pack(">I", 0x0803) + b"\x00\x00\x00\x02")
@@ -103,6 +119,19 @@ def test_load_local_folder_scales_and_types(fake_root):
 def test_environment_variable_names_the_folder(fake_root, monkeypatch):
     monkeypatch.setenv(data.DATA_DIR_ENV, str(fake_root))
     assert len(load_dataset("fashion_mnist", "test").labels) == 4
+
+
+def test_a_relative_environment_variable_means_where_the_process_started(fake_root, monkeypatch, tmp_path):
+    """JAXADV_DATA_DIR=../shared/data, then an os.chdir (a test, a notebook, a config file): still the folder the
+    shell meant, relative to the process's starting directory, not to wherever the code runs now."""
+    relative = os.path.relpath(fake_root, data.STARTING_DIRECTORY)
+    monkeypatch.setenv(data.DATA_DIR_ENV, relative)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert not (elsewhere / relative).exists()          # read against the current folder, it would not be found
+    np.testing.assert_array_equal(load_dataset("fashion_mnist", "test").labels,
+                                  read_idx(fake_root / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz"))
 
 
 def test_missing_folder_is_a_clear_error_and_no_network(tmp_path, monkeypatch):

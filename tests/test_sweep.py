@@ -13,6 +13,8 @@ import pytest
 
 from jaxadv import sweep
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _descent(x, target):
     """Per-example stand-in for an attack: gradient steps on a tiny MLP until each row's loss is small.
@@ -155,6 +157,93 @@ def test_equal_settings_spelled_otherwise_and_another_chunk_size_resume(tmp_path
     reference = jax.jit(_descent)(data["x"], data["target"])
     for key in reference:
         np.testing.assert_array_equal(out[key], np.asarray(reference[key]))
+
+
+def test_bfloat16_and_other_ml_dtypes_load_back_as_themselves_bit_for_bit(tmp_path):
+    import ml_dtypes
+    data = _inputs(10)
+
+    def fn(chunk):
+        x = jnp.asarray(chunk["x"])
+        return {"half": x.astype(jnp.bfloat16), "eight": x.astype(jnp.float8_e4m3fn), "n": jnp.sum(x > 0.5, 1)}
+    first = sweep.run_sweep(fn, data, str(tmp_path), 4, progress=False)
+    again = sweep.run_sweep(fn, data, str(tmp_path), 4, progress=False)            # read back from the files
+    for out in (first, again):
+        assert out["half"].dtype == ml_dtypes.bfloat16 and out["eight"].dtype == ml_dtypes.float8_e4m3fn
+        reference = data["x"].astype(ml_dtypes.bfloat16)                       # ml_dtypes' own rounding
+        assert out["half"].tobytes() == reference.tobytes()
+        assert out["eight"].tobytes() == data["x"].astype(ml_dtypes.float8_e4m3fn).tobytes()
+        np.testing.assert_array_equal(out["n"], np.sum(data["x"] > 0.5, 1))
+
+
+def test_what_a_file_cannot_hold_is_refused_on_the_first_chunk_before_it_is_saved(tmp_path):
+    data = _inputs(10)
+    with pytest.raises(TypeError, match=r"output 'labels' of chunk 0 of .* has dtype object"):
+        sweep.run_sweep(lambda c: {"labels": np.array([object()] * len(c["x"]))}, data, str(tmp_path), 4,
+                        progress=False)
+    assert not any(name.startswith("chunk_") for name in os.listdir(tmp_path))
+
+
+def test_rows_shaped_unlike_the_first_chunks_are_named_before_they_are_saved(tmp_path):
+    """A ragged output (one more column per chunk) stopped at the chunk that changes, naming folder and chunk;
+    before, every chunk was computed and saved and numpy's concatenate failed on every rerun."""
+    data = _inputs(10)
+
+    def ragged(chunk):
+        start = int(round(float(chunk["x"][0, 0]) * 1e6))          # differs per chunk
+        width = 3 if start == int(round(float(data["x"][0, 0]) * 1e6)) else 4
+        return {"y": np.zeros((len(chunk["x"]), width), np.float32)}
+    with pytest.raises(ValueError, match=r"output 'y' of chunk 1 of '.*' is float32\[4\] per row, but chunk 0's "
+                                         r"was float32\[3\]"):
+        sweep.run_sweep(ragged, data, str(tmp_path), 4, progress=False)
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("chunk_")) == ["chunk_000000.npz"]
+
+
+def test_ctrl_c_during_a_long_chunk_acts_at_once_and_the_command_says_so_in_one_line(tmp_path):
+    """A chunk's compiled call that runs for minutes (a while_loop XLA cannot interrupt): SIGINT raises
+    KeyboardInterrupt in the library, and the command line (run_main) prints one line and exits 130, long
+    before the call could end; the chunk saved before is kept."""
+    import signal
+    script = tmp_path / "long.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        import jax, jax.numpy as jnp, numpy as np
+        from jaxadv import sweep
+        from experiments.common import run_main
+
+        @jax.jit
+        def slow(x, steps):
+            body = lambda s: (s[0] + 1, s[1] * 1.0000001 + 1e-9)
+            return jax.lax.while_loop(lambda s: s[0] < steps, body, (0, x))[1]
+
+        def fn(chunk):
+            steps = 10 if chunk["x"][0, 0] == 0 else 2_000_000_000   # the first chunk at once, then minutes
+            print("computing", file=sys.stderr, flush=True)
+            return {"y": slow(jnp.asarray(chunk["x"]), steps)}
+
+        run = lambda: sweep.run_sweep(fn, {"x": np.arange(8, dtype=np.float32).reshape(4, 2)}, sys.argv[2], 2,
+                                      progress=False)
+        run_main(run) if sys.argv[1] == "command" else run()
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    for mode in ("library", "command"):
+        folder = tmp_path / mode
+        proc = subprocess.Popen([sys.executable, str(script), mode, str(folder)], stderr=subprocess.PIPE, text=True,
+                                env=env, cwd=REPO)
+        line = ""
+        while line != "computing" or not (folder / "chunk_000000.npz").exists():   # chunk 1 has begun
+            line = proc.stderr.readline()
+            assert line, "the sweep ended before it was interrupted"
+            line = line.strip()
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        proc.wait(timeout=60)        # the chunk's call alone runs for minutes
+        if mode == "library":
+            assert proc.returncode != 0 and "KeyboardInterrupt" in err, err
+        else:
+            assert proc.returncode == 130, err
+            assert err.count("\n") == 1 and err.startswith("interrupted:") and "Traceback" not in err, err
+        assert sorted(n for n in os.listdir(folder) if n.startswith("chunk_")) == ["chunk_000000.npz"]
 
 
 @pytest.mark.parametrize("how", ["manifest deleted", "chunk copied in"])
