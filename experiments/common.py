@@ -22,6 +22,7 @@ under "<name>@<tag>" (e.g. "FC100-100-10@P1").
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -257,8 +258,9 @@ def _to_json(value):
 def run_main(main, argv: Sequence[str] | None = None) -> None:
     """Run an experiment's `main` (with `argv` if given) as a command.
 
-    On Ctrl-C it says what is kept; a user error (USER_ERRORS: missing data, an unusable workdir,
-    saved results that refuse to mix) ends in one line and exit status 2. Tracebacks are for bugs.
+    On Ctrl-C it says what is kept, in one line, and exits 130 at once; a user error (USER_ERRORS: missing
+    data, an unusable workdir, saved results that refuse to mix, a damaged checkpoint; a full disk) ends in
+    one line and exit status 2. Tracebacks are for bugs.
     """
     try:
         main() if argv is None else main(argv)
@@ -271,6 +273,13 @@ def run_main(main, argv: Sequence[str] | None = None) -> None:
         os._exit(130)
     except USER_ERRORS as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Every file is written to a temporary name first: what was saved before stays whole and loadable.
+        print(f"error: no space left on the device of {error.filename or 'the workdir'!r}; what was saved "
+              "before is kept: free some space and run the same command again to resume", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -74,3 +75,36 @@ def test_two_processes_run_one_table1_sweep_exactly_as_one_process(tmp_path):
                 assert a.files == b.files
                 for key in a.files:
                     np.testing.assert_array_equal(a[key], b[key], err_msg=f"{name}: {key}")
+
+
+def _readme_two_process_snippet() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Many processes, many hosts", 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readmes_two_process_snippet_resumes_a_one_process_run_and_fails_when_its_processes_fail(tmp_path):
+    """The snippet as written, after the README's one-process `table1 --quick` on the same workdir (before: refused
+    with "block_size: 40 != 20"), with the venv's python and a smaller model list and workdir added; and its
+    status is the processes': `wait` alone returned 0 when both failed."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    env.pop("XLA_FLAGS", None)
+    workdir = tmp_path / "w"
+    extra = f"--models 'FC10(1e-4)' --workdir {workdir}"
+    snippet = _readme_two_process_snippet()
+    assert "--quick --distributed" in snippet and ".venv/bin/python" in snippet
+    snippet = (snippet.replace(".venv/bin/python", sys.executable).replace("../shared/data", DATA_DIR)
+               .replace("127.0.0.1:12355", f"127.0.0.1:{_free_port()}"))
+    single = subprocess.run([sys.executable, "-m", "experiments.table1", "--quick", *shlex.split(extra)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    [results] = (workdir / "table1").glob("*/results.json")
+    first = json.loads(results.read_text())
+    pair = subprocess.run(["bash", "-c", snippet.replace("--quick", f"--quick {extra}")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert pair.returncode == 0, pair.stdout + pair.stderr
+    assert "resuming: 1/1 chunks" in pair.stdout + pair.stderr         # the one-process run's chunk, not recomputed
+    assert _timings_dropped(json.loads(results.read_text())) == _timings_dropped(first)
+    failing = subprocess.run(["bash", "-c", snippet.replace("--quick", f"--quick {extra} --num-images 0")], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert failing.returncode != 0 and "--num-images" in failing.stderr

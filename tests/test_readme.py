@@ -1,5 +1,7 @@
 """The README's usage example runs as written, and does what it says."""
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +67,11 @@ def test_readme_dataset_example_resumes_what_it_saved(capsys, tmp_path, monkeypa
 
 def test_readme_your_own_model_section_runs_every_analysis(data_dir, tmp_path, monkeypatch, capsys):
     """The "Your own model" block: a flax CNN the reader writes, attacked, swept and resumed, bounded, its units shown."""
+    from jaxadv.data import STARTING_DIRECTORY
     block = next(b for b in _python_blocks(README.read_text()) if "class CNN(nn.Module)" in b)
-    monkeypatch.setenv("JAXADV_DATA_DIR", data_dir)
+    # As the README's command 2 sets it, relative (../shared/data), then a change of folder: the variable still
+    # means the folder relative to where the process started (it failed so in a fresh clone).
+    monkeypatch.setenv("JAXADV_DATA_DIR", os.path.relpath(data_dir, STARTING_DIRECTORY))
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(block, "README.md", "exec"), namespace)   # noqa: S102 - our own README
@@ -84,3 +89,21 @@ def test_readme_your_own_model_section_runs_every_analysis(data_dir, tmp_path, m
     assert moved.sum() > 50 and np.all(radii[moved] <= np.asarray(result.l2)[moved] * (1 + 1e-4))
     assert (tmp_path / "runs/my_cnn/units.png").stat().st_size > 10_000
     assert namespace["features"].shape == (10000, 16 * 7 * 7)
+
+
+def _opening_commands(text):
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_ci_runs_the_readmes_opening_commands_exactly_as_written():
+    """.ci/run reads the README's opening commands from README.md and runs command 2 as it stands there (with
+    the data path relative), so CI cannot drift from what a reader types; before, it ran its own variant with
+    an absolute JAXADV_DATA_DIR, which hid the failure of the command as written."""
+    commands = _opening_commands(README.read_text())
+    assert len(commands) == 2 and "JAXADV_DATA_DIR=../shared/data" in commands[1] and "pytest -q" in commands[1]
+    printed = subprocess.run(["bash", str(README.parent / ".ci" / "run"), "--print-commands"], capture_output=True,
+                             text=True, check=True, timeout=60).stdout.splitlines()
+    assert printed == commands
+    script = (README.parent / ".ci" / "run").read_text()
+    assert 'eval "${COMMANDS[1]}"' in script and "export JAXADV_DATA_DIR" not in script
