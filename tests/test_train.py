@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -275,7 +276,9 @@ def test_common_args_default_workdir_follows_dataset():
     from experiments.common import ArgumentParser, add_common_args, parse_args
     parser = add_common_args(ArgumentParser())
     args = parse_args(parser, [])
-    assert (args.dataset, args.workdir, args.data_dir, args.quick) == ("fashion_mnist", "runs/fashion_mnist", None, False)
-    assert parse_args(parser, ["--dataset", "mnist"]).workdir == "runs/mnist"
-    assert parse_args(parser, ["--dataset", "mnist", "--workdir", "w"]).workdir == "w"
+    # Absolute where given (issue 23): a relative path means the folder where the command was typed.
+    assert (args.dataset, args.workdir, args.data_dir, args.quick) == ("fashion_mnist", os.path.abspath(
+        "runs/fashion_mnist"), None, False)
+    assert parse_args(parser, ["--dataset", "mnist"]).workdir == os.path.abspath("runs/mnist")
+    assert parse_args(parser, ["--dataset", "mnist", "--workdir", "w"]).workdir == os.path.abspath("w")
     assert parser.parse_args([]).workdir is None          # argparse alone: nothing patched into the parser
