@@ -11,12 +11,19 @@ import jax
 import numpy as np
 import pytest
 
-from jaxadv.data import DATA_DIR_ENV, Dataset
+from jaxadv.data import DATA_DIR_ENV, Dataset, environment_data_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # `experiments` is a top-level package that is not installed: make it importable from the tests.
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+
+# The README's command gives a relative $JAXADV_DATA_DIR (../shared/data): it means the folder relative to where
+# pytest started, also for the subprocesses tests start in other folders (tests/test_readme.py sets it relative
+# again, to test exactly that).
+if os.environ.get(DATA_DIR_ENV):
+    os.environ[DATA_DIR_ENV] = str(environment_data_dir())
 
 
 @pytest.fixture(scope="session")

@@ -111,3 +111,25 @@ def test_a_sweep_chunk_that_fills_the_disk_keeps_the_saved_chunks_and_a_rerun_co
     print("completed")
     """
     assert _run_in_small_tmpfs(tmp_path, 400, [before_full, with_space]).split() == ["kept", "completed"]
+
+
+def test_a_checkpoint_saved_as_a_plain_folder_loads_and_becomes_a_version_at_its_next_save(tmp_path):
+    """Checkpoints saved before versions (the two files in the folder itself) still load, bit for bit; the next
+    save moves the folder to a version and links it, and the new parameters load."""
+    import os
+
+    import numpy as np
+
+    from jaxadv.checkpoint import load_checkpoint, save_checkpoint
+    old, new = {"w": np.arange(6, dtype=np.float32)}, {"w": -np.arange(6, dtype=np.float32)}
+    save_checkpoint(tmp_path / "staging", old, {"epochs": 1})
+    plain = tmp_path / "models" / "m"
+    shutil.copytree(tmp_path / "staging", plain, symlinks=False)            # the files alone, in a real folder
+    assert plain.is_dir() and not plain.is_symlink()
+    params, meta = load_checkpoint(plain, old)
+    assert meta == {"epochs": 1} and params["w"].tobytes() == old["w"].tobytes()
+    save_checkpoint(plain, new, {"epochs": 2})
+    assert plain.is_symlink()
+    params, meta = load_checkpoint(plain, new)
+    assert meta == {"epochs": 2} and params["w"].tobytes() == new["w"].tobytes()
+    assert sorted(os.listdir(plain.parent)) == sorted([os.readlink(plain), "m"])   # the plain folder's version went
