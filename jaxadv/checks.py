@@ -107,13 +107,19 @@ def bound(b, images, name: str, side: str):
 
 
 def round_inward(value, dtype, side: str) -> np.ndarray:
-    """`value` in `dtype`, rounded up ('lower') or down ('upper') where the nearest value lies outside."""
+    """`value` in `dtype`, rounded up ('lower') or down ('upper') where the nearest value lies outside; a
+    subnormal result that a flush to zero would move outside becomes the smallest normal number."""
     exact = np.asarray(value)
     with np.errstate(over="ignore"):
         cast = exact.astype(dtype)
     outside = (cast < exact) if side == "lower" else (cast > exact)
     toward = np.asarray(np.inf if side == "lower" else -np.inf, dtype)
-    return np.where(outside, np.nextafter(cast, toward), cast).astype(dtype)
+    rounded = np.where(outside, np.nextafter(cast, toward), cast).astype(dtype)
+    # XLA on CPU flushes subnormals to zero: a lower bound in (0, tiny) would act as 0, below itself.
+    tiny = np.finfo(dtype).tiny
+    if side == "lower":
+        return np.where((rounded > 0) & (rounded < tiny), tiny, rounded).astype(dtype)
+    return np.where((rounded < 0) & (rounded > -tiny), -tiny, rounded).astype(dtype)
 
 
 def box(lower, upper, images, *, scalar: bool = False, strict: bool = False):
@@ -130,7 +136,8 @@ def box(lower, upper, images, *, scalar: bool = False, strict: bool = False):
         return lo, up
     given = np.asarray(lower) < np.asarray(upper) if strict else np.asarray(lower) <= np.asarray(upper)
     if not np.all(given):
-        raise ValueError(f"lower, upper: need lower {'<' if strict else '<='} upper everywhere, got {lower}, {upper}")
+        raise ValueError(f"lower, upper: lower must be below {'' if strict else 'or equal to '}upper everywhere, got "
+                         f"lower={lower!r}, upper={upper!r}")
     rounded = lo < up if strict else lo <= up
     if not np.all(rounded):
         raise ValueError(f"lower, upper: no {np.dtype(lo.dtype).name} value (the images' work dtype) lies "
@@ -210,7 +217,7 @@ def pytree(tree, name: str) -> None:
                         "functools.partial(apply, act=...), and keep only arrays in the parameters")
 
 
-def model(model_, params=None, images_=None, *, name: str = "logits_fn"):
+def model(model_, params=None, images_=None, *, name: str = "logits_fn", images_name: str = "images"):
     """(logits_fn, num_classes): `model_` as `functional.logits_function` makes it, its parameters checked for
     untraceable leaves and its call on images' example shape checked (num_classes None without images_)."""
     if params is not None:
@@ -225,7 +232,7 @@ def model(model_, params=None, images_=None, *, name: str = "logits_fn"):
         classes = check_logits_call(logits_fn, shape[1:], dtype, argument=name)
     except TypeError as error:
         if _takes_batch_of(logits_fn, shape, dtype):
-            raise ValueError(f"images: shape {shape} is one image without a batch axis: add a batch axis: "
+            raise ValueError(f"{images_name}: shape {shape} is one image without a batch axis: add a batch axis: "
                              "images[None]") from error
         raise
     return logits_fn, classes

@@ -128,7 +128,7 @@ def pgd_core(logits_fn, images, labels, epsilon, step_size, lower, upper, norm: 
 
 
 @jax.jit
-def success_along_direction(logits_fn, images, labels, direction, epsilons, lower, upper):
+def success_along_direction_core(logits_fn, images, labels, direction, epsilons, lower, upper):
     """[E, N]: does clip(x + ε·direction) leave the label, for each ε of `epsilons` ([E]) and image."""
     def at(eps):
         x = jnp.clip(images + eps * direction, lower, upper)
@@ -143,7 +143,7 @@ def minimal_fast_gradient_core(logits_fn, images, labels, lower, upper, max_epsi
     direction = _direction(_loss_gradient(logits_fn, images, labels), norm)
     dtype = images.dtype
     grid_eps = (max_epsilon * jnp.geomspace(min_ratio, 1.0, grid)).astype(dtype)              # [G]
-    hits = success_along_direction(logits_fn, images, labels, direction, grid_eps, lower, upper)  # [G, N]
+    hits = success_along_direction_core(logits_fn, images, labels, direction, grid_eps, lower, upper)  # [G, N]
     found = jnp.any(hits, axis=0)
     first = jnp.argmax(hits, axis=0)                                                         # first success
     hi = grid_eps[first]
@@ -178,6 +178,24 @@ def fast_gradient_direction(logits_fn: Callable, images, labels, *, norm: str = 
     logits_fn, images, labels, _, _ = validate(logits_fn, images, labels, lower, upper, num_values=2,
                                                images_per_pass=1, params=params)
     return fast_gradient_direction_core(logits_fn, images, labels, norm=norm)
+
+
+def success_along_direction(logits_fn: Callable, images, labels, direction, epsilons, lower=0.0, upper=1.0, *,
+                            params=None) -> jax.Array:
+    """[E, N]: does clip(x + ε·direction) leave the label, for each ε of `epsilons` ([E], each >= 0) and image.
+
+    direction: [B, *shape] like images (e.g. `fast_gradient_direction`'s). The model as for `fgm`.
+    """
+    logits_fn, images, labels, lower, upper = validate(logits_fn, images, labels, lower, upper, num_values=2,
+                                                       images_per_pass=1, params=params)
+    direction = checks.images(direction, "direction")
+    if direction.shape != images.shape:
+        raise ValueError(f"direction: expected the images' shape {images.shape}, got {direction.shape}")
+    if np.ndim(epsilons) != 1:
+        raise ValueError(f"epsilons: expected shape [E], got {np.shape(epsilons)}")
+    epsilons = checks.positive_finite(epsilons, images.dtype, "epsilons", shape=np.shape(epsilons), allow_zero=True)
+    return success_along_direction_core(logits_fn, images, labels, jnp.asarray(direction, images.dtype),
+                                        jnp.asarray(epsilons, images.dtype), lower, upper)
 
 
 def fgm(logits_fn: Callable, images, labels, epsilon, *, norm: str = "l2", lower=0.0, upper=1.0,
