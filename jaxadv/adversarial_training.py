@@ -41,9 +41,8 @@ import numpy as np
 import optax
 
 from jaxadv import checks
-from jaxadv.functional import (INPUT, LayersAbove, LayersBelow, ModuleApply, apply_layers, check_logits_call,
-                               hidden_layers, layer_kind, logits_function,
-                               representation_bounds as _sequential_bounds)
+from jaxadv.functional import (INPUT, LayersAbove, LayersBelow, ModuleApply, apply_layers, hidden_layers,
+                               layer_kind, representation_bounds as _sequential_bounds)
 
 Params = object   # any pytree of arrays (a flax module's variables)
 

@@ -243,10 +243,15 @@ def batch_mismatch(logits_fn, images_, labels_, name: str) -> None:
     count = np.shape(labels_)
     if len(count) == 1 and count[0] == images_.shape[0]:
         return
-    hint = ""
+    raise ValueError(f"{name}: expected shape ({images_.shape[0]},) (one per image), got {count}"
+                     f"{batch_axis_hint(logits_fn, images_)}")
+
+
+def batch_axis_hint(logits_fn, images_) -> str:
+    """'; add a batch axis: images[None]' when `logits_fn` takes `images_` as one image, else ''."""
     if _takes_batch_of(logits_fn, tuple(images_.shape), work_dtype(images_)):
-        hint = "; images looks like one image without a batch axis: add a batch axis: images[None]"
-    raise ValueError(f"{name}: expected shape ({images_.shape[0]},) (one per image), got {count}{hint}")
+        return "; images looks like one image without a batch axis: add a batch axis: images[None]"
+    return ""
 
 
 def _takes_batch_of(logits_fn, shape, dtype) -> bool:

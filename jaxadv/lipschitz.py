@@ -64,7 +64,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from jaxadv import checks, spectral
-from jaxadv.functional import failed_call, logits_function
+from jaxadv.functional import failed_call
 
 __all__ = ["LipschitzBounds", "operator_bounds", "network_bound", "estimate_by_power_iteration", "RULES"]
 

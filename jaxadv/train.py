@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from jaxadv import checks
-from jaxadv.functional import check_logits_call, layer_kind, logits_function
+from jaxadv.functional import layer_kind
 from jaxadv.models import ZooModel, weight_decay_penalty
 
 
@@ -248,8 +248,8 @@ def _check_training_data(model, params, images, labels, input_shape=None):
         raise TypeError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
     logits_fn, num_classes = checks.model(model, params, images, name="model")
     if labels.shape != images.shape[:1]:
-        checks.batch_mismatch(logits_fn, images, labels, "labels")
-        raise ValueError(f"labels must have shape [{len(images)}] to match images, got {labels.shape}")
+        raise ValueError(f"labels must have shape [{len(images)}] to match images, got {labels.shape}"
+                         f"{checks.batch_axis_hint(logits_fn, images)}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):

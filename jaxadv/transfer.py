@@ -196,8 +196,8 @@ def error_rate_matrix(logits_fns: Sequence[LogitsFn], image_sets: Sequence[jax.A
                           for m, fn in enumerate(logits_fns))
         y = np.asarray(y)
         if y.ndim != 1 or y.shape[0] != images.shape[0]:
-            checks.batch_mismatch(logits_fns[0], images, y, f"labels[{s}]")
-            raise ValueError(f"labels[{s}] must have shape [{images.shape[0]}] to match image_sets[{s}], got {y.shape}")
+            raise ValueError(f"labels[{s}] must have shape [{images.shape[0]}] to match image_sets[{s}], got {y.shape}"
+                             f"{checks.batch_axis_hint(logits_fns[0], images)}")
         y = checks.labels(y, images.shape[0], classes, f"labels[{s}]")
         for m, logits_fn in enumerate(logits_fns):
             rates[s, m] = np.mean(_predictions(logits_fn, images, batch_size, f"logits_fns[{m}]") != y)
