@@ -223,8 +223,11 @@ def model(model_, params=None, images_=None, *, name: str = "logits_fn", images_
     if params is not None:
         pytree(params, "params")
     logits_fn = logits_function(model_, params, argument=name)
-    if params is None:
-        pytree(logits_fn, name)
+    if params is None:     # a Partial's arrays: named by argument, as the Partial's own paths are flat indices
+        for index, argument in enumerate(logits_fn.args):
+            pytree(argument, f"{name} (its Partial's argument {index})")
+        for key, argument in logits_fn.keywords.items():
+            pytree(argument, f"{name} (its Partial's keyword {key})")
     if images_ is None:
         return logits_fn, None
     shape, dtype = tuple(images_.shape), work_dtype(images_)

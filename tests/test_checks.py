@@ -82,7 +82,8 @@ def good_inputs():
 class Public(NamedTuple):
     """A public function, called with (model, params, images, labels, lower, upper).
 
-    kinds: the bad inputs that apply ('logits': NaN/inf logits; 'probabilities'; 'params': a string leaf;
+    kinds: the bad inputs that apply ('logits': NaN/inf logits; 'probabilities'; 'params': a string leaf in
+      params=, 'partial': in a jax.tree_util.Partial's arguments;
       'batch': one image without a batch axis; 'labels'; 'box': bounds; 'images'). model_name, labels_name,
       images_name: the names its errors must give. produced: the images it returns (to hold to the box), or None.
     """
@@ -95,8 +96,8 @@ class Public(NamedTuple):
     images_name: str = "images"
 
 
-ATTACK = frozenset({"logits", "probabilities", "params", "batch", "labels", "box", "images"})
-MODEL = frozenset({"logits", "params", "batch", "labels", "images"})
+ATTACK = frozenset({"logits", "probabilities", "params", "partial", "batch", "labels", "box", "images"})
+MODEL = frozenset({"logits", "params", "partial", "batch", "labels", "images"})
 adversarial = lambda result: result.adversarial      # noqa: E731
 
 
@@ -120,7 +121,7 @@ PUBLIC = [
         m, x, y, SMALL, None, lo, up, params=p), ATTACK, produced=lambda r: r.best.adversarial),
     Public("attack_dataset", _dataset, ATTACK, labels_name="targets", produced=lambda r: r["adversarial"]),
     Public("attack_sizes", lambda m, p, x, y, lo, up: attack_sizes(m, x, SMALL, params=p),
-           frozenset({"params", "batch"})),
+           frozenset({"params", "partial", "batch"})),
     Public("fgm", lambda m, p, x, y, lo, up: fgm(m, x, y, 0.5, lower=lo, upper=up, params=p), ATTACK,
            produced=adversarial),
     Public("fgsm", lambda m, p, x, y, lo, up: fgsm(m, x, y, 0.1, lower=lo, upper=up, params=p), ATTACK,
@@ -143,10 +144,10 @@ PUBLIC = [
            MODEL, model_name=r"logits_fns\[0\]", labels_name=r"labels\[0\]", images_name=r"image_sets\[0\]"),
     Public("train.error_rate", lambda m, p, x, y, lo, up: error_rate(m, p, x, y), MODEL, model_name="model"),
     Public("units.layer_features", lambda m, p, x, y, lo, up: units.layer_features(m, x, params=p),
-           frozenset({"params", "images"}), model_name="features_fn"),
+           frozenset({"params", "partial", "images"}), model_name="features_fn"),
     Public("lipschitz.operator_bounds", lambda m, p, x, y, lo, up: lipschitz.operator_bounds(
-        m, jax.ShapeDtypeStruct((1,) + SHAPE, jnp.float32), params=p), frozenset({"params"})),
-    Public("adversarial_train", _adversarial_train, MODEL, model_name="model"),
+        m, jax.ShapeDtypeStruct((1,) + SHAPE, jnp.float32), params=p), frozenset({"params", "partial"})),
+    Public("adversarial_train", _adversarial_train, MODEL - {"partial"}, model_name="model"),
     Public("transfer.gaussian_noise", lambda m, p, x, y, lo, up: transfer.gaussian_noise(
         jax.random.PRNGKey(0), x, 0.5, lower=lo, upper=up), frozenset({"box", "images"}), produced=lambda r: r),
     Public("transfer.rescale_perturbations", lambda m, p, x, y, lo, up: transfer.rescale_perturbations(
@@ -175,7 +176,11 @@ BAD = [
     Bad("inf_logits", "logits", _swap(inf_logits), lambda row: row.model_name),
     Bad("probabilities", "probabilities", _swap(probabilities), lambda row: row.model_name),
     Bad("string_leaf", "params", lambda row, m, p, x, y, lo, up: (counted(with_string_leaf), {**p, "act": "tanh"},
-                                                                   x, y, lo, up), lambda row: r"params\['act'\]"),
+                                                                   x, y, lo, up),
+        lambda row: r"params\['act'\].*functools.partial"),
+    Bad("string_leaf_in_partial", "partial", lambda row, m, p, x, y, lo, up: (
+        jax.tree_util.Partial(counted(with_string_leaf), {**p, "act": "tanh"}), None, x, y, lo, up),
+        lambda row: row.model_name + r".*\['act'\].*functools.partial"),
     Bad("one_image", "batch", lambda row, m, p, x, y, lo, up: (counted(m), p, x[0], y[:1], lo, up),
         lambda row: row.images_name + r".*images\[None\]"),
     Bad("labels_out_of_range", "labels", lambda row, m, p, x, y, lo, up: (counted(m), p, x, y + CLASSES, lo, up),
