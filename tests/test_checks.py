@@ -299,3 +299,18 @@ def test_constants_are_checked_in_the_work_dtype(value, dtype):
     with pytest.raises(ValueError, match="initial_c"):
         checks.positive_finite(value, dtype, "initial_c")
     assert checks.positive_finite(1e30, np.float32, "initial_c") == np.float32(1e30)
+
+
+@pytest.mark.parametrize("where", ["call", "config"])
+@pytest.mark.parametrize("value", [1e39, 1e-50])
+def test_initial_c_of_float64_images_is_checked_in_float32(where, value):
+    """Under x64 off, float64 NumPy images are attacked in float32, where 1e39 is inf and 1e-50 is 0: refused
+    naming initial_c, before the model runs (under x64 the attack runs in float64, where both are fine)."""
+    if jax.config.jax_enable_x64:
+        pytest.skip("float64 images work in float64 under x64")
+    m, p, x, y, lo, up = good_inputs()
+    EXECUTIONS[0] = 0
+    config = SMALL._replace(initial_c=value) if where == "config" else SMALL
+    with pytest.raises(ValueError, match="initial_c.*float32"):
+        lbfgs_attack(counted(m), x, y, config, lo, up, params=p, initial_c=value if where == "call" else None)
+    assert EXECUTIONS[0] == 0

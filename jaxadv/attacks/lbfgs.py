@@ -579,7 +579,7 @@ def lbfgs_attack_untargeted(logits_fn: Callable, images, labels, config: AttackC
 
 def _attack(logits_fn, images, targets, config, lower, upper, labels, initial_c, untargeted, params):
     check_config(config)
-    checked = checks.attack_inputs(logits_fn, images, targets, lower, upper, params=params,
+    checked = checks.attack_inputs(logits_fn, images, targets, lower, upper, params=params, logits=False,
                                    labels_name="labels" if untargeted else "targets")
     batch, dtype = checked.images.shape[0], checks.work_dtype(checked.images)
     if labels is not None:
@@ -591,6 +591,7 @@ def _attack(logits_fn, images, targets, config, lower, upper, labels, initial_c,
     checks.positive_finite(config.initial_c, dtype, "config.initial_c")
     if initial_c is not None:
         initial_c = jnp.asarray(checks.positive_finite(initial_c, dtype, "initial_c", shape=(batch,)), dtype)
+    checks.finite_logits(checked.logits_fn, checked.images)      # the one forward pass, after the cheap checks
     return lbfgs_attack_core(checked.logits_fn, jnp.asarray(checked.images, dtype),
                              jnp.asarray(checked.labels, jnp.int32), _bound_arg(checked.lower, checked.images.shape),
                              _bound_arg(checked.upper, checked.images.shape), initial_c, config=config,
