@@ -219,8 +219,7 @@ def test_bad_input_is_refused_naming_the_argument_before_any_work(row, bad):
     with pytest.raises((ValueError, TypeError)) as caught:
         row.call(*inputs)
     message = str(caught.value)
-    assert re.search(bad.argument(row), message, re.S), message
-    assert "jax" not in type(caught.value).__module__, repr(caught.value)      # ours, not JAX-internal
+    assert re.match(bad.argument(row), message, re.S), message       # the message opens with the argument's name
     allowed = 1 if bad.kind in ("logits", "probabilities") else 0
     assert EXECUTIONS[0] <= allowed, f"the model ran {EXECUTIONS[0]} times before the error"
 
