@@ -40,9 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxadv.functional import (INPUT, LayersAbove, LayersBelow, ModuleApply, apply_layers, check_logits_call,
-                               hidden_layers, layer_kind, logits_function,
-                               representation_bounds as _sequential_bounds)
+from jaxadv import checks
+from jaxadv.functional import (INPUT, LayersAbove, LayersBelow, ModuleApply, apply_layers, hidden_layers,
+                               layer_kind, representation_bounds as _sequential_bounds)
 
 Params = object   # any pytree of arrays (a flax module's variables)
 
@@ -291,6 +291,10 @@ def validate_config(model, config: AdversarialTrainingConfig) -> None:
         raise ValueError(f"config.pool_layers must not repeat a layer, got {config.pool_layers}")
 
 
+#: Training images of the one forward pass at entry (`checks.finite_logits`): enough to see NaN parameters.
+_ENTRY_PASS = 256
+
+
 def adversarial_train(model, images, labels, key: jax.Array, config: AdversarialTrainingConfig,
                       make_adversarial: MakeAdversarial | None = None,
                       evaluate: Callable[[Params], dict] | None = None, *, params=None,
@@ -323,12 +327,7 @@ def adversarial_train(model, images, labels, key: jax.Array, config: Adversarial
     if penalty is not None and not callable(penalty):
         raise TypeError(f"penalty: expected a function of the parameters, got {type(penalty).__name__}")
     validate_config(model, config)
-    images = jnp.asarray(images, jnp.float32)
-    labels = jnp.asarray(labels, jnp.int32)
-    if images.ndim < 2:
-        raise ValueError(f"images must have shape [N, *image_shape], got {images.shape}")
-    if labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"labels must have shape [{images.shape[0]}] to match images, got {labels.shape}")
+    images = jnp.asarray(checks.images(images, "images"), jnp.float32)
     if config.pool_layers and make_adversarial is None:
         raise ValueError("make_adversarial is required when config.pool_layers is not empty")
 
@@ -342,7 +341,10 @@ def adversarial_train(model, images, labels, key: jax.Array, config: Adversarial
     missing = [name for name in frozen if name not in params.get("params", {})] if frozen else []
     if missing:
         raise ValueError(f"frozen: no parameters named {missing} in params['params']")
-    check_logits_call(logits_function(model, params), images.shape[1:], argument="model")
+    logits_fn, num_classes = checks.model(model, params, images, name="model")
+    checks.batch_mismatch(logits_fn, images, labels, "labels")
+    labels = jnp.asarray(checks.labels(labels, images.shape[0], num_classes, "labels"), jnp.int32)
+    checks.finite_logits(logits_fn, images[:_ENTRY_PASS], "model")
     state = init_state(params, config, total_steps)
     steps_per_epoch = images.shape[0] // config.batch_size
     pools: tuple = ()

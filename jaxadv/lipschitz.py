@@ -63,8 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from jaxadv import spectral
-from jaxadv.functional import failed_call, logits_function
+from jaxadv import checks, spectral
+from jaxadv.functional import failed_call
 
 __all__ = ["LipschitzBounds", "operator_bounds", "network_bound", "estimate_by_power_iteration", "RULES"]
 
@@ -117,7 +117,7 @@ def operator_bounds(logits_fn: Callable[[jax.Array], jax.Array], example_input, 
     `params`, `logits_fn` is a flax module (params: its variables) or a function
     apply(params, x), as everywhere (`jaxadv.functional.logits_function`).
     """
-    logits_fn = logits_function(logits_fn, params, argument="logits_fn")
+    logits_fn, _ = checks.model(logits_fn, params, name="logits_fn")
 
     if isinstance(power_iterations, bool) or not isinstance(power_iterations, (int, np.integer)) or power_iterations < 0:
         raise ValueError(f"power_iterations must be an integer >= 0, got {power_iterations!r}")

@@ -40,6 +40,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from jaxadv import checks
 from jaxadv.attacks import box_lbfgs as core
 
 BoxLBFGSState = core.BoxLBFGSState
@@ -75,7 +76,7 @@ def box_lbfgs(lower, upper, *, memory_size: int = 10, max_iterations: int = 100,
 
     def init_fn(params):
         x, _ = _ravel(params, "params")
-        lo, up = _flat_bound(lower, params, x.dtype, "lower"), _flat_bound(upper, params, x.dtype, "upper")
+        lo, up = _flat_bound(lower, params, x.dtype, "lower")[0], _flat_bound(upper, params, x.dtype, "upper")[0]
         if not any(isinstance(a, jax.core.Tracer) for a in (x, lo, up)):
             x_np, lo_np, up_np = np.asarray(x), np.asarray(lo), np.asarray(up)
             if np.any(np.isnan(lo_np)) or np.any(np.isnan(up_np)) or np.any(lo_np > up_np):
@@ -95,11 +96,15 @@ def box_lbfgs(lower, upper, *, memory_size: int = 10, max_iterations: int = 100,
             raise TypeError(f"state: expected a BoxLBFGSState from init, got {type(state).__name__}")
         x, unravel = _ravel(params, "params")
         g, _ = _ravel(grads, "grads", like=params)
-        lo, up = _flat_bound(lower, params, x.dtype, "lower"), _flat_bound(upper, params, x.dtype, "upper")
+        (lo, lo_leaves), (up, up_leaves) = (_flat_bound(lower, params, x.dtype, "lower"),
+                                             _flat_bound(upper, params, x.dtype, "upper"))
         # The value belongs to `params`, the point actually evaluated; in the attack's loop that is
         # `state.trial` itself, so this leaves its arithmetic as it was.
         state = core.tell(state._replace(trial=x), value, g, lo, up, config)
-        return unravel(_inward(x, state.trial - x, lo, up)), state
+        updates = unravel(_inward(x, state.trial - x, lo, up))
+        if lo_leaves is not None:    # leaves narrower than the raveled dtype: params + updates rounds in theirs
+            updates = jax.tree.map(_inward, params, updates, lo_leaves, up_leaves)
+        return updates, state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -154,6 +159,7 @@ def _inward(x, step, lower, upper):
 
 
 def _ravel(tree, name, like=None):
+    checks.pytree(tree, name)
     leaves = jax.tree.leaves(tree)
     if not leaves:
         raise ValueError(f"{name}: an empty pytree has nothing to optimise")
@@ -166,18 +172,40 @@ def _ravel(tree, name, like=None):
     return ravel_pytree(tree)
 
 
-def _flat_bound(bound, params, dtype, name):
-    """A scalar bound as a scalar of `dtype`; a pytree bound broadcast leaf by leaf and raveled like params."""
-    if jax.tree_util.treedef_is_leaf(jax.tree.structure(bound)) and jnp.ndim(bound) == 0:
-        return jnp.asarray(bound, dtype)
-    if jax.tree.structure(bound) != jax.tree.structure(params):
-        raise ValueError(f"{name}: a scalar or a pytree shaped like params; got structure "
+def _flat_bound(bound, params, dtype, side):
+    """(flat, leaves): `bound` raveled like params in `dtype`, and per leaf in the leaf's own dtype (None when
+    every leaf is of `dtype` and the bound a scalar: then `flat` is that scalar).
+
+    A concrete bound is rounded inward in each leaf's dtype (`checks.round_inward`): a float16 leaf then
+    stays inside [lower, upper] as given after its values are rounded to float16.
+    """
+    leaves = jax.tree.leaves(params)
+    scalar = jax.tree_util.treedef_is_leaf(jax.tree.structure(bound)) and jnp.ndim(bound) == 0
+    same = all(jnp.result_type(leaf) == dtype for leaf in leaves)
+    typed = checks.is_traced(bound) or (isinstance(bound, (jax.Array, np.ndarray, np.generic))
+                                         and jnp.result_type(bound) == dtype)
+    if scalar and same and typed:
+        return jnp.asarray(bound, dtype), None
+    if scalar:
+        bound = jax.tree.map(lambda _: bound, params)
+    elif jax.tree.structure(bound) != jax.tree.structure(params):
+        raise ValueError(f"{side}: a scalar or a pytree shaped like params; got structure "
                          f"{jax.tree.structure(bound)} for params' {jax.tree.structure(params)}")
     try:
-        full = jax.tree.map(lambda b, p: jnp.broadcast_to(jnp.asarray(b, dtype), jnp.shape(p)), bound, params)
+        full = jax.tree.map(lambda b, p: jnp.broadcast_to(_round_inward(b, jnp.result_type(p), side), jnp.shape(p)),
+                            bound, params)
     except ValueError:
-        raise ValueError(f"{name}: a leaf does not broadcast to its params leaf's shape") from None
-    return ravel_pytree(full)[0]
+        raise ValueError(f"{side}: a leaf does not broadcast to its params leaf's shape") from None
+    return ravel_pytree(full)[0].astype(dtype), (None if same else full)
+
+
+def _round_inward(bound, dtype, side):
+    """`bound` in `dtype`, rounded toward the inside of the box where the nearest value lies outside."""
+    if not checks.is_traced(bound):
+        return jnp.asarray(checks.round_inward(np.asarray(bound), dtype, side))
+    cast = bound.astype(dtype)
+    outside = cast.astype(bound.dtype) < bound if side == "lower" else cast.astype(bound.dtype) > bound
+    return jnp.where(outside, jnp.nextafter(cast, jnp.asarray(jnp.inf if side == "lower" else -jnp.inf, dtype)), cast)
 
 
 def _check_bound(bound, name):

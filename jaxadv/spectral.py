@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxadv import checks
+
 SIGMOID_BOUND = 0.25   # max of σ'(t) = σ(t)(1 − σ(t)), reached at t = 0
 RELU_BOUND = 1.0       # max(0, ·) is 1-Lipschitz
 
@@ -354,9 +356,11 @@ def certified_radius(logits: jax.Array, lipschitz: float | jax.Array) -> jax.Arr
     moves by at most √2·‖Δz‖, so the radius is (z_top − z_second) / (√2 L).
     """
     logits = _check_logits(logits)
+    if jnp.ndim(lipschitz) != 0:
+        raise ValueError(f"lipschitz must be a scalar, got shape {jnp.shape(lipschitz)}")
     lipschitz = jnp.asarray(lipschitz, logits.dtype)
-    if lipschitz.ndim != 0:
-        raise ValueError(f"lipschitz must be a scalar, got shape {lipschitz.shape}")
+    if not checks.is_traced(lipschitz) and not bool(lipschitz > 0):    # inf is a bound (radius 0); NaN, 0 are not
+        raise ValueError(f"lipschitz must be > 0 (inf allowed), got {lipschitz}")
     top_two = jax.lax.top_k(logits, 2)[0]
     return (top_two[:, 0] - top_two[:, 1]) / (jnp.sqrt(jnp.asarray(2.0, logits.dtype)) * lipschitz)
 
@@ -400,6 +404,9 @@ def _check_logits(logits) -> jax.Array:
     logits = jnp.asarray(logits)
     if logits.ndim != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must be [batch, classes >= 2], got shape {logits.shape}")
+    if not checks.is_traced(logits) and not bool(jnp.all(jnp.isfinite(logits))):
+        raise ValueError(f"logits: {int(jnp.sum(~jnp.all(jnp.isfinite(logits), axis=-1)))} rows hold NaN or "
+                         "infinite values; a radius needs finite logits")
     # At least float32: a bound above 65504 would overflow in float16.
     return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 

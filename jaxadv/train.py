@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxadv.functional import check_logits_call, layer_kind, logits_function
+from jaxadv import checks
+from jaxadv.functional import layer_kind
 from jaxadv.models import ZooModel, weight_decay_penalty
 
 
@@ -177,27 +178,33 @@ def error_rate(model, params, images, labels, batch_size: int = 2000) -> float:
     model, params: any model (`jaxadv.functional.logits_function`): a flax module and its variables, a
     function apply(params, x), or a logits function with params None.
     """
-    logits_fn = logits_function(model, params)
+    logits_fn, _ = checks.model(model, params, name="model")
     images, labels = _check_training_data(logits_fn, None, images, labels)
     n = len(labels)
     if n == 0:
         raise ValueError("images must hold at least one example")
     batch_size = min(batch_size, n)
-    wrong = 0
+    wrong = bad = 0
     for start in range(0, n, batch_size):
         x, y = images[start:start + batch_size], labels[start:start + batch_size]
         valid = len(y)
         if valid < batch_size:  # pad the last batch so that one compiled shape serves all
             x = jnp.concatenate([x, jnp.zeros((batch_size - valid,) + x.shape[1:], x.dtype)])
             y = jnp.concatenate([y, jnp.full((batch_size - valid,), -1, y.dtype)])
-        wrong += int(_count_wrong(logits_fn, x, y, valid))
+        mistakes, nonfinite = _count_wrong(logits_fn, x, y, valid)
+        wrong, bad = wrong + int(mistakes), bad + int(nonfinite)
+    if bad:    # argmax would read NaN logits as class 0: refused rather than counted
+        raise ValueError(f"model: returned NaN or infinite logits for {bad} of {n} images")
     return wrong / n
 
 
 @jax.jit
 def _count_wrong(logits_fn, x, y, valid):
-    mistakes = jnp.argmax(logits_fn(x), axis=-1) != y
-    return jnp.sum(mistakes & (jnp.arange(len(y)) < valid))
+    """(mistakes, rows with a non-finite logit) among the first `valid` rows."""
+    logits = logits_fn(x)
+    counted = jnp.arange(len(y)) < valid
+    nonfinite = ~jnp.all(jnp.isfinite(logits.reshape(logits.shape[0], -1)), axis=-1)
+    return jnp.sum((jnp.argmax(logits, axis=-1) != y) & counted), jnp.sum(nonfinite & counted)
 
 
 # -- helpers ------------------------------------------------------------------
@@ -231,17 +238,20 @@ def _check_model(model) -> None:
 def _check_training_data(model, params, images, labels, input_shape=None):
     """images as float32 [N, *input_shape] in [0, 1] and labels as int32 [N] within the model's classes."""
     images, labels = np.asarray(images), np.asarray(labels)
+    if np.issubdtype(images.dtype, np.floating) and images.ndim >= 2 and len(images):
+        images = checks.images(images, "images")     # float64 -> the work dtype, finite after the cast
     if input_shape is not None and images.shape[1:] != tuple(input_shape):
         raise ValueError(f"images must have shape [N, {', '.join(map(str, input_shape))}], got {images.shape}")
     if images.ndim < 2:
         raise ValueError(f"images must have shape [N, *image_shape], got {images.shape}")
     if not np.issubdtype(images.dtype, np.floating):
         raise TypeError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
+    logits_fn, num_classes = checks.model(model, params, images, name="model")
     if labels.shape != images.shape[:1]:
-        raise ValueError(f"labels must have shape [{len(images)}] to match images, got {labels.shape}")
+        raise ValueError(f"labels must have shape [{len(images)}] to match images, got {labels.shape}"
+                         f"{checks.batch_axis_hint(logits_fn, images)}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
-    num_classes = check_logits_call(logits_function(model, params), images.shape[1:], argument="model")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{labels.min()}, {labels.max()}]")
     return jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.functional import check_logits_call, logits_function
+from jaxadv import checks
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -72,10 +72,13 @@ def gaussian_noise(key: jax.Array, images: jax.Array, stddev: float, *,
     Clipping keeps the result a valid image, so the applied distortion is below
     `stddev` wherever pixels sit near a bound (measure it with `distortions`).
     """
+    given = images
     images = _as_float_images(images, "images")
-    if not np.isfinite(stddev) or stddev < 0:
-        raise ValueError(f"stddev must be a finite number >= 0, got {stddev!r}")
-    _check_box(lower, upper)
+    stddev = checks.positive_finite(stddev, images.dtype, "stddev", allow_zero=True)
+    box = checks.box(lower, upper, images, scalar=True, strict=True)
+    if clip:
+        images = jnp.asarray(checks.in_range(given, np.asarray(images), *box, (lower, upper)))
+    lower, upper = box
     noisy = images + stddev * jax.random.normal(key, images.shape, images.dtype)
     return jnp.clip(noisy, lower, upper) if clip else noisy
 
@@ -94,10 +97,14 @@ def rescale_perturbations(originals: jax.Array, images: jax.Array, rms: float, *
     distortion. An image with zero perturbation has no direction and is returned
     unchanged.
     """
+    given = originals, images
     originals, images = _check_pair(originals, images)
-    if not np.isfinite(rms) or rms < 0:
-        raise ValueError(f"rms must be a finite number >= 0, got {rms!r}")
-    _check_box(lower, upper)
+    rms = checks.positive_finite(rms, images.dtype, "rms", allow_zero=True)
+    box = checks.box(lower, upper, images, scalar=True, strict=True)
+    if clip:
+        originals = jnp.asarray(checks.in_range(given[0], np.asarray(originals), *box, (lower, upper), "originals"))
+        images = jnp.asarray(checks.in_range(given[1], np.asarray(images), *box, (lower, upper), "images"))
+    lower, upper = box
     shape = originals.shape
     flat = (originals.reshape(shape[0], -1), images.reshape(shape[0], -1))
     return _rescale_flat(*flat, jnp.float32(rms), jnp.float32(lower), jnp.float32(upper), clip).reshape(shape)
@@ -140,13 +147,12 @@ def predictions(logits_fn: LogitsFn, images: jax.Array, batch_size: int = DEFAUL
 
     With `params`, `logits_fn` is a flax module or a function apply(params, x) (`jaxadv.logits_function`).
     """
-    logits_fn = logits_function(logits_fn, params, argument="logits_fn")
     images = _as_float_images(images, "images")
-    check_logits_call(logits_fn, images.shape[1:], images.dtype, argument="logits_fn")
+    logits_fn, _ = checks.model(logits_fn, params, images)
     return _predictions(logits_fn, images, batch_size)
 
 
-def _predictions(logits_fn, images: jax.Array, batch_size: int) -> np.ndarray:
+def _predictions(logits_fn, images: jax.Array, batch_size: int, argument: str = "logits_fn") -> np.ndarray:
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     n = images.shape[0]
@@ -154,8 +160,12 @@ def _predictions(logits_fn, images: jax.Array, batch_size: int) -> np.ndarray:
     padded = -(-n // batch) * batch
     images = jnp.concatenate([images, jnp.zeros((padded - n,) + images.shape[1:], images.dtype)])
     # The model is an argument (its parameters traced), so one compile serves every model of one architecture.
-    out = [np.argmax(np.asarray(_logits(logits_fn, images[i:i + batch])), axis=-1) for i in range(0, padded, batch)]
-    return np.concatenate(out)[:n] if out else np.zeros((0,), np.int32)
+    logits = [np.asarray(_logits(logits_fn, images[i:i + batch])) for i in range(0, padded, batch)]
+    logits = np.concatenate(logits)[:n] if logits else np.zeros((0, 2), np.float32)
+    bad = int(np.sum(~np.all(np.isfinite(logits.reshape(n, -1)), axis=-1)))
+    if bad:    # argmax would read NaN as class 0: refused in the same pass, before any rate is formed
+        raise ValueError(f"{argument}: returned NaN or infinite logits for {bad} of {n} images")
+    return np.argmax(logits, axis=-1)
 
 
 @jax.jit
@@ -170,24 +180,27 @@ def error_rate_matrix(logits_fns: Sequence[LogitsFn], image_sets: Sequence[jax.A
     Each model is a logits function, or a pair (model, params): a flax module and its variables, or a
     function apply(params, x) and its parameters.
     """
-    logits_fns = [logits_function(*fn, argument=f"logits_fns[{i}]") if type(fn) is tuple
-                  else logits_function(fn, argument=f"logits_fns[{i}]") for i, fn in enumerate(logits_fns)]
+    logits_fns = [checks.model(*fn, name=f"logits_fns[{i}]")[0] if type(fn) is tuple
+                  else checks.model(fn, name=f"logits_fns[{i}]")[0] for i, fn in enumerate(logits_fns)]
     if len(image_sets) != len(labels):
         raise ValueError(f"image_sets and labels must have the same length, got {len(image_sets)} and {len(labels)}")
     if len(logits_fns) == 0:
         raise ValueError("logits_fns must name at least one model")
     rates = np.zeros((len(image_sets), len(logits_fns)), np.float64)
     for s, (images, y) in enumerate(zip(image_sets, labels)):
-        y = np.asarray(y)
-        if y.ndim != 1 or y.shape[0] != np.shape(images)[0]:
-            raise ValueError(f"labels[{s}] must have shape [{np.shape(images)[0]}] to match image_sets[{s}], got {y.shape}")
-        if y.shape[0] == 0:
+        if np.shape(images)[:1] == (0,):
             raise ValueError(f"image_sets[{s}] is empty: an error rate needs at least one image")
         images = _as_float_images(images, f"image_sets[{s}]")
+        if s == 0:           # each model's call checked once, not once per set
+            classes = min(checks.model(fn, None, images, name=f"logits_fns[{m}]", images_name=f"image_sets[{s}]")[1]
+                          for m, fn in enumerate(logits_fns))
+        y = np.asarray(y)
+        if y.ndim != 1 or y.shape[0] != images.shape[0]:
+            raise ValueError(f"labels[{s}] must have shape [{images.shape[0]}] to match image_sets[{s}], got {y.shape}"
+                             f"{checks.batch_axis_hint(logits_fns[0], images)}")
+        y = checks.labels(y, images.shape[0], classes, f"labels[{s}]")
         for m, logits_fn in enumerate(logits_fns):
-            if s == 0:       # each model's call checked once, not once per set
-                check_logits_call(logits_fn, images.shape[1:], images.dtype, argument=f"logits_fns[{m}]")
-            rates[s, m] = np.mean(_predictions(logits_fn, images, batch_size) != y)
+            rates[s, m] = np.mean(_predictions(logits_fn, images, batch_size, f"logits_fns[{m}]") != y)
     return rates
 
 
@@ -223,17 +236,11 @@ def transfer_versus_noise(adversarial_rates, noise_rates, names: Sequence[str]) 
 # -- validation -------------------------------------------------------------------
 
 def _as_float_images(images, name: str) -> jax.Array:
-    arr = jnp.asarray(images)
-    if arr.ndim < 2:
-        raise ValueError(f"{name} must be a batch of images [N, ...], got shape {arr.shape}")
-    if not jnp.issubdtype(arr.dtype, jnp.floating):
-        raise TypeError(f"{name} must be floating point, got {arr.dtype}")
-    return arr
-
-
-def _check_box(lower, upper) -> None:
-    if not lower < upper:
-        raise ValueError(f"lower must be below upper, got lower={lower!r}, upper={upper!r}")
+    """`images` [N, ...] in their work dtype (`checks.images`; an empty set passes, for empty predictions)."""
+    if np.shape(images)[:1] == (0,) and len(np.shape(images)) >= 2:
+        checks.work_dtype(np.asarray(images))
+        return jnp.asarray(images)
+    return jnp.asarray(checks.images(images, name))
 
 
 def _check_pair(originals, images) -> tuple[jax.Array, jax.Array]:

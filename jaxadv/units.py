@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.functional import failed_call, logits_function
+from jaxadv import checks
+from jaxadv.functional import failed_call
 
 _PERMUTATION_BLOCK = 500
 
@@ -44,10 +45,8 @@ def layer_features(features_fn, images, *, params=None, batch_size: int = 2000) 
     Computed in chunks of `batch_size` so that conv feature maps of the whole
     test set never sit in memory at once.
     """
-    features_fn = logits_function(features_fn, params, argument="features_fn")
-    images = jnp.asarray(images, jnp.float32)
-    if images.ndim < 2:
-        raise ValueError(f"images must have shape [N, *image_shape], got {images.shape}")
+    features_fn, _ = checks.model(features_fn, params, name="features_fn")
+    images = jnp.asarray(checks.images(images, "images"), jnp.float32)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     batch = jax.ShapeDtypeStruct((2,) + images.shape[1:], images.dtype)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxadv.attacks import (UNTARGETED, AttackConfig, lbfgs_attack, lbfgs_attack_all_targets,
-                            lbfgs_attack_untargeted, runner_up_targets)
+                            lbfgs_attack_core, lbfgs_attack_untargeted, runner_up_targets)
 from test_attacks import FAST, LOGITS, SHAPE, _images
 
 TARGETS = np.array([1, 2, 3, 4], np.int32)
@@ -38,12 +38,21 @@ def test_nan_logits_never_count_as_success(classes, threshold):
     mask = jnp.zeros(10, bool).at[jnp.asarray(classes)].set(True)
 
     fn = jax.tree_util.Partial(_poisoned, (mask, jnp.asarray(threshold, jnp.float32)))
-    result = lbfgs_attack(fn, _images(0), np.full(4, 3, np.int32), FAST)
-    np.testing.assert_array_equal(np.asarray(result.success), _recheck(fn, result, np.full(4, 3)))
+    images, targets = _images(0), np.full(4, 3, np.int32)
+    if np.all(np.isfinite(np.asarray(fn(jnp.asarray(images))))):
+        result = lbfgs_attack(fn, images, targets, FAST)
+    else:     # NaN already at the images: refused at entry; the compiled attack must still not count it
+        with pytest.raises(ValueError, match="logits_fn: returned NaN"):
+            lbfgs_attack(fn, images, targets, FAST)
+        result = lbfgs_attack_core(fn, jnp.asarray(images), jnp.asarray(targets), 0.0, 1.0, config=FAST)
+    np.testing.assert_array_equal(np.asarray(result.success), _recheck(fn, result, targets))
 
 
 def test_a_model_that_returns_nan_fails_everywhere():
-    result = lbfgs_attack(lambda x: LOGITS(x) * jnp.nan, _images(0), TARGETS, FAST)
+    nan_model = jax.tree_util.Partial(lambda x: LOGITS(x) * jnp.nan)
+    with pytest.raises(ValueError, match="logits_fn: returned NaN or infinite logits for 4 of 4 images"):
+        lbfgs_attack(nan_model, _images(0), TARGETS, FAST)
+    result = lbfgs_attack_core(nan_model, jnp.asarray(_images(0)), jnp.asarray(TARGETS), 0.0, 1.0, config=FAST)
     assert not np.any(np.asarray(result.success))
 
 

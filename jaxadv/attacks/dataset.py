@@ -51,10 +51,9 @@ import jax
 import numpy as np
 from jax.extend.core import jaxprs_in_params
 
-from jaxadv.attacks.lbfgs import (UNTARGETED, AttackConfig, _check_config, _check_images,
-                                  _check_targets, _num_classes, lbfgs_attack_core)
+from jaxadv import checks
+from jaxadv.attacks.lbfgs import UNTARGETED, AttackConfig, check_config, lbfgs_attack_core
 from jaxadv.attacks.targets import random_wrong_targets
-from jaxadv.functional import logits_function
 from jaxadv.sweep import chunk_size_for_memory, function_fingerprint, run_sweep, sharded, sizes_for_device
 
 #: The per-image arrays `attack_dataset` returns (the fields of `AttackResult`).
@@ -100,11 +99,10 @@ def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.Pat
     saved chunks. Every argument is checked before any work: ValueError or TypeError
     naming it. A folder holding another sweep raises `sweep.SweepMismatch`.
     """
-    logits_fn = logits_function(logits_fn, params, argument="logits_fn")
     config = _checked_config(config, untargeted)
-    images, targets, image = _checked_inputs(logits_fn, images, targets, lower, upper, untargeted)
-    if not isinstance(directory, (str, os.PathLike)):
-        raise TypeError(f"directory: expected a path, got {type(directory).__name__}")
+    logits_fn, images, targets, image, box = _checked_inputs(logits_fn, params, images, targets, lower, upper,
+                                                             untargeted)
+    checks.path(directory, "directory")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name: expected a string or None, got {type(name).__name__}")
     if not isinstance(progress, bool):
@@ -114,7 +112,7 @@ def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.Pat
 
     # The model goes in as a replicated argument, not closed over: its parameters are traced, so a second
     # call with new parameters of the same architecture reuses the compiled sweep (tests/test_attack_dataset.py).
-    attack_on_devices = sharded(_BlockAttack(config, untargeted, float(lower), float(upper)),
+    attack_on_devices = sharded(_BlockAttack(config, untargeted, *box),
                                 block_size=sizes.block_size, replicated=1)
     # What the results depend on, and nothing else: not the block or chunk size (an image's result is the same in
     # any block and chunk: tests/test_attack_dataset.py), so a rerun with other sizes resumes.
@@ -141,7 +139,7 @@ class _BlockAttack(NamedTuple):
 
 
 def attack_sizes(logits_fn: Callable, images, config: AttackConfig | None = None, *, chunk_size: int | None = None,
-                 block_size: int | None = None, lanes: int | None = None, device=None) -> AttackSizes:
+                 block_size: int | None = None, lanes: int | None = None, device=None, params=None) -> AttackSizes:
     """The lanes, block and chunk sizes `attack_dataset` uses for `images` on this machine's devices.
 
     `device` (default the first local one) decides the lanes, blocks and chunks by
@@ -150,6 +148,7 @@ def attack_sizes(logits_fn: Callable, images, config: AttackConfig | None = None
     set shrinks the block, so that padding never costs more than one block per device; the
     chunk is a whole number of devices x blocks, at most what fits in half of the free
     memory. A size given is used as it is (ValueError naming it when it does not fit).
+    logits_fn, params: the model, as for `attack_dataset`.
     """
     config = _checked_config(config, False)
     for argument, value in (("chunk_size", chunk_size), ("block_size", block_size), ("lanes", lanes)):
@@ -159,7 +158,8 @@ def attack_sizes(logits_fn: Callable, images, config: AttackConfig | None = None
     if len(shape) < 2 or shape[0] < 1:
         raise ValueError(f"images: expected shape [N, ...] with N >= 1, got {shape}")
     num_images, num_devices = shape[0], len(jax.devices())
-    image = jax.ShapeDtypeStruct((1,) + tuple(shape[1:]), np.result_type(images))
+    image = jax.ShapeDtypeStruct((1,) + tuple(shape[1:]), checks.work_dtype(np.empty(0, np.result_type(images))))
+    logits_fn, _ = checks.model(logits_fn, params, jax.ShapeDtypeStruct(shape, image.dtype))
     per_lane = _bytes_per_lane(logits_fn, image, config)
     device_sizes = sizes_for_device(per_lane, device)
     lanes = int(lanes or device_sizes.lanes)
@@ -245,30 +245,18 @@ def intermediate_bytes(fn: Callable, *example_args) -> int:
 
 def _checked_config(config, untargeted):
     config = (UNTARGETED if untargeted else AttackConfig()) if config is None else config
-    _check_config(config)
+    check_config(config)
     return config
 
 
-def _checked_inputs(logits_fn, images, targets, lower, upper, untargeted):
-    """images and targets as NumPy arrays, and one image's abstract shape; checked as `lbfgs_attack` checks."""
-    for argument, bound in (("lower", lower), ("upper", upper)):
-        if isinstance(bound, bool) or not isinstance(bound, (int, float, np.integer, np.floating)):
-            raise TypeError(f"{argument}: expected a number, got {bound!r}")
-    if not (np.isfinite(lower) and np.isfinite(upper) and lower < upper):
-        raise ValueError(f"lower, upper: need finite lower < upper, got {lower}, {upper}")
+def _checked_inputs(logits_fn, params, images, targets, lower, upper, untargeted):
+    """(logits_fn, images, targets, one image's abstract shape, (lower, upper)): NumPy arrays in the work dtype and
+    the box rounded inward in it, as floats; checked as `lbfgs_attack` checks (`checks.attack_inputs`)."""
     if not isinstance(untargeted, bool):
         raise TypeError(f"untargeted: expected a bool, got {type(untargeted).__name__}")
-    images, targets = np.asarray(images), np.asarray(targets)
-    _check_images(images, "images")
-    _check_targets(targets, images.shape[0], "labels" if untargeted else "targets")
-    if not np.all(np.isfinite(images)):
-        raise ValueError("images: contains NaN or infinite values")
-    if images.min() < lower or images.max() > upper:
-        raise ValueError(f"images: values must lie in [lower, upper] = [{lower}, {upper}]; "
-                         f"got range [{images.min()}, {images.max()}]")
+    checked = checks.attack_inputs(logits_fn, images, targets, lower, upper, params=params, scalar_bounds=True,
+                                   labels_name="labels" if untargeted else "targets")
+    images = np.asarray(checked.images)
     image = jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype)
-    classes = _num_classes(logits_fn, image)
-    if targets.min() < 0 or targets.max() >= classes:
-        raise ValueError(f"{'labels' if untargeted else 'targets'}: must be in [0, {classes}) for this logits_fn; "
-                         f"got range [{targets.min()}, {targets.max()}]")
-    return images, targets.astype(np.int32), image
+    return (checked.logits_fn, images, np.asarray(checked.labels, np.int32), image,
+            (float(checked.lower), float(checked.upper)))

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.attacks.sparse import _check_int, _validate
+from jaxadv import checks
+from jaxadv.attacks.sparse import validate
 
 NORMS = ("l2", "linf")
 
@@ -127,7 +128,7 @@ def pgd_core(logits_fn, images, labels, epsilon, step_size, lower, upper, norm: 
 
 
 @jax.jit
-def success_along_direction(logits_fn, images, labels, direction, epsilons, lower, upper):
+def success_along_direction_core(logits_fn, images, labels, direction, epsilons, lower, upper):
     """[E, N]: does clip(x + ε·direction) leave the label, for each ε of `epsilons` ([E]) and image."""
     def at(eps):
         x = jnp.clip(images + eps * direction, lower, upper)
@@ -142,7 +143,7 @@ def minimal_fast_gradient_core(logits_fn, images, labels, lower, upper, max_epsi
     direction = _direction(_loss_gradient(logits_fn, images, labels), norm)
     dtype = images.dtype
     grid_eps = (max_epsilon * jnp.geomspace(min_ratio, 1.0, grid)).astype(dtype)              # [G]
-    hits = success_along_direction(logits_fn, images, labels, direction, grid_eps, lower, upper)  # [G, N]
+    hits = success_along_direction_core(logits_fn, images, labels, direction, grid_eps, lower, upper)  # [G, N]
     found = jnp.any(hits, axis=0)
     first = jnp.argmax(hits, axis=0)                                                         # first success
     hi = grid_eps[first]
@@ -166,82 +167,95 @@ def minimal_fast_gradient_core(logits_fn, images, labels, lower, upper, max_epsi
 
 # -- public entry points (checked in NumPy before anything is compiled) --------------------------
 
-def fast_gradient_direction(logits_fn: Callable, images, labels, *, norm: str = "l2", lower=0.0, upper=1.0):
-    """The unit-L2 (norm 'l2') or sign (norm 'linf') direction of the cross-entropy's gradient at each image."""
-    _check_norm(norm)
-    logits_fn, images, labels, _, _ = _validate(logits_fn, images, labels, lower, upper, num_values=2,
-                                                images_per_pass=1)
+def fast_gradient_direction(logits_fn: Callable, images, labels, *, norm: str = "l2", lower=0.0, upper=1.0,
+                            params=None):
+    """The unit-L2 (norm 'l2') or sign (norm 'linf') direction of the cross-entropy's gradient at each image.
+
+    logits_fn, params: the model: a pure function [B, *shape] -> [B, classes], or with `params` a flax module
+    (params: its variables) or a function apply(params, x) (`jaxadv.functional.logits_function`).
+    """
+    checks.one_of(norm, NORMS, "norm")
+    logits_fn, images, labels, _, _ = validate(logits_fn, images, labels, lower, upper, num_values=2,
+                                               images_per_pass=1, params=params)
     return fast_gradient_direction_core(logits_fn, images, labels, norm=norm)
 
 
-def fgm(logits_fn: Callable, images, labels, epsilon, *, norm: str = "l2", lower=0.0, upper=1.0) -> FastResult:
+def success_along_direction(logits_fn: Callable, images, labels, direction, epsilons, lower=0.0, upper=1.0, *,
+                            params=None) -> jax.Array:
+    """[E, N]: does clip(x + ε·direction) leave the label, for each ε of `epsilons` ([E], each >= 0) and image.
+
+    direction: [B, *shape] like images (e.g. `fast_gradient_direction`'s). The model as for `fgm`.
+    """
+    logits_fn, images, labels, lower, upper = validate(logits_fn, images, labels, lower, upper, num_values=2,
+                                                       images_per_pass=1, params=params)
+    direction = checks.images(direction, "direction")
+    if direction.shape != images.shape:
+        raise ValueError(f"direction: expected the images' shape {images.shape}, got {direction.shape}")
+    if np.ndim(epsilons) != 1:
+        raise ValueError(f"epsilons: expected shape [E], got {np.shape(epsilons)}")
+    epsilons = checks.positive_finite(epsilons, images.dtype, "epsilons", shape=np.shape(epsilons), allow_zero=True)
+    return success_along_direction_core(logits_fn, images, labels, jnp.asarray(direction, images.dtype),
+                                        jnp.asarray(epsilons, images.dtype), lower, upper)
+
+
+def fgm(logits_fn: Callable, images, labels, epsilon, *, norm: str = "l2", lower=0.0, upper=1.0,
+        params=None) -> FastResult:
     """One fast-gradient step of size epsilon (scalar or [B]) away from `labels`, clipped to the box.
 
-    norm 'l2' is FGM (ε·g/‖g‖₂), 'linf' is FGSM (ε·sign(g)).
+    norm 'l2' is FGM (ε·g/‖g‖₂), 'linf' is FGSM (ε·sign(g)). logits_fn, params: the model, as for
+    `fast_gradient_direction`.
     """
-    _check_norm(norm)
-    logits_fn, images, labels, lower, upper = _validate(logits_fn, images, labels, lower, upper, num_values=2,
-                                                        images_per_pass=1)
+    checks.one_of(norm, NORMS, "norm")
+    logits_fn, images, labels, lower, upper = validate(logits_fn, images, labels, lower, upper, num_values=2,
+                                                       images_per_pass=1, params=params)
     return fgm_core(logits_fn, images, labels, _check_epsilon(epsilon, images, "epsilon"), lower, upper, norm=norm)
 
 
-def fgsm(logits_fn: Callable, images, labels, epsilon, *, lower=0.0, upper=1.0) -> FastResult:
-    """FGSM (Goodfellow et al. 2015): one L∞ step ε·sign(g), clipped to the box."""
-    return fgm(logits_fn, images, labels, epsilon, norm="linf", lower=lower, upper=upper)
+def fgsm(logits_fn: Callable, images, labels, epsilon, *, lower=0.0, upper=1.0, params=None) -> FastResult:
+    """FGSM (Goodfellow et al. 2015): one L∞ step ε·sign(g), clipped to the box (the model as for `fgm`)."""
+    return fgm(logits_fn, images, labels, epsilon, norm="linf", lower=lower, upper=upper, params=params)
 
 
 def pgd(logits_fn: Callable, images, labels, epsilon, *, norm: str = "linf", steps: int = 10, step_size=None,
-        lower=0.0, upper=1.0) -> FastResult:
+        lower=0.0, upper=1.0, params=None) -> FastResult:
     """BIM / PGD without random start: `steps` fast-gradient steps, each projected onto the ε-ball and the box.
 
     step_size: default 2.5·ε/steps (Madry et al.'s ratio). An image stops once it is
-    adversarial (the first successful iterate is kept, not pushed deeper).
+    adversarial (the first successful iterate is kept, not pushed deeper). The model as for `fgm`.
     """
-    _check_norm(norm)
-    _check_int(steps, "steps", 1)
-    logits_fn, images, labels, lower, upper = _validate(logits_fn, images, labels, lower, upper, num_values=2,
-                                                        images_per_pass=1)
+    checks.one_of(norm, NORMS, "norm")
+    checks.int_at_least(steps, "steps", 1)
+    logits_fn, images, labels, lower, upper = validate(logits_fn, images, labels, lower, upper, num_values=2,
+                                                       images_per_pass=1, params=params)
     eps = _check_epsilon(epsilon, images, "epsilon")
     size = 2.5 * eps / steps if step_size is None else _check_epsilon(step_size, images, "step_size")
     return pgd_core(logits_fn, images, labels, eps, size, lower, upper, norm=norm, steps=steps)
 
 
 def minimal_fast_gradient(logits_fn: Callable, images, labels, *, norm: str = "l2", max_epsilon=None,
-                          grid: int = 32, bisections: int = 20, lower=0.0, upper=1.0) -> FastResult:
+                          grid: int = 32, bisections: int = 20, lower=0.0, upper=1.0, params=None) -> FastResult:
     """Per image, the smallest ε whose one fast-gradient step (FGM for 'l2', FGSM for 'linf') succeeds.
 
     Returns the image at that ε (epsilon = inf and success False where even
     max_epsilon fails). Cost: one gradient and grid + bisections forward passes per image.
+    The model as for `fgm`.
     """
-    _check_norm(norm)
-    _check_int(grid, "grid", 2)
-    _check_int(bisections, "bisections", 0)
-    logits_fn, images, labels, lower_a, upper_a = _validate(logits_fn, images, labels, lower, upper, num_values=2,
-                                                            images_per_pass=1)
+    checks.one_of(norm, NORMS, "norm")
+    checks.int_at_least(grid, "grid", 2)
+    checks.int_at_least(bisections, "bisections", 0)
+    logits_fn, images, labels, lower_a, upper_a = validate(logits_fn, images, labels, lower, upper, num_values=2,
+                                                           images_per_pass=1, params=params)
     if max_epsilon is None:
         n = math.prod(images.shape[1:])
         max_epsilon = (upper - lower) * (math.sqrt(n) if norm == "l2" else 1.0)
-    elif isinstance(max_epsilon, bool) or not isinstance(max_epsilon, (int, float, np.integer, np.floating)) \
-            or not (np.isfinite(max_epsilon) and max_epsilon > 0):
-        raise ValueError(f"max_epsilon: expected a finite number > 0, got {max_epsilon!r}")
+    else:
+        checks.positive_finite(max_epsilon, images.dtype, "max_epsilon")
     return minimal_fast_gradient_core(logits_fn, images, labels, lower_a, upper_a,
                                       jnp.asarray(max_epsilon, images.dtype), norm=norm, grid=grid,
                                       bisections=bisections)
 
 
-def _check_norm(norm):
-    if norm not in NORMS:
-        raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
-
-
 def _check_epsilon(epsilon, images, name):
-    if isinstance(epsilon, jax.core.Tracer):
-        return epsilon
-    e = np.asarray(epsilon)
-    if not (np.issubdtype(e.dtype, np.floating) or np.issubdtype(e.dtype, np.integer)) or e.dtype == bool:
-        raise TypeError(f"{name}: expected real numbers, got dtype {e.dtype}")
-    if e.shape not in ((), images.shape[:1]):
-        raise ValueError(f"{name}: expected a scalar or shape ({images.shape[0]},), got {e.shape}")
-    if not np.all(np.isfinite(e) & (e >= 0)):
-        raise ValueError(f"{name}: must be finite and >= 0")
-    return jnp.asarray(e, images.dtype)
+    """A step or budget: finite and >= 0 in the images' dtype, a scalar or one per image."""
+    e = checks.positive_finite(epsilon, images.dtype, name, shape=images.shape[:1], allow_zero=True)
+    return e if checks.is_traced(e) else jnp.asarray(e, images.dtype)

@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv import optim
+from jaxadv import checks, optim
 from jaxadv.attacks import boundary, box_lbfgs
-from jaxadv.functional import check_logits_call, logits_function
 
 PENALTIES = ("l2", "l2_squared")
 WARM_STARTS = ("none", "best", "last")
@@ -550,8 +549,8 @@ def lbfgs_attack(logits_fn: Callable, images, targets, config: AttackConfig = At
     TypeError naming the argument). Inside jit/shard_map (traced inputs) only
     the static checks (shapes, dtypes, config) run.
     """
-    return _attack(logits_function(logits_fn, params, argument="logits_fn"), images, targets, config, lower, upper,
-                   labels, initial_c, untargeted=False)
+    return _attack(logits_fn, images, targets, config, lower, upper, labels, initial_c, untargeted=False,
+                   params=params)
 
 
 def lbfgs_attack_untargeted(logits_fn: Callable, images, labels, config: AttackConfig = UNTARGETED,
@@ -574,48 +573,35 @@ def lbfgs_attack_untargeted(logits_fn: Callable, images, labels, config: AttackC
     labels: [B] the true classes (or the model's predictions).
     logits_fn, params: the model, as for `lbfgs_attack`.
     """
-    return _attack(logits_function(logits_fn, params, argument="logits_fn"), images, labels, config, lower, upper,
-                   None, initial_c, untargeted=True)
+    return _attack(logits_fn, images, labels, config, lower, upper, None, initial_c, untargeted=True,
+                   params=params)
 
 
-def _attack(logits_fn, images, targets, config, lower, upper, labels, initial_c, untargeted):
-    name = "labels" if untargeted else "targets"
-    _check_config(config)
-    if not callable(logits_fn):
-        raise TypeError(f"logits_fn: expected a callable, got {type(logits_fn).__name__}")
-    images_t = _check_images(images, "images")
-    _check_targets(targets, images_t.shape[0], name)
-    concrete = not any(isinstance(a, jax.core.Tracer) for a in (images, targets, lower, upper, labels))
-    lower_a = _check_bound(lower, images_t, "lower")
-    upper_a = _check_bound(upper, images_t, "upper")
-    if concrete:
-        x = np.asarray(images)
-        if not np.all(np.isfinite(x)):
-            raise ValueError("images: contains NaN or infinite values")
-        lo, up = np.asarray(lower_a), np.asarray(upper_a)
-        if np.any(np.isnan(lo)) or np.any(np.isnan(up)) or np.any(lo > up):
-            raise ValueError("lower, upper: need lower <= upper everywhere (and no NaN)")
-        if np.any(x < lo) or np.any(x > up):
-            raise ValueError(f"images: values must lie in [lower, upper]; got range [{x.min()}, {x.max()}]")
-        t = np.asarray(targets)
-        classes = _num_classes(logits_fn, images_t)
-        if np.any(t < 0) or np.any(t >= classes):
-            raise ValueError(f"{name}: must be in [0, {classes}) for this logits_fn; got range [{t.min()}, {t.max()}]")
-        if labels is not None:
-            lab = np.asarray(labels)
-            if not np.issubdtype(lab.dtype, np.integer):
-                raise TypeError(f"labels: expected an integer dtype, got {lab.dtype}")
-            if lab.shape != t.shape:
-                raise ValueError(f"labels: expected shape {t.shape}, got {lab.shape}")
-            if np.any(lab == t):
-                raise ValueError(f"targets: equal to the true label for {int(np.sum(lab == t))} image(s), "
-                                 f"e.g. index {int(np.argmax(lab == t))}; an attack needs a wrong target")
-    dtype = images_t.dtype if jnp.issubdtype(images_t.dtype, jnp.floating) else jnp.float32
-    _check_c(initial_c, config, dtype, images_t.shape[0])
-    return lbfgs_attack_core(_as_traceable(logits_fn), jnp.asarray(images, dtype), jnp.asarray(targets, jnp.int32),
-                             _bound_arg(lower_a, images_t.shape, dtype, np.inf), _bound_arg(upper_a, images_t.shape, dtype, -np.inf),
-                             None if initial_c is None else jnp.asarray(initial_c, dtype), config=config,
+def _attack(logits_fn, images, targets, config, lower, upper, labels, initial_c, untargeted, params):
+    check_config(config)
+    checked = checks.attack_inputs(logits_fn, images, targets, lower, upper, params=params, logits=False,
+                                   labels_name="labels" if untargeted else "targets")
+    batch, dtype = checked.images.shape[0], checks.work_dtype(checked.images)
+    if labels is not None:
+        true_labels = checks.labels(labels, batch, checked.num_classes, "labels")
+        if not checks.is_traced(true_labels, checked.labels) and np.any(true_labels == checked.labels):
+            same = true_labels == checked.labels
+            raise ValueError(f"targets: equal to the true label for {int(np.sum(same))} image(s), "
+                             f"e.g. index {int(np.argmax(same))}; an attack needs a wrong target")
+    checks.positive_finite(config.initial_c, dtype, "config.initial_c")
+    if initial_c is not None:
+        initial_c = jnp.asarray(checks.positive_finite(initial_c, dtype, "initial_c", shape=(batch,)), dtype)
+    checks.finite_logits(checked.logits_fn, checked.images)      # the one forward pass, after the cheap checks
+    return lbfgs_attack_core(checked.logits_fn, jnp.asarray(checked.images, dtype),
+                             jnp.asarray(checked.labels, jnp.int32), _bound_arg(checked.lower, checked.images.shape),
+                             _bound_arg(checked.upper, checked.images.shape), initial_c, config=config,
                              untargeted=untargeted)
+
+
+def _bound_arg(bound, images_shape):
+    """A checked bound (work dtype, rounded inward) as a scalar or an array of the images' shape."""
+    bound = jnp.asarray(bound)
+    return bound if bound.ndim == 0 else jnp.broadcast_to(bound, images_shape)
 
 
 _INT_FIELDS = ("max_bracket_steps", "bisection_steps", "memory_size", "max_iterations", "max_line_search_steps",
@@ -623,26 +609,8 @@ _INT_FIELDS = ("max_bracket_steps", "bisection_steps", "memory_size", "max_itera
 _FLOAT_FIELDS = ("initial_c", "growth", "gtol", "ftol", "refine_margin", "refine_rtol", "walk_step")
 
 
-def _check_c(initial_c, config, dtype, batch):
-    """config.initial_c and initial_c must stay finite and > 0 in the images' dtype (1e39 is inf in float32)."""
-    with np.errstate(over="ignore", under="ignore"):
-        first = np.asarray(config.initial_c).astype(dtype)
-    if not (np.isfinite(first) and first > 0):
-        raise ValueError(f"config.initial_c: {config.initial_c} is not a finite positive {np.dtype(dtype).name}")
-    if initial_c is None or isinstance(initial_c, jax.core.Tracer):
-        return
-    c = np.asarray(initial_c)
-    if c.shape not in ((), (batch,)):
-        raise ValueError(f"initial_c: expected a scalar or shape ({batch},), got {c.shape}")
-    if not (np.issubdtype(c.dtype, np.floating) or np.issubdtype(c.dtype, np.integer)):
-        raise TypeError(f"initial_c: expected real numbers, got dtype {c.dtype}")
-    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        cast = c.astype(dtype)
-    if not np.all(np.isfinite(c) & (c > 0)) or not np.all(np.isfinite(cast) & (cast > 0)):
-        raise ValueError(f"initial_c: must be finite and > 0 in the images' dtype {np.dtype(dtype).name}")
-
-
-def _check_config(config):
+def check_config(config):
+    """Refuse an `AttackConfig` whose fields have the wrong type or range, naming the field."""
     if not isinstance(config, AttackConfig):
         raise TypeError(f"config: expected an AttackConfig, got {type(config).__name__}")
     if config.penalty not in PENALTIES:
@@ -680,67 +648,3 @@ def _check_config(config):
         raise ValueError(f"config.runner_ups: must be >= 0, got {config.runner_ups}")
     if config.lanes is not None and config.lanes < 1:
         raise ValueError(f"config.lanes: must be >= 1 or None, got {config.lanes}")
-
-
-def _check_images(images, name):
-    if not hasattr(images, "shape") or not hasattr(images, "dtype"):
-        images = np.asarray(images)
-    if not jnp.issubdtype(images.dtype, jnp.floating):
-        raise TypeError(f"{name}: expected a floating dtype, got {images.dtype}")
-    if images.ndim < 2:
-        raise ValueError(f"{name}: expected shape [batch, ...] with at least one feature axis, got {images.shape}")
-    if images.shape[0] == 0:
-        raise ValueError(f"{name}: empty batch")
-    if math.prod(images.shape[1:]) == 0:
-        raise ValueError(f"{name}: images have no values (shape {images.shape})")
-    return jax.ShapeDtypeStruct(images.shape, images.dtype)
-
-
-def _check_targets(targets, batch, name):
-    if not hasattr(targets, "shape") or not hasattr(targets, "dtype"):
-        targets = np.asarray(targets)
-    if not jnp.issubdtype(targets.dtype, jnp.integer):
-        raise TypeError(f"{name}: expected an integer dtype, got {targets.dtype}")
-    if targets.shape != (batch,):
-        raise ValueError(f"{name}: expected shape ({batch},) (one target per image), got {targets.shape}")
-    return targets
-
-
-def _check_bound(bound, images, name):
-    if isinstance(bound, jax.core.Tracer):
-        b = bound
-    else:
-        b = np.asarray(bound)
-        if not (np.issubdtype(b.dtype, np.floating) or np.issubdtype(b.dtype, np.integer)):
-            raise TypeError(f"{name}: expected a real number or array, got dtype {b.dtype}")
-    try:
-        np.broadcast_shapes(b.shape, images.shape)
-    except ValueError:
-        raise ValueError(f"{name}: shape {b.shape} does not broadcast to images' shape {images.shape}") from None
-    if len(b.shape) > len(images.shape) or np.broadcast_shapes(b.shape, images.shape) != images.shape:
-        raise ValueError(f"{name}: shape {b.shape} does not broadcast to images' shape {images.shape}")
-    return b
-
-
-def _bound_arg(bound, images_shape, dtype, inward=None):
-    """The bound in the images' dtype; a concrete one rounded inward (`inward`: +inf for lower, -inf for upper).
-
-    Plain rounding can put 0.7 (float64) 1 ulp below itself in float32, and the result then fails
-    its own bound's check; rounded inward, every returned pixel lies inside the bound as given.
-    """
-    if inward is not None and not isinstance(bound, jax.core.Tracer):
-        exact = np.asarray(bound)
-        cast = exact.astype(dtype)
-        outside = (cast < exact) if inward > 0 else (cast > exact)
-        bound = np.where(outside, np.nextafter(cast, np.asarray(inward, dtype)), cast).astype(dtype)
-    bound = jnp.asarray(bound, dtype)
-    return bound if bound.ndim == 0 else jnp.broadcast_to(bound, images_shape)
-
-
-def _num_classes(logits_fn, images):
-    return check_logits_call(logits_fn, images.shape[1:], images.dtype, argument="logits_fn")
-
-
-def _as_traceable(logits_fn):
-    """A logits function as a jax.tree_util.Partial whose arrays are traced, not baked in (`logits_function`)."""
-    return logits_function(logits_fn, argument="logits_fn")

@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.attacks.lbfgs import _as_traceable, _check_images, _check_targets, _num_classes
+from jaxadv import checks
 
 
 class SinglePixelResult(NamedTuple):
@@ -253,75 +253,50 @@ def min_pixels_core(logits_fn, images, labels, lower, upper, num_values: int = 2
 # -- public entry points (inputs checked in NumPy before anything is compiled) ----------------------
 
 def single_pixel_attack(logits_fn: Callable, images, labels, *, num_values: int = 2, lower=0.0, upper=1.0,
-                        images_per_pass: int = 8) -> SinglePixelResult:
+                        images_per_pass: int = 8, params=None) -> SinglePixelResult:
     """Every pixel of every image set to each of `num_values` values in [lower, upper]; the best per image.
 
-    logits_fn: pure [B, *shape] -> [B, classes]; images: [B, *shape] floating in
+    logits_fn: pure [B, *shape] -> [B, classes], or with `params` a flax module (params: its variables) or a
+    function apply(params, x) (`jaxadv.functional.logits_function`); images: [B, *shape] floating in
     [lower, upper] (scalars); labels: [B] ints, the class to move away from (the
     true label or the model's prediction). num_values = 2 scans the bounds (exact
     for linear models, see the module's docstring); images_per_pass bounds the
     memory: images_per_pass · n · n values per forward pass. Bad input raises
     ValueError/TypeError naming the argument before anything is compiled.
     """
-    logits_fn, images, labels, lower, upper = _validate(logits_fn, images, labels, lower, upper,
-                                                        num_values=num_values, images_per_pass=images_per_pass)
+    logits_fn, images, labels, lower, upper = validate(logits_fn, images, labels, lower, upper, num_values=num_values,
+                                                       images_per_pass=images_per_pass, params=params)
     return single_pixel_core(logits_fn, images, labels, lower, upper, num_values=num_values,
                              images_per_pass=images_per_pass)
 
 
 def min_pixels_attack(logits_fn: Callable, images, labels, *, max_pixels: int = 100, shortlist: int | None = 32,
                       num_values: int = 2, lower=0.0, upper=1.0, lanes: int = 64,
-                      images_per_pass: int = 8) -> MinPixelsResult:
+                      images_per_pass: int = 8, params=None) -> MinPixelsResult:
     """The fewest pixels (greedy; exact at 1) whose change moves `logits_fn` off `labels`.
 
     Step 1 is `single_pixel_attack`; then one pixel per step, the best exact margin
     among the `shortlist` pixels of largest first-order gain (None: every pixel).
     max_pixels: give up after this many (success False). lanes: images in flight at
     once; each step costs lanes · shortlist · num_values forward rows and one gradient.
+    logits_fn, params: the model, as for `single_pixel_attack`.
     """
     if shortlist is not None:
-        _check_int(shortlist, "shortlist", 1)
-    _check_int(max_pixels, "max_pixels", 1)
-    _check_int(lanes, "lanes", 1)
-    logits_fn, images, labels, lower, upper = _validate(logits_fn, images, labels, lower, upper,
-                                                        num_values=num_values, images_per_pass=images_per_pass)
+        checks.int_at_least(shortlist, "shortlist", 1)
+    checks.int_at_least(max_pixels, "max_pixels", 1)
+    checks.int_at_least(lanes, "lanes", 1)
+    logits_fn, images, labels, lower, upper = validate(logits_fn, images, labels, lower, upper, num_values=num_values,
+                                                       images_per_pass=images_per_pass, params=params)
     return min_pixels_core(logits_fn, images, labels, lower, upper, num_values=num_values, max_pixels=max_pixels,
                            shortlist=shortlist, lanes=lanes, images_per_pass=images_per_pass)
 
 
-def _check_int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum}, got {value}")
-
-
-def _validate(logits_fn, images, labels, lower, upper, *, num_values, images_per_pass):
-    """Shared checks (also used by `jaxadv.attacks.fast`): returns traceable, typed arguments."""
-    if not callable(logits_fn):
-        raise TypeError(f"logits_fn: expected a callable, got {type(logits_fn).__name__}")
-    _check_int(num_values, "num_values", 2)
-    _check_int(images_per_pass, "images_per_pass", 1)
-    images_t = _check_images(images, "images")
-    _check_targets(labels, images_t.shape[0], "labels")
-    for name, bound in (("lower", lower), ("upper", upper)):
-        if isinstance(bound, bool) or not isinstance(bound, (int, float, np.integer, np.floating)):
-            raise TypeError(f"{name}: expected a real scalar, got {type(bound).__name__}")
-        if not np.isfinite(bound):
-            raise ValueError(f"{name}: must be finite, got {bound}")
-    if not lower < upper:
-        raise ValueError(f"lower, upper: need lower < upper, got {lower}, {upper}")
-    if not any(isinstance(a, jax.core.Tracer) for a in (images, labels)):
-        x = np.asarray(images)
-        if not np.all(np.isfinite(x)):
-            raise ValueError("images: contains NaN or infinite values")
-        if np.any(x < lower) or np.any(x > upper):
-            raise ValueError(f"images: values must lie in [lower, upper] = [{lower}, {upper}]; "
-                             f"got range [{x.min()}, {x.max()}]")
-        classes = _num_classes(logits_fn, images_t)
-        lab = np.asarray(labels)
-        if lab.size and (lab.min() < 0 or lab.max() >= classes):
-            raise ValueError(f"labels: must be in [0, {classes}) for this logits_fn; got range [{lab.min()}, {lab.max()}]")
-    dtype = images_t.dtype
-    return (_as_traceable(logits_fn), jnp.asarray(images, dtype), jnp.asarray(labels, jnp.int32),
-            jnp.asarray(lower, dtype), jnp.asarray(upper, dtype))
+def validate(logits_fn, images, labels, lower, upper, *, num_values, images_per_pass, params=None):
+    """The checks of a sparse or fast-gradient attack's entry (`checks.attack_inputs`, scalar bounds): returns
+    (logits_fn, images, labels, lower, upper) as traceable arrays of the work dtype, the box rounded inward."""
+    checks.int_at_least(num_values, "num_values", 2)
+    checks.int_at_least(images_per_pass, "images_per_pass", 1)
+    checked = checks.attack_inputs(logits_fn, images, labels, lower, upper, params=params, scalar_bounds=True)
+    dtype = checks.work_dtype(checked.images)
+    return (checked.logits_fn, jnp.asarray(checked.images, dtype), jnp.asarray(checked.labels, jnp.int32),
+            jnp.asarray(checked.lower, dtype), jnp.asarray(checked.upper, dtype))

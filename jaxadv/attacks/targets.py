@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.attacks.lbfgs import AttackConfig, AttackResult, _check_images, _num_classes, lbfgs_attack
-from jaxadv.functional import logits_function
+from jaxadv import checks
+from jaxadv.attacks.lbfgs import AttackConfig, AttackResult, lbfgs_attack
 
 
 def random_wrong_targets(key: jax.Array, labels, num_classes: int = 10) -> jax.Array:
@@ -62,17 +62,17 @@ def lbfgs_attack_all_targets(logits_fn: Callable, images, labels, config: Attack
     class count stated (checked: a smaller one would leave classes untried).
     logits_fn, params: the model, as for `lbfgs_attack`.
     """
-    logits_fn = logits_function(logits_fn, params, argument="logits_fn")
-    images_t = _check_images(images, "images")
-    classes = _num_classes(logits_fn, images_t)
+    checked = checks.attack_inputs(logits_fn, images, labels, lower, upper, params=params)
+    logits_fn, classes = checked.logits_fn, checked.num_classes
     if num_classes is None:
         num_classes = classes
     elif isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes != classes:
         raise ValueError(f"num_classes: {num_classes!r}, but logits_fn gives {classes} classes; "
                          "pass num_classes=None to use the model's")
-    labels = _check_labels(labels, num_classes)
+    labels = jnp.asarray(checked.labels)
     all_targets = all_wrong_targets(labels, num_classes)
-    results = [lbfgs_attack(logits_fn, images, all_targets[:, k], config, lower, upper, labels=labels)
+    results = [lbfgs_attack(logits_fn, checked.images, all_targets[:, k], config, checked.lower, checked.upper,
+                            labels=labels)
                for k in range(num_classes - 1)]
     per_target = jax.tree.map(lambda *a: jnp.stack(a), *results)
     score = jnp.where(per_target.success, per_target.distortion, jnp.inf)           # [K-1, B]
@@ -83,15 +83,4 @@ def lbfgs_attack_all_targets(logits_fn: Callable, images, labels, config: Attack
 
 
 def _check_labels(labels, num_classes):
-    if isinstance(labels, jax.core.Tracer):
-        return labels
-    arr = np.asarray(labels)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"labels: expected an integer dtype, got {arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"labels: expected shape [batch], got {arr.shape}")
-    if int(num_classes) < 2:
-        raise ValueError(f"num_classes: must be >= 2, got {num_classes}")
-    if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
-        raise ValueError(f"labels: must be in [0, {num_classes}), got range [{arr.min()}, {arr.max()}]")
-    return jnp.asarray(arr, jnp.int32)
+    return jnp.asarray(checks.labels(labels, None, num_classes, "labels"), jnp.int32)
