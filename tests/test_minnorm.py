@@ -117,6 +117,20 @@ def test_attack_on_a_linear_model_is_valid_and_close_to_the_exact_minimum(linear
     assert np.median(ratio) <= tolerance, np.sort(ratio)
 
 
+@pytest.mark.parametrize("name", ["ddn", "alma", "fmn"])
+def test_targeted_attack_on_a_linear_model_reaches_the_target_near_the_exact_minimum(linear_problem, name):
+    logits_fn, images, labels, _, _ = linear_problem
+    _, w, b = _linear_model(0)
+    targets = (labels + 1) % 4
+    exact = np.array([exact_linear_minimum(w, b, x.astype(np.float64), t)[1] for x, t in zip(images, targets)])
+    result = ATTACKS[name](logits_fn, images, targets, targeted=True)
+    predicted = np.argmax(np.asarray(logits_fn(result.adversarial)), -1)
+    np.testing.assert_array_equal(np.asarray(result.success), predicted == targets)
+    assert np.all(np.asarray(result.success))
+    ratio = np.asarray(result.l2, np.float64) / exact
+    assert np.all(ratio >= 1 - 1e-4) and np.median(ratio) <= 1.02, np.sort(ratio)
+
+
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_attack_on_a_relu_net_never_beats_the_exact_minimum_and_comes_close(relu_problem, name):
     logits_fn, images, labels, exact, results = relu_problem
