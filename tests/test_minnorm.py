@@ -238,7 +238,8 @@ def test_an_image_gets_the_same_bits_in_any_batch_and_position(relu_problem, nam
 def test_minimal_perturbation_is_the_per_image_best_of_its_attacks(relu_problem):
     logits_fn, images, labels, exact, results = relu_problem
     names = ("ddn", "fmn", "deepfool")
-    best = minimal_perturbation(logits_fn, images, labels, attacks=tuple((n, ATTACKS[n]) for n in names))
+    attacks = tuple((n, ATTACKS[n]) for n in names)
+    best = minimal_perturbation(logits_fn, images, labels, attacks=attacks, polish=None)
     _check_result(logits_fn, images, labels, best)
     l2 = np.stack([np.where(results[n].success, results[n].l2, np.inf) for n in names], -1)
     np.testing.assert_array_equal(np.asarray(best.l2_by_attack), l2)
@@ -247,6 +248,20 @@ def test_minimal_perturbation_is_the_per_image_best_of_its_attacks(relu_problem)
     np.testing.assert_array_equal(np.asarray(best.l2)[np.asarray(best.success)], l2.min(-1)[np.isfinite(l2.min(-1))])
     np.testing.assert_array_equal(np.asarray(best.gradients), sum(np.asarray(results[n].gradients) for n in names))
     assert np.all(np.asarray(best.l2)[np.asarray(best.success)] >= exact[np.asarray(best.success)] * (1 - 1e-4))
+
+
+def test_the_polish_never_lengthens_and_never_beats_the_exact_minimum(relu_problem):
+    logits_fn, images, labels, exact, results = relu_problem
+    names = ("ddn", "deepfool")
+    best = minimal_perturbation(logits_fn, images, labels, attacks=tuple((n, ATTACKS[n]) for n in names))
+    _check_result(logits_fn, images, labels, best)
+    raw = np.stack([np.where(results[n].success, results[n].l2, np.inf) for n in names], -1)
+    polished = np.asarray(best.l2_by_attack)
+    assert np.all(polished <= raw) and np.any(polished < raw * (1 - 1e-3))
+    assert np.all(polished[np.isfinite(polished)] >= np.broadcast_to(exact[:, None], raw.shape)[np.isfinite(polished)]
+                  * (1 - 1e-4))
+    assert np.all(np.asarray(best.gradients) > sum(np.asarray(results[n].gradients) for n in names) - 1)
+    assert np.median(np.asarray(best.l2)[np.asarray(best.success)] / exact[np.asarray(best.success)]) <= 1.005
 
 
 def test_robust_accuracy_curve_matches_a_loop():
