@@ -47,7 +47,7 @@ class FMNState(NamedTuple):
 
 
 def project_ball_and_box(origin, y, epsilon, lower, upper):
-    """The Euclidean projection of y onto {z : ‖z − origin‖ ≤ ε, lower ≤ z ≤ upper} (origin inside the box).
+    """The Euclidean projection of y onto {z : ‖z − origin‖ ≤ ε, lower ≤ z ≤ upper}, origin in the box.
 
     By the KKT conditions the projection is clip(origin + t(y − origin)) for some t ∈ [0, 1]: the largest
     t whose clipped norm is at most ε. Bisection brackets t; inside the last bracket the coordinates clipped
