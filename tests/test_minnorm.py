@@ -232,6 +232,11 @@ def test_an_image_gets_the_same_bits_in_any_batch_and_position(relu_problem, nam
                                       err_msg=field)
         np.testing.assert_array_equal(np.asarray(getattr(base, field))[5:6], np.asarray(getattr(alone, field)),
                                       err_msg=field)
+    # Another lane count is another program: XLA's rounding may differ in the last bit, which ALMA's
+    # RMSProp iterates amplify (to about 2% here); the others stay within 1e-4.
+    other = ATTACKS[name](logits_fn, images, labels, lanes=LANES + 3)
+    np.testing.assert_array_equal(np.asarray(other.success), np.asarray(base.success))
+    np.testing.assert_allclose(np.asarray(other.l2), np.asarray(base.l2), rtol=0.03 if name == "alma" else 1e-4)
 
 
 # -- the per-image best and the robust-accuracy curve -------------------------------------------------
