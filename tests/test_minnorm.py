@@ -306,3 +306,10 @@ def test_bad_input_is_refused_naming_the_argument(change, error, name):
     arguments = {"images": np.full((2, 5), 0.5, np.float32), "labels": np.zeros(2, np.int32), **change}
     with pytest.raises(error, match=name):
         ddn(logits_fn, **arguments)
+
+
+@pytest.mark.parametrize("attacks", [(), [("ddn",)], ((1, ddn),), "ddn"])
+def test_minimal_perturbation_refuses_attacks_that_are_not_name_attack_pairs(attacks):
+    logits_fn, _ = _small_relu_net(0)
+    with pytest.raises(TypeError, match="attacks"):
+        minimal_perturbation(logits_fn, np.full((2, 5), 0.5, np.float32), np.zeros(2, np.int32), attacks=attacks)
