@@ -32,8 +32,8 @@ from jaxadv.attacks._minnorm import (Best, Image, MinNormResult, finish, image_l
                                      margin, norm, rounding_slack, validate)
 from jaxadv.attacks.lanes import LaneAttack, run_lanes
 
-#: Bisection steps of the projection onto the ball and the box (t to 2^-30 of its range).
-PROJECTION_STEPS = 30
+#: Bisection steps of the projection onto the ball and the box before its closed-form last step.
+PROJECTION_STEPS = 12
 
 
 class FMNState(NamedTuple):
