@@ -21,9 +21,10 @@ from hypothesis import given, settings
 
 from jaxadv import checks, lipschitz, transfer, units
 from jaxadv.adversarial_training import AdversarialTrainingConfig, adversarial_train
-from jaxadv.attacks import (AttackConfig, attack_dataset, attack_sizes, fast_gradient_direction, fgm, fgsm,
-                            lbfgs_attack, lbfgs_attack_all_targets, lbfgs_attack_untargeted, min_pixels_attack,
-                            minimal_fast_gradient, pgd, single_pixel_attack, success_along_direction)
+from jaxadv.attacks import (AttackConfig, alma, attack_dataset, attack_sizes, ddn, deepfool, fast_gradient_direction,
+                            fgm, fgsm, fmn, lbfgs_attack, lbfgs_attack_all_targets, lbfgs_attack_untargeted,
+                            min_pixels_attack, minimal_fast_gradient, minimal_perturbation, pgd, single_pixel_attack,
+                            success_along_direction, superdeepfool)
 from jaxadv.optim import box_lbfgs, minimize_box
 from jaxadv.train import error_rate
 
@@ -153,6 +154,20 @@ PUBLIC = [
     Public("transfer.rescale_perturbations", lambda m, p, x, y, lo, up: transfer.rescale_perturbations(
         x, np.clip(x + 0.1, lo, up), 0.2, lower=lo, upper=up), frozenset({"box", "images"}), produced=lambda r: r,
         images_name="originals"),
+    Public("ddn", lambda m, p, x, y, lo, up: ddn(m, x, y, params=p, steps=3, lower=lo, upper=up, lanes=4), ATTACK,
+           model_name="model", produced=adversarial),
+    Public("alma", lambda m, p, x, y, lo, up: alma(m, x, y, params=p, steps=3, lower=lo, upper=up, lanes=4), ATTACK,
+           model_name="model", produced=adversarial),
+    Public("fmn", lambda m, p, x, y, lo, up: fmn(m, x, y, params=p, steps=3, lower=lo, upper=up, lanes=4), ATTACK,
+           model_name="model", produced=adversarial),
+    Public("deepfool", lambda m, p, x, y, lo, up: deepfool(m, x, y, params=p, max_steps=3, lower=lo, upper=up,
+                                                           lanes=4), ATTACK, model_name="model", produced=adversarial),
+    Public("superdeepfool", lambda m, p, x, y, lo, up: superdeepfool(
+        m, x, y, params=p, max_steps=3, projections=2, lower=lo, upper=up, lanes=4), ATTACK, model_name="model",
+        produced=adversarial),
+    Public("minimal_perturbation", lambda m, p, x, y, lo, up: minimal_perturbation(
+        m, x, y, params=p, attacks=(("ddn", functools.partial(ddn, steps=3, lanes=4)),), lower=lo, upper=up),
+        ATTACK, model_name="model", produced=adversarial),
     Public("optim.minimize_box", lambda m, p, x, y, lo, up: minimize_box(
         lambda z: jnp.sum((z["x"] - 2.0) ** 2), {"x": jnp.asarray(x[0], jnp.float16)}, lo, up, max_iterations=5),
         frozenset(), produced=lambda r: r.x["x"]),

@@ -16,7 +16,7 @@ import pytest
 
 from jaxadv.attacks import (LaneAttack, alma, ddn, deepfool, fmn, minimal_perturbation, polished,
                             robust_accuracy_curve, run_lanes, superdeepfool)
-from jaxadv.attacks._minnorm import Image, image_logits, lane_inputs
+from jaxadv.attacks.common import Image, image_logits, lane_inputs
 from jaxadv.attacks.alma import ALMAConfig, alma_lanes
 from jaxadv.attacks.ddn import ddn_lanes
 from jaxadv.attacks.exact import exact_linear_minimum

@@ -28,7 +28,7 @@ from jaxadv.attacks.fast import (FastResult, fast_gradient_direction, fgm, fgsm,
                                  success_along_direction)
 from jaxadv.attacks.sparse import MinPixelsResult, SinglePixelResult, min_pixels_attack, single_pixel_attack
 from jaxadv.attacks.lanes import LaneAttack, run_lanes
-from jaxadv.attacks._minnorm import MinNormResult
+from jaxadv.attacks.common import MinNormResult
 from jaxadv.attacks.ddn import ddn
 from jaxadv.attacks.alma import ALMAConfig, alma
 from jaxadv.attacks.fmn import fmn

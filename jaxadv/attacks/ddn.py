@@ -23,7 +23,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxadv.attacks._minnorm import (Best, Image, MinNormResult, finish, image_logits, is_adversarial, lane_inputs,
+from jaxadv.attacks.common import (Best, Image, MinNormResult, finish, image_logits, is_adversarial, lane_inputs,
                                      norm, validate)
 from jaxadv.attacks.lanes import LaneAttack, run_lanes
 

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxadv.attacks._minnorm import (Best, Image, MinNormResult, finish, image_logits, in_blocks, is_adversarial,
+from jaxadv.attacks.common import (Best, Image, MinNormResult, finish, image_logits, in_blocks, is_adversarial,
                                      lane_inputs, norm, validate)
 from jaxadv.attacks.lanes import LaneAttack, run_lanes
 

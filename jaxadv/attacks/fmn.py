@@ -28,7 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxadv.attacks._minnorm import (Best, Image, MinNormResult, finish, image_logits, is_adversarial, lane_inputs,
+from jaxadv.attacks.common import (Best, Image, MinNormResult, finish, image_logits, is_adversarial, lane_inputs,
                                      margin, norm, rounding_slack, validate)
 from jaxadv.attacks.lanes import LaneAttack, run_lanes
 

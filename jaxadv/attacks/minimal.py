@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.attacks._minnorm import Best, MinNormResult, finish, validate
+from jaxadv.attacks.common import Best, MinNormResult, finish, validate
 from jaxadv.attacks.alma import alma
 from jaxadv.attacks.boundary import RefineConfig, refine_core
 from jaxadv.attacks.lbfgs import lbfgs_attack_untargeted

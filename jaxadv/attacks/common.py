@@ -11,12 +11,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxadv.attacks.lbfgs import (_as_traceable, _bound_arg, _check_bound, _check_images, _check_targets,
-                                  _num_classes)
-from jaxadv.attacks.sparse import _check_int
-from jaxadv.functional import logits_function
+from jaxadv import checks
 
 
 class MinNormResult(NamedTuple):
@@ -121,32 +117,17 @@ def finish(logits_fn, images, labels, best: Best, gradients, lanes: int, targete
 
 
 def validate(model, images, labels, lower, upper, params, *, counts: dict, lanes):
-    """The checks of every public wrapper, before any work: returns traceable, typed arguments.
+    """The checks of every public wrapper, before any work (`jaxadv.checks.attack_inputs`).
 
-    model/params: as `jaxadv.functional.logits_function`. images: [B, ...]
-    floating, inside [lower, upper]; labels: [B] ints in [0, classes);
-    lower, upper: broadcastable to images; counts: {name: (value, minimum)}
-    ints to check (steps and the like); lanes: an int >= 1.
+    model/params: as `jaxadv.functional.logits_function`. counts: {name:
+    (value, minimum)} ints to check (steps and the like); lanes: an int >= 1.
+    Returns the traceable model, images and labels in the work dtype, and the
+    box rounded inward, broadcast to the images' shape.
     """
-    logits_fn = logits_function(model, params, argument="model")
-    images_t = _check_images(images, "images")
-    _check_targets(labels, images_t.shape[0], "labels")
     for name, (value, minimum) in {**counts, "lanes": (lanes, 1)}.items():
-        _check_int(value, name, minimum)
-    lower_a, upper_a = _check_bound(lower, images_t, "lower"), _check_bound(upper, images_t, "upper")
-    if not any(isinstance(a, jax.core.Tracer) for a in (images, labels, lower, upper)):
-        x, lo, up = np.asarray(images), np.asarray(lower_a), np.asarray(upper_a)
-        if not np.all(np.isfinite(x)):
-            raise ValueError("images: contains NaN or infinite values")
-        if np.any(np.isnan(lo)) or np.any(np.isnan(up)) or np.any(lo > up):
-            raise ValueError("lower, upper: need lower <= upper everywhere (and no NaN)")
-        if np.any(x < lo) or np.any(x > up):
-            raise ValueError(f"images: values must lie in [lower, upper]; got range [{x.min()}, {x.max()}]")
-        classes = _num_classes(logits_fn, images_t)
-        y = np.asarray(labels)
-        if np.any(y < 0) or np.any(y >= classes):
-            raise ValueError(f"labels: must be in [0, {classes}) for this model; got range [{y.min()}, {y.max()}]")
-    dtype = images_t.dtype
-    lower_b = jnp.broadcast_to(_bound_arg(lower_a, images_t.shape, dtype, np.inf), images_t.shape)
-    upper_b = jnp.broadcast_to(_bound_arg(upper_a, images_t.shape, dtype, -np.inf), images_t.shape)
-    return (_as_traceable(logits_fn), jnp.asarray(images, dtype), jnp.asarray(labels, jnp.int32), lower_b, upper_b)
+        checks.int_at_least(value, name, minimum)
+    checked = checks.attack_inputs(model, images, labels, lower, upper, params=params, model_name="model")
+    x = jnp.asarray(checked.images)
+    shape_as_images = lambda b: jnp.broadcast_to(jnp.asarray(b, x.dtype), x.shape)
+    return (checked.logits_fn, x, jnp.asarray(checked.labels, jnp.int32), shape_as_images(checked.lower),
+            shape_as_images(checked.upper))
