@@ -63,7 +63,11 @@ def optimality_score(distances, best_distances, *, success=None) -> float:
     after d) at each distinct distance, the attack's distances clipped to
     d_max, so a failure counts as broken at d_max (`analysis/utils.py`,
     `eval_optimality`, in github.com/attackbench/AttackBench). 1 means as good
-    as the best known on every image.
+    as the best known on every image. AttackBench's sets hold misclassified
+    images (distance 0), so its curves start at ε = 0; here each curve starts
+    there too, whatever the images: on correctly classified images alone,
+    curves starting at their own smallest distance scored an attack worse
+    on every image above 1.
 
     Args:
       distances: [N] the attack's per-image distances (inf where it failed).
@@ -85,7 +89,7 @@ def optimality_score(distances, best_distances, *, success=None) -> float:
 
 
 def _stepwise_area(distances: np.ndarray) -> float:
-    """The trapezoidal area through (each distinct distance, 1 − share of distances <= it), as AttackBench sums it."""
-    values, counts = np.unique(distances, return_counts=True)
-    accuracy = 1.0 - np.cumsum(counts) / distances.size
+    """The trapezoidal area through (0 and each distinct distance, the share of distances above it), AttackBench's sum."""
+    values = np.unique(np.concatenate([[0.0], distances]))
+    accuracy = 1.0 - np.searchsorted(np.sort(distances), values, side="right") / distances.size
     return float(np.sum((values[1:] - values[:-1]) * (accuracy[1:] + accuracy[:-1]) / 2))
