@@ -14,6 +14,9 @@
     resumable chunks (`attack_dataset`), with its sizes from the traced model (`attack_sizes`).
 `sparse`: the exhaustive single-pixel search and the fewest pixels that change the label.
 `fast`: FGSM / FGM, BIM / PGD, and the smallest fast-gradient step that succeeds.
+`lanes`: the work queue every per-image attack runs on (a lane that finishes takes the next image).
+`ddn`, `alma`, `fmn`, `deepfool`: the minimal-L2 attacks DDN, ALMA, FMN, DeepFool and SuperDeepFool.
+`minimal`: `minimal_perturbation`, the per-image best of several attacks; `robust_accuracy_curve`.
 """
 from jaxadv.attacks.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState
 from jaxadv.attacks.boundary import RefineConfig, RefineResult, project_onto_cuts, refine_core
@@ -24,6 +27,13 @@ from jaxadv.attacks.dataset import (LBFGS_SOURCES, RESULT_FIELDS, AttackSizes, a
 from jaxadv.attacks.fast import (FastResult, fast_gradient_direction, fgm, fgsm, minimal_fast_gradient, pgd,
                                  success_along_direction)
 from jaxadv.attacks.sparse import MinPixelsResult, SinglePixelResult, min_pixels_attack, single_pixel_attack
+from jaxadv.attacks.lanes import LaneAttack, run_lanes
+from jaxadv.attacks._minnorm import MinNormResult
+from jaxadv.attacks.ddn import ddn
+from jaxadv.attacks.alma import ALMAConfig, alma
+from jaxadv.attacks.fmn import fmn
+from jaxadv.attacks.deepfool import deepfool, superdeepfool
+from jaxadv.attacks.minimal import DEFAULT_ATTACKS, MinimalResult, minimal_perturbation, robust_accuracy_curve
 from jaxadv.attacks.targets import (AllTargetsResult, all_wrong_targets, lbfgs_attack_all_targets,
                                     random_wrong_targets, runner_up_targets)
 
@@ -35,3 +45,5 @@ __all__ = ["AttackConfig", "AttackResult", "AllTargetsResult", "BoxLBFGSConfig",
            "MinPixelsResult", "SinglePixelResult", "min_pixels_attack", "single_pixel_attack",
            "AttackSizes", "LBFGS_SOURCES", "RESULT_FIELDS", "attack_dataset", "attack_sizes", "attack_source_fingerprint",
            "select_images"]
+__all__ += ["LaneAttack", "run_lanes", "MinNormResult", "ddn", "ALMAConfig", "alma", "fmn", "deepfool", "superdeepfool",
+            "DEFAULT_ATTACKS", "MinimalResult", "minimal_perturbation", "robust_accuracy_curve"]

@@ -23,7 +23,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxadv.attacks._minnorm import (Best, Image, MinNormResult, finish, image_logits, lane_inputs, norm, validate)
+from jaxadv.attacks._minnorm import (Best, Image, MinNormResult, finish, image_logits, is_adversarial, lane_inputs,
+                                     norm, validate)
 from jaxadv.attacks.lanes import LaneAttack, run_lanes
 
 
@@ -97,7 +98,7 @@ def alma_lanes(logits_one, config: ALMAConfig, targeted: bool) -> LaneAttack:
         # 3. the best point, and the step of the first success
         adversarial = d < 0
         found_at = jnp.where(adversarial & (s.found_at > c.steps), i, s.found_at)
-        best = s.best.update(x, norm(s.delta), adversarial)
+        best = s.best.update(x, norm(s.delta), adversarial & is_adversarial(logits, image.label, targeted))
         # 4. the Lagrangian's gradient (the distance's term from the second step on, as adv_lib)
         (gradient,) = pullback(jax.grad(penalty_p2)(d, rho, mu) * d_logits)
         gradient = gradient + jnp.where(i > 0, 1, 0) * jax.grad(norm)(s.delta)

@@ -33,8 +33,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxadv.attacks._minnorm import (Best, Image, MinNormResult, finish, image_logits, in_blocks, lane_inputs, norm,
-                                     validate)
+from jaxadv.attacks._minnorm import (Best, Image, MinNormResult, finish, image_logits, in_blocks, is_adversarial,
+                                     lane_inputs, norm, validate)
 from jaxadv.attacks.lanes import LaneAttack, run_lanes
 
 
@@ -76,7 +76,7 @@ def deepfool_lanes(logits_one, *, max_steps: int, overshoot: float, projections:
         logits, pullback = jax.vjp(logits_one, s.x)
         (jacobian,) = jax.vmap(pullback)(jnp.eye(logits.shape[-1], dtype=logits.dtype))
         found = jnp.argmax(logits)
-        adversarial = found != image.label
+        adversarial = is_adversarial(logits, image.label, False)
         best = s.best.update(s.x, norm(s.x - image.origin), adversarial)
         # 2. not adversarial: a DeepFool step; adversarial: SuperDeepFool projects (once per crossing)
         project_now = adversarial & ~s.projected & (s.projections < projections)
@@ -102,7 +102,7 @@ def shrink_towards_origin(logits_fn, images, adversarial, labels, search_steps: 
             low, high = bracket
             middle = (low + high) / 2
             point = x + middle.reshape((-1,) + (1,) * (x.ndim - 1)) * (adv - x)
-            crossed = jnp.argmax(logits_fn(point), -1) != y
+            crossed = jax.vmap(functools.partial(is_adversarial, targeted=False))(logits_fn(point), y)
             return jnp.where(crossed, low, middle), jnp.where(crossed, middle, high)
         ones = jnp.ones(x.shape[:1], x.dtype)
         _, high = jax.lax.fori_loop(0, search_steps, bisect, (0 * ones, ones))
@@ -116,7 +116,8 @@ def _shrink_candidates(logits_fn, images, labels, candidates, search_steps: int,
     best = Best(origins, jnp.full(images.shape[:1], jnp.inf, images.dtype))
     for candidate in candidates:
         shrunk = shrink_towards_origin(logits_fn, images, candidate.reshape(images.shape), labels, search_steps, lanes)
-        adversarial = in_blocks(lambda x, y: jnp.argmax(logits_fn(x), -1) != y, (shrunk, labels), lanes)
+        adversarial = in_blocks(lambda x, y: jax.vmap(functools.partial(is_adversarial, targeted=False))(
+            logits_fn(x), y), (shrunk, labels), lanes)
         shrunk = shrunk.reshape(origins.shape)
         best = jax.vmap(Best.update)(best, shrunk, jnp.sqrt(jnp.sum(jnp.square(shrunk - origins), -1)), adversarial)
     return best

@@ -6,7 +6,8 @@
 Each step takes the gradient g of the logit difference max_{j≠label} Z_j −
 Z_label at x + δ (towards a target when targeted), adapts the radius ε (after
 an adversarial point: min(ε(1 − γ), best norm); before the first one:
-‖δ‖ + |margin|/‖g‖, the linear estimate of the distance to the boundary; after
+‖δ‖ + |margin|/‖g‖, the linear estimate of the distance to the boundary, plus
+twice the rounding slack that `is_adversarial` asks for, so the linear boundary is crossed; after
 it: ε(1 + γ)), steps δ by α·g/‖g‖, and projects x + δ onto the intersection of
 the ε-ball around x and the box. α and γ are cosine-annealed (α from
 `alpha_init` to a hundredth of it, γ from 0.05 to 0.001).
@@ -27,8 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxadv.attacks._minnorm import (Best, Image, MinNormResult, finish, image_logits, lane_inputs, margin, norm,
-                                     validate)
+from jaxadv.attacks._minnorm import (Best, Image, MinNormResult, finish, image_logits, is_adversarial, lane_inputs,
+                                     margin, norm, rounding_slack, validate)
 from jaxadv.attacks.lanes import LaneAttack, run_lanes
 
 #: Bisection steps of the projection onto the ball and the box (t to 2^-30 of its range).
@@ -49,20 +50,26 @@ def project_ball_and_box(origin, y, epsilon, lower, upper):
     """The Euclidean projection of y onto {z : ‖z − origin‖ ≤ ε, lower ≤ z ≤ upper} (origin inside the box).
 
     By the KKT conditions the projection is clip(origin + t(y − origin)) for some t ∈ [0, 1]: the largest
-    t whose clipped norm is at most ε, bisected.
+    t whose clipped norm is at most ε. Bisection brackets t; inside the last bracket the coordinates clipped
+    at its top are held at their bounds and t is solved in closed form (never outside the ball).
     """
     direction = y - origin
-    length = lambda t: norm(jnp.clip(origin + t * direction, lower, upper) - origin)
+    clipped_at = lambda t: jnp.clip(origin + t * direction, lower, upper)
 
     def bisect(_, bracket):
         low, high = bracket
         middle = (low + high) / 2
-        inside = length(middle) <= epsilon
+        inside = norm(clipped_at(middle) - origin) <= epsilon
         return jnp.where(inside, middle, low), jnp.where(inside, high, middle)
     one = jnp.ones((), y.dtype)
-    low, _ = jax.lax.fori_loop(0, PROJECTION_STEPS, bisect, (0 * one, one))
-    t = jnp.where(length(one) <= epsilon, one, low)
-    return jnp.clip(origin + t * direction, lower, upper)
+    low, high = jax.lax.fori_loop(0, PROJECTION_STEPS, bisect, (0 * one, one))
+    top = origin + high * direction
+    held = (top < lower) | (top > upper)
+    fixed = jnp.sum(jnp.where(held, jnp.square(clipped_at(high) - origin), 0))
+    free = jnp.sum(jnp.where(held, 0, direction * direction))
+    t = jnp.clip(jnp.sqrt(jnp.maximum(epsilon ** 2 - fixed, 0) / jnp.where(free > 0, free, 1)), low, high)
+    t = jnp.where(norm(clipped_at(one) - origin) <= epsilon, one, t)
+    return clipped_at(t)
 
 
 def fmn_lanes(logits_one, *, steps: int, alpha_init: float, gamma_init: float, gamma_final: float,
@@ -83,15 +90,17 @@ def fmn_lanes(logits_one, *, steps: int, alpha_init: float, gamma_init: float, g
         gamma = gamma_final + (gamma_init - gamma_final) * cosine
         x, length = image.origin + s.delta, norm(s.delta)
         # 1. the margin (positive while not adversarial) and the gradient of its negative
-        value, pullback = jax.vjp(lambda v: -margin(logits_one(v), image.label, targeted), x)
-        (gradient,) = pullback(jnp.ones_like(value))
-        adversarial = value > 0
+        logits, pullback = jax.vjp(logits_one, x)
+        value, cotangent = jax.value_and_grad(lambda z: -margin(z, image.label, targeted))(logits)
+        (gradient,) = pullback(cotangent)
+        adversarial = is_adversarial(logits, image.label, targeted)
         best = s.best.update(x, length, adversarial)
         found = s.found | adversarial
         # 2. the radius
         slope = jnp.maximum(norm(gradient), 1e-12)
         epsilon = jnp.where(adversarial, jnp.minimum(s.epsilon * (1 - gamma), best.l2),
-                            jnp.where(s.found, s.epsilon * (1 + gamma), length + jnp.abs(value) / slope))
+                            jnp.where(s.found, s.epsilon * (1 + gamma),
+                                      length + (jnp.abs(value) + 2 * rounding_slack(logits)) / slope))
         epsilon = jnp.minimum(epsilon, s.worst)
         # 3. a normalised ascent step, projected onto the ball and the box
         moved = x + alpha * gradient / slope
