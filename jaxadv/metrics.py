@@ -1,13 +1,13 @@
-"""Robustness figures from per-image minimal distances: the robust-accuracy curve and AttackBench's optimality.
+"""AttackBench's optimality score: how close an attack's robust-accuracy curve comes to the best known one.
 
-    from jaxadv.metrics import robust_accuracy_curve, optimality_score
-    epsilons, accuracy = robust_accuracy_curve(result.l2, success=result.success)
+    from jaxadv.metrics import optimality_score
     score = optimality_score(attack_l2, best_known_l2)
 
 A minimal-norm attack gives, per image, the smallest perturbation it found
 (inf where it found none). The robust accuracy at ε is then the share of
-images it leaves correctly classified within the ball of radius ε: those whose
-distance exceeds ε. An image misclassified to begin with has distance 0.
+images it leaves correctly classified within the ball of radius ε
+(`jaxadv.attacks.robust_accuracy_curve`). An image misclassified to begin
+with has distance 0.
 """
 from __future__ import annotations
 
@@ -26,31 +26,6 @@ def _distances(distances, success=None, argument: str = "distances") -> np.ndarr
     if np.any(np.isnan(d)) or np.any(d < 0):
         raise ValueError(f"{argument}: distances must be >= 0 (inf for a failure), without NaN")
     return d
-
-
-def robust_accuracy_curve(distances, epsilons=None, *, success=None):
-    """(epsilons, robust accuracy): the share of images whose minimal distance exceeds each ε.
-
-    Args:
-      distances: [N] per-image distances (inf, or `success` False, where the attack failed).
-      epsilons: the radii to evaluate at; default: 0 and every distinct finite distance, where
-        the step function drops (plot it with `drawstyle="steps-post"`).
-      success: optional [N] booleans; a False entry counts as inf.
-
-    Returns two float64 arrays of the same length: epsilons ascending, and the
-    robust accuracy at each, mean(distances > ε).
-    """
-    d = _distances(distances, success)
-    if epsilons is None:
-        finite = d[np.isfinite(d)]
-        epsilons = np.unique(np.concatenate([[0.0], finite]))
-    else:
-        epsilons = np.asarray(epsilons, np.float64)
-        if epsilons.ndim != 1 or np.any(np.isnan(epsilons)) or np.any(np.diff(epsilons) < 0):
-            raise ValueError("epsilons: expected an ascending 1-D array without NaN")
-    ordered = np.sort(d)
-    broken = np.searchsorted(ordered, epsilons, side="right")        # images with distance <= ε
-    return epsilons, 1.0 - broken / d.size
 
 
 def optimality_score(distances, best_distances, *, success=None) -> float:

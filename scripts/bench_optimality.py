@@ -21,11 +21,13 @@ trained 2 epochs if WORKDIR/models/ReluCNN is missing). Attacks:
               on the PyTorch twin (scripts/torch_twins.py; logits checked equal to 1e-5 first)
 Every returned image is rechecked on the JAX model. Per attack: success; the median ratio of its
 L2 to the per-image best known (the smallest any attack found; a failure counts as inf); the
-share within 1% and within 0.1% of it; AttackBench's optimality score (jaxadv.metrics, from the
-robust-accuracy curves; AttackBench caps each attack at 2,000 propagations, forward and backward:
-1,000 gradients, which --steps 1000 keeps to, and rows over it are marked); gradients per image
+share within 1% and within 0.1% of it; AttackBench's optimality score (`jaxadv.metrics`: the
+area between the attack's robust-accuracy curve, `jaxadv.attacks.robust_accuracy_curve`, and the
+best known one; AttackBench caps each attack at 2,000 propagations, forward and backward, i.e.
+1,000 gradients, which --steps 1000 keeps to; rows over it are marked); gradients per image
 (backward passes of one image; a Jacobian of K classes counts K); wall time (JAX compilation
-included; --warm: excluded). Writes OUT/results.json, OUT/table.md and OUT/<model>_robust_accuracy.png, atomically.
+included; --warm: excluded). Writes OUT/results.json, OUT/table.md and
+OUT/<model>_robust_accuracy.png, atomically.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ from jaxadv.attacks.ddn import ddn  # noqa: E402
 from jaxadv.attacks.deepfool import deepfool, superdeepfool  # noqa: E402
 from jaxadv.attacks.fmn import fmn  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402
-from jaxadv.metrics import optimality_score, robust_accuracy_curve  # noqa: E402
+from jaxadv.metrics import optimality_score  # noqa: E402
 from jaxadv.zoo import trained_models  # noqa: E402
 from scripts.bench_models import RELU_CNN, correctly_classified, trained_relu_cnn  # noqa: E402
 
@@ -164,13 +166,16 @@ def plot_curves(model_name: str, l2: dict, best: np.ndarray, path: Path) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def curve(d, grid):
+        return np.asarray(attacks.robust_accuracy_curve(np.where(np.isfinite(d), d, 0), np.isfinite(d), grid))
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     grid = np.linspace(0.0, float(best.max()) * 1.1, 400)
     colors = plt.get_cmap("tab20").colors
     for index, (name, d) in enumerate(l2.items()):
-        ax.plot(*robust_accuracy_curve(d, grid), label=name, color=colors[index % len(colors)],
+        ax.plot(grid, curve(d, grid), label=name, color=colors[index % len(colors)],
                 linewidth=1.2 if name.startswith("ours") else 0.9, linestyle="-" if name.startswith("ours") else "--")
-    ax.plot(*robust_accuracy_curve(best, grid), label="best known", color="black", linewidth=2)
+    ax.plot(grid, curve(best, grid), label="best known", color="black", linewidth=2)
     ax.set(xlabel="ε (L2)", ylabel="robust accuracy", title=f"{model_name}: robust accuracy vs ε", ylim=(0, 1.01))
     ax.legend(fontsize=7)
     fig.tight_layout()
