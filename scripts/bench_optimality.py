@@ -32,6 +32,7 @@ OUT/<model>_robust_accuracy.png, atomically.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -83,10 +84,12 @@ def jax_attacks(steps: int) -> dict:
     return runs
 
 
-def run_jax(logits_fn, images, labels, steps: int, warm: bool = False) -> dict:
+def run_jax(logits_fn, images, labels, steps: int, warm: bool = False, skip=()) -> dict:
     """{name: (adversarial, gradients per image, seconds)} of jaxadv's attacks; warm: timed on a second run."""
     out = {}
     for name, run in jax_attacks(steps).items():
+        if "ours: " + name in skip:
+            continue
         if warm:        # the same shapes: the timed run below reuses the compiled programs
             jax.block_until_ready(run(logits_fn, jnp.asarray(images), jnp.asarray(labels)))
         start = time.perf_counter()
@@ -97,7 +100,7 @@ def run_jax(logits_fn, images, labels, steps: int, warm: bool = False) -> dict:
     return out
 
 
-def run_advlib(twin, images, labels, steps: int) -> dict:
+def run_advlib(twin, images, labels, steps: int, skip=()) -> dict:
     """{name: (adversarial, gradients per image, seconds)} of adv_lib's attacks on the PyTorch twin."""
     import torch
     from adv_lib.attacks import alma as advlib_alma, ddn as advlib_ddn, fab, fmn as advlib_fmn, sdf
@@ -113,6 +116,8 @@ def run_advlib(twin, images, labels, steps: int) -> dict:
     x, y = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))
     out = {}
     for name, run in runs.items():
+        if "adv_lib: " + name in skip:
+            continue
         torch.manual_seed(0)
         counted.reset()
         start = time.perf_counter()
@@ -126,6 +131,9 @@ def distances(logits_fn, images, labels, found: dict) -> dict:
     """{name: per-image L2, inf where the returned image keeps the label on the JAX model}."""
     out = {}
     for name, (adversarial, _, _) in found.items():
+        if adversarial is None:         # reused: found holds no images, the L2 were rechecked when stored
+            out[name] = found[name].l2
+            continue
         predicted = np.argmax(np.asarray(jax.jit(logits_fn)(jnp.asarray(adversarial))), -1)
         l2 = np.linalg.norm((adversarial.astype(np.float64) - images).reshape(len(images), -1), axis=1)
         out[name] = np.where(predicted != labels, l2, np.inf)
@@ -202,17 +210,44 @@ def have_advlib() -> bool:
     return True
 
 
+class Reused(tuple):
+    """An attack's figures read back from an earlier run: (None, gradients per image, seconds), and its L2."""
+    l2: np.ndarray
+
+
+def reused_results(directory, model: str, num_images: int, steps: int) -> dict:
+    """{attack: Reused} from DIR/results.json's run on the same images (none without --reuse)."""
+    if directory is None:
+        return {}
+    results = json.loads((Path(directory) / "results.json").read_text())
+    if results["steps"] != steps:
+        raise SystemExit(f"--reuse: {directory} ran {results['steps']} steps, not {steps}")
+    previous = results["models"].get(model)
+    if previous is None:
+        return {}
+    if previous["num_images"] != num_images:
+        raise SystemExit(f"--reuse: {directory} ran {model} on {previous['num_images']} images, not {num_images}")
+    out = {}
+    for name, l2 in previous["l2"].items():
+        if name != OURS_BEST:
+            row = previous["rows"][name]
+            out[name] = Reused((None, row["gradients_per_image"], row["seconds"]))
+            out[name].l2 = np.array([np.inf if d is None else d for d in l2])
+    return out
+
+
 def bench_model(name, module, variables, test, args) -> dict:
     """Every attack on one model: the figures per attack, and its curves drawn to OUT."""
     logits_fn = jax.tree_util.Partial(module.apply, variables)
     images, labels = correctly_classified(logits_fn, test.images, test.labels, args.num_images)
     print(f"{name}: {len(labels)} images", file=sys.stderr, flush=True)
-    found = run_jax(logits_fn, images, labels, args.steps, args.warm)
+    found = reused_results(args.reuse, name, len(labels), args.steps)
+    found.update(run_jax(logits_fn, images, labels, args.steps, args.warm, skip=found))
     if not args.jax_only:
         from scripts.torch_twins import check_twin, torch_twin
         twin = torch_twin(module, variables)
         check_twin(np.asarray(jax.jit(logits_fn)(images)), twin, images, name=name)  # before any bench
-        found.update(run_advlib(twin, images, labels, args.steps))
+        found.update(run_advlib(twin, images, labels, args.steps, skip=found))
     l2 = distances(logits_fn, images, labels, found)
     best = np.min(np.stack(list(l2.values())), axis=0)
     broken = np.isfinite(best)
@@ -237,6 +272,8 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out-dir", default=None, help="default WORKDIR/bench_optimality/<run>")
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
+    parser.add_argument("--reuse", default=None, metavar="DIR", help="take the attacks that DIR/results.json holds "
+                        "(same models, images and steps) from there instead of running them again")
     parser.add_argument("--warm", action="store_true", help="time jaxadv's attacks on a second run, after "
                         "compilation (each runs twice)")
     args = parser.parse_args(argv)
