@@ -126,7 +126,7 @@ def main(argv=None):
             layer, leaf = key.split("/")
             variables["params"].setdefault(layer, {})[leaf] = value
     twin = torch_twin(module, variables)
-    check_twin(np.asarray(module.apply(variables, images)), twin, images, name="reference_cnn")
+    check_twin(jax.tree_util.Partial(module.apply, variables), twin, images, name="reference_cnn")
     results = run_advlib(twin, images, arrays["labels"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

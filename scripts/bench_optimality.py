@@ -18,7 +18,7 @@ trained 2 epochs if WORKDIR/models/ReluCNN is missing). Attacks:
               and "ours, per-image best": the smallest of ours on each image
   adv_lib     DDN (levels=None: continuous output), ALMA (L2), FMN (L2), each --steps steps;
               FAB (L2, 9 targeted restarts of --steps/10 steps); SuperDeepFool (its defaults);
-              on the PyTorch twin (scripts/torch_twins.py; logits checked equal to 1e-5 first)
+              on the PyTorch twin (scripts/torch_twins.py; logits and gradients checked equal first)
 Every returned image is rechecked on the JAX model. Per attack: success; the median ratio of its
 L2 to the per-image best known (the smallest any attack found; a failure counts as inf); the
 share within 1% and within 0.1% of it; AttackBench's optimality score (`jaxadv.metrics`: the
@@ -215,7 +215,7 @@ class Reused(tuple):
     l2: np.ndarray
 
 
-def reused_results(directory, model: str, num_images: int, steps: int) -> dict:
+def reused_results(directory, model: str, num_images: int, steps: int, rerun=()) -> dict:
     """{attack: Reused} from DIR/results.json's run on the same images (none without --reuse)."""
     if directory is None:
         return {}
@@ -229,7 +229,7 @@ def reused_results(directory, model: str, num_images: int, steps: int) -> dict:
         raise SystemExit(f"--reuse: {directory} ran {model} on {previous['num_images']} images, not {num_images}")
     out = {}
     for name, l2 in previous["l2"].items():
-        if name != OURS_BEST:
+        if name != OURS_BEST and not any(part in name for part in rerun):
             row = previous["rows"][name]
             out[name] = Reused((None, row["gradients_per_image"], row["seconds"]))
             out[name].l2 = np.array([np.inf if d is None else d for d in l2])
@@ -241,12 +241,12 @@ def bench_model(name, module, variables, test, args) -> dict:
     logits_fn = jax.tree_util.Partial(module.apply, variables)
     images, labels = correctly_classified(logits_fn, test.images, test.labels, args.num_images)
     print(f"{name}: {len(labels)} images", file=sys.stderr, flush=True)
-    found = reused_results(args.reuse, name, len(labels), args.steps)
+    found = reused_results(args.reuse, name, len(labels), args.steps, args.rerun)
     found.update(run_jax(logits_fn, images, labels, args.steps, args.warm, skip=found))
     if not args.jax_only:
         from scripts.torch_twins import check_twin, torch_twin
         twin = torch_twin(module, variables)
-        check_twin(np.asarray(jax.jit(logits_fn)(images)), twin, images, name=name)  # before any bench
+        check_twin(logits_fn, twin, images, name=name)  # before any bench
         found.update(run_advlib(twin, images, labels, args.steps, skip=found))
     l2 = distances(logits_fn, images, labels, found)
     best = np.min(np.stack(list(l2.values())), axis=0)
@@ -274,6 +274,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch's intra-op threads")
     parser.add_argument("--reuse", default=None, metavar="DIR", help="take the attacks that DIR/results.json holds "
                         "(same models, images and steps) from there instead of running them again")
+    parser.add_argument("--rerun", nargs="+", default=[], metavar="TEXT",
+                        help="with --reuse: run again the attacks whose names contain TEXT (e.g. adv_lib)")
     parser.add_argument("--warm", action="store_true", help="time jaxadv's attacks on a second run, after "
                         "compilation (each runs twice)")
     args = parser.parse_args(argv)

@@ -2,12 +2,13 @@
 
     from scripts.torch_twins import torch_twin, check_twin
     twin = torch_twin(module, params)          # a torch.nn.Module taking the same NHWC images
-    check_twin(jax_logits_fn, twin, images)    # raises unless the logits agree to ~1e-5
+    check_twin(jax_logits_fn, twin, images)    # raises unless the logits and gradients agree to ~1e-5
 
 Bench code, not the library: `jaxadv` never imports torch. Set OMP_WAIT_POLICY=PASSIVE
 before importing this module (torch's OpenMP threads otherwise spin on shared cores).
 
-A twin is a plain `torch.nn.Sequential` built from the flax `nn.Sequential`'s layers:
+A twin is a plain `torch.nn.Sequential` built from the flax `nn.Sequential`'s layers, with the
+same values and the same gradients (up to float rounding; `check_twin` compares both):
 `nn.Dense`, `nn.Conv` (SAME or VALID padding, any stride; XLA's SAME split, odd pixel after),
 `nn.relu`, `nn.sigmoid`, flatten, and max or average pooling (`jaxadv.models.max_pool` or a
 `functools.partial` of `flax.linen.max_pool` / `avg_pool`). It takes images as jaxadv holds them,
@@ -22,6 +23,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -55,6 +58,27 @@ class _SamePad(torch.nn.Module):
             total = max((out - 1) * stride + window - size, 0)
             pads += [total // 2, total - total // 2]
         return F.pad(x, pads)
+
+
+class _TieSplittingMaxPool(torch.nn.Module):
+    """`jaxadv.models.max_pool` with window == stride: each window's max, its gradient split equally among
+    the entries that tie for it, as JAX's max is differentiated (torch's MaxPool2d gives it all to one).
+
+    The tie matters: on a flat background a convolution's output is its bias, equal across a window.
+    """
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+
+    def forward(self, x):
+        k = self.window
+        x = x[:, :, :x.shape[2] // k * k, :x.shape[3] // k * k]
+        top = F.max_pool2d(x, k, k).detach()
+        tied = (x == top.repeat_interleave(k, 2).repeat_interleave(k, 3)).to(x.dtype)
+        # The value is the max, exactly; the gradient is tied / count, spread over the tied entries.
+        spread = F.avg_pool2d((x - x.detach()) * tied, k, k) / F.avg_pool2d(tied, k, k)
+        return top + spread
 
 
 def _pair(value):
@@ -94,8 +118,10 @@ def _pool(layer) -> list | None:
         return None
     keywords = layer.keywords
     if layer.func is zoo_max_pool:
-        window, stride = _pair(keywords["window"]), _pair(keywords["stride"])
-        return [torch.nn.MaxPool2d(window, stride)]
+        if keywords["window"] == keywords["stride"]:
+            return [_TieSplittingMaxPool(keywords["window"])]
+        # Overlapping windows: jaxadv's max_pool is XLA's reduce_window, whose gradient goes to one entry.
+        return [torch.nn.MaxPool2d(_pair(keywords["window"]), _pair(keywords["stride"]))]
     if layer.func in (nn.max_pool, nn.avg_pool):
         window = tuple(keywords["window_shape"])
         stride = tuple(keywords.get("strides") or (1,) * len(window))
@@ -156,17 +182,35 @@ def twin_logits(twin: torch.nn.Module, images: np.ndarray, batch_size: int = 100
                                for i in range(0, len(images), batch_size)])
 
 
-def check_twin(jax_logits: np.ndarray, twin: torch.nn.Module, images: np.ndarray, atol: float = 1e-5,
-               rtol: float = 1e-5, name: str = "model") -> float:
-    """The largest |JAX − torch| logit difference on `images`; AssertionError unless within atol + rtol·|logit|."""
-    torch_logits = twin_logits(twin, images)
-    jax_logits = np.asarray(jax_logits, np.float32)
-    difference = np.abs(torch_logits - jax_logits)
+def check_twin(logits_fn, twin: torch.nn.Module, images: np.ndarray, atol: float = 1e-5, rtol: float = 1e-5,
+               name: str = "model", gradient_images: int = 64, gradient_rtol: float = 1e-2) -> tuple[float, float]:
+    """The largest |JAX − torch| difference of the logits on `images`, and of the input gradients of a
+    fixed random combination of the logits on the first `gradient_images`, relative to the gradient's
+    norm, per image; AssertionError unless the logits are within atol + rtol·|logit| and the
+    gradients within gradient_rtol.
+
+    Equal logits are not enough: the attacks follow gradients, and where two subgradients are
+    valid (a max pool's tied window) the twin must pick JAX's.
+    """
+    jax_logits = np.asarray(jax.jit(logits_fn)(images), np.float32)
+    difference = np.abs(twin_logits(twin, images) - jax_logits)
     bad = difference > atol + rtol * np.abs(jax_logits)
     if bad.any():
         raise AssertionError(f"{name}: the torch twin's logits differ from JAX's by up to {difference.max():.3g} "
                              f"on {int(bad.any(axis=1).sum())} of {len(images)} images")
-    return float(difference.max())
+    x = np.ascontiguousarray(images[:gradient_images])
+    weights = np.random.default_rng(0).standard_normal(jax_logits[:len(x)].shape).astype(np.float32)
+    jax_gradient = np.asarray(jax.grad(lambda v: jnp.sum(logits_fn(v) * weights))(x))
+    inputs = torch.from_numpy(x).requires_grad_(True)
+    torch_gradient = torch.autograd.grad((twin(inputs) * torch.from_numpy(weights)).sum(), inputs)[0].numpy()
+    # Per image, the relative L2 difference: values within an ulp of a window's max tie in one framework
+    # and not the other, which moves a few pixels' gradients; a wrong rule for ties moves many.
+    per_image = lambda g: np.sqrt(np.sum(np.square(g.reshape(len(x), -1).astype(np.float64)), -1))
+    gradient_difference = float(np.max(per_image(torch_gradient - jax_gradient) / per_image(jax_gradient)))
+    if gradient_difference > gradient_rtol:
+        raise AssertionError(f"{name}: the torch twin's input gradients differ from JAX's by up to "
+                             f"{gradient_difference:.3g} of their norm")
+    return float(difference.max()), gradient_difference
 
 
 class _CountBackward(torch.autograd.Function):
