@@ -75,5 +75,8 @@ def test_attack_matches_advlib(reference, name):
     both = success & their_success
     assert both.sum() >= 0.5 * len(labels)
     ours, advlib = np.median(l2[both]), np.median(their_l2[both])
+    print(f"\n{name}: success {success.mean():.0%} (adv_lib {their_success.mean():.0%}); median L2 on {both.sum()} "
+          f"common successes {ours:.4f} (adv_lib {advlib:.4f}, per-image median ratio "
+          f"{np.median(l2[both] / their_l2[both]):.4f}); gradients/image {np.mean(np.asarray(result.gradients)):.0f}")
     assert ours <= 1.01 * advlib, (f"{name}: median L2 {ours:.4f} against adv_lib's {advlib:.4f} on {both.sum()} "
                                    f"images (per-image median ratio {np.median(l2[both] / their_l2[both]):.4f})")
