@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxadv.attacks import (LaneAttack, alma, ddn, deepfool, fmn, minimal_perturbation, robust_accuracy_curve,
-                            run_lanes, superdeepfool)
+from jaxadv.attacks import (LaneAttack, alma, ddn, deepfool, fmn, minimal_perturbation, polished,
+                            robust_accuracy_curve, run_lanes, superdeepfool)
 from jaxadv.attacks._minnorm import Image, image_logits, lane_inputs
 from jaxadv.attacks.alma import ALMAConfig, alma_lanes
 from jaxadv.attacks.ddn import ddn_lanes
@@ -176,7 +176,8 @@ def test_the_best_point_is_returned_not_the_last(relu_problem, name):
     result = results[name]
     worse = ~last_adversarial | (last_l2 > np.asarray(result.l2) * (1 + 1e-6))
     assert np.any(worse & np.asarray(result.success))             # the case exists ...
-    assert np.all(np.asarray(result.l2)[last_adversarial] <= last_l2[last_adversarial] * (1 + 1e-6))   # ... and is handled
+    # ... and is handled: never longer than a clearly adversarial last iterate
+    assert np.all(np.asarray(result.l2)[last_adversarial] <= last_l2[last_adversarial] * (1 + 1e-6))
     np.testing.assert_allclose(np.asarray(result.l2)[np.asarray(result.success)],
                                np.asarray(final.best.l2)[np.asarray(result.success)], rtol=1e-6)
 
@@ -231,6 +232,11 @@ def test_an_image_gets_the_same_bits_in_any_batch_and_position(relu_problem, nam
                                       err_msg=field)
         np.testing.assert_array_equal(np.asarray(getattr(base, field))[5:6], np.asarray(getattr(alone, field)),
                                       err_msg=field)
+    # Another lane count is another program: XLA's rounding may differ in the last bit, which ALMA's
+    # RMSProp iterates amplify (to about 2% here); the others stay within 1e-4.
+    other = ATTACKS[name](logits_fn, images, labels, lanes=LANES + 3)
+    np.testing.assert_array_equal(np.asarray(other.success), np.asarray(base.success))
+    np.testing.assert_allclose(np.asarray(other.l2), np.asarray(base.l2), rtol=0.03 if name == "alma" else 1e-4)
 
 
 # -- the per-image best and the robust-accuracy curve -------------------------------------------------
@@ -239,7 +245,7 @@ def test_minimal_perturbation_is_the_per_image_best_of_its_attacks(relu_problem)
     logits_fn, images, labels, exact, results = relu_problem
     names = ("ddn", "fmn", "deepfool")
     attacks = tuple((n, ATTACKS[n]) for n in names)
-    best = minimal_perturbation(logits_fn, images, labels, attacks=attacks, polish=None)
+    best = minimal_perturbation(logits_fn, images, labels, attacks=attacks)
     _check_result(logits_fn, images, labels, best)
     l2 = np.stack([np.where(results[n].success, results[n].l2, np.inf) for n in names], -1)
     np.testing.assert_array_equal(np.asarray(best.l2_by_attack), l2)
@@ -253,15 +259,25 @@ def test_minimal_perturbation_is_the_per_image_best_of_its_attacks(relu_problem)
 def test_the_polish_never_lengthens_and_never_beats_the_exact_minimum(relu_problem):
     logits_fn, images, labels, exact, results = relu_problem
     names = ("ddn", "deepfool")
-    best = minimal_perturbation(logits_fn, images, labels, attacks=tuple((n, ATTACKS[n]) for n in names))
+    best = minimal_perturbation(logits_fn, images, labels, attacks=tuple((n, polished(ATTACKS[n])) for n in names))
     _check_result(logits_fn, images, labels, best)
     raw = np.stack([np.where(results[n].success, results[n].l2, np.inf) for n in names], -1)
-    polished = np.asarray(best.l2_by_attack)
-    assert np.all(polished <= raw) and np.any(polished < raw * (1 - 1e-3))
-    assert np.all(polished[np.isfinite(polished)] >= np.broadcast_to(exact[:, None], raw.shape)[np.isfinite(polished)]
-                  * (1 - 1e-4))
+    refined = np.asarray(best.l2_by_attack)
+    assert np.all(refined <= raw) and np.any(refined < raw * (1 - 1e-3))
+    found = np.isfinite(refined)
+    assert np.all(refined[found] >= np.broadcast_to(exact[:, None], raw.shape)[found] * (1 - 1e-4))
     assert np.all(np.asarray(best.gradients) > sum(np.asarray(results[n].gradients) for n in names) - 1)
     assert np.median(np.asarray(best.l2)[np.asarray(best.success)] / exact[np.asarray(best.success)]) <= 1.005
+
+
+def test_minimal_perturbation_defaults_reach_the_exact_minimum_of_a_relu_net(relu_problem):
+    logits_fn, images, labels, exact, _ = relu_problem
+    best = minimal_perturbation(logits_fn, images, labels)
+    _check_result(logits_fn, images, labels, best)
+    assert np.all(np.asarray(best.success))
+    ratio = np.asarray(best.l2, np.float64) / exact
+    assert np.all(ratio >= 1 - 1e-4) and np.median(ratio) <= 1.005 and np.mean(ratio <= 1.01) >= 0.9, np.sort(ratio)
+    assert set(np.asarray(best.attack).tolist()) <= {0, 1}
 
 
 def test_robust_accuracy_curve_matches_a_loop():
@@ -290,3 +306,10 @@ def test_bad_input_is_refused_naming_the_argument(change, error, name):
     arguments = {"images": np.full((2, 5), 0.5, np.float32), "labels": np.zeros(2, np.int32), **change}
     with pytest.raises(error, match=name):
         ddn(logits_fn, **arguments)
+
+
+@pytest.mark.parametrize("attacks", [(), [("ddn",)], ((1, ddn),), "ddn"])
+def test_minimal_perturbation_refuses_attacks_that_are_not_name_attack_pairs(attacks):
+    logits_fn, _ = _small_relu_net(0)
+    with pytest.raises(TypeError, match="attacks"):
+        minimal_perturbation(logits_fn, np.full((2, 5), 0.5, np.float32), np.zeros(2, np.int32), attacks=attacks)

@@ -33,7 +33,8 @@ from jaxadv.attacks.ddn import ddn
 from jaxadv.attacks.alma import ALMAConfig, alma
 from jaxadv.attacks.fmn import fmn
 from jaxadv.attacks.deepfool import deepfool, superdeepfool
-from jaxadv.attacks.minimal import DEFAULT_ATTACKS, MinimalResult, minimal_perturbation, robust_accuracy_curve
+from jaxadv.attacks.minimal import (DEFAULT_ATTACKS, MinimalResult, minimal_perturbation, polished,
+                                   robust_accuracy_curve)
 from jaxadv.attacks.targets import (AllTargetsResult, all_wrong_targets, lbfgs_attack_all_targets,
                                     random_wrong_targets, runner_up_targets)
 
@@ -46,4 +47,4 @@ __all__ = ["AttackConfig", "AttackResult", "AllTargetsResult", "BoxLBFGSConfig",
            "AttackSizes", "LBFGS_SOURCES", "RESULT_FIELDS", "attack_dataset", "attack_sizes", "attack_source_fingerprint",
            "select_images"]
 __all__ += ["LaneAttack", "run_lanes", "MinNormResult", "ddn", "ALMAConfig", "alma", "fmn", "deepfool", "superdeepfool",
-            "DEFAULT_ATTACKS", "MinimalResult", "minimal_perturbation", "robust_accuracy_curve"]
+            "DEFAULT_ATTACKS", "MinimalResult", "minimal_perturbation", "polished", "robust_accuracy_curve"]

@@ -85,7 +85,8 @@ def deepfool_lanes(logits_one, *, max_steps: int, overshoot: float, projections:
         steps = s.steps + 1
         finished = (adversarial & ~project_now) | (steps >= max_steps)
         x = jnp.where(finished, s.x, x)
-        return DeepFoolState(image, x, jnp.where(project_now, x, s.anchor), project_now, s.projections + project_now, steps,
+        return DeepFoolState(image, x, jnp.where(project_now, x, s.anchor), project_now,
+                             s.projections + project_now, steps,
                              finished, best)
 
     def done(s: DeepFoolState):

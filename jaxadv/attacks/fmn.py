@@ -32,8 +32,8 @@ from jaxadv.attacks._minnorm import (Best, Image, MinNormResult, finish, image_l
                                      margin, norm, rounding_slack, validate)
 from jaxadv.attacks.lanes import LaneAttack, run_lanes
 
-#: Bisection steps of the projection onto the ball and the box (t to 2^-30 of its range).
-PROJECTION_STEPS = 30
+#: Bisection steps of the projection onto the ball and the box before its closed-form last step.
+PROJECTION_STEPS = 12
 
 
 class FMNState(NamedTuple):
@@ -47,7 +47,7 @@ class FMNState(NamedTuple):
 
 
 def project_ball_and_box(origin, y, epsilon, lower, upper):
-    """The Euclidean projection of y onto {z : ‖z − origin‖ ≤ ε, lower ≤ z ≤ upper} (origin inside the box).
+    """The Euclidean projection of y onto {z : ‖z − origin‖ ≤ ε, lower ≤ z ≤ upper}, origin in the box.
 
     By the KKT conditions the projection is clip(origin + t(y − origin)) for some t ∈ [0, 1]: the largest
     t whose clipped norm is at most ε. Bisection brackets t; inside the last bracket the coordinates clipped
