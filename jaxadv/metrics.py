@@ -1,0 +1,70 @@
+"""AttackBench's optimality score: how close an attack's robust-accuracy curve comes to the best known one.
+
+    from jaxadv.metrics import optimality_score
+    score = optimality_score(attack_l2, best_known_l2)
+
+A minimal-norm attack gives, per image, the smallest perturbation it found
+(inf where it found none). The robust accuracy at ε is then the share of
+images it leaves correctly classified within the ball of radius ε
+(`jaxadv.attacks.robust_accuracy_curve`). An image misclassified to begin
+with has distance 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _distances(distances, success=None, argument: str = "distances") -> np.ndarray:
+    d = np.asarray(distances, np.float64)
+    if d.ndim != 1 or d.size == 0:
+        raise ValueError(f"{argument}: expected a non-empty 1-D array of per-image distances, got shape {d.shape}")
+    if success is not None:
+        s = np.asarray(success)
+        if s.shape != d.shape:
+            raise ValueError(f"success: expected shape {d.shape} like {argument}, got {s.shape}")
+        d = np.where(s.astype(bool), d, np.inf)
+    if np.any(np.isnan(d)) or np.any(d < 0):
+        raise ValueError(f"{argument}: distances must be >= 0 (inf for a failure), without NaN")
+    return d
+
+
+def optimality_score(distances, best_distances, *, success=None) -> float:
+    """AttackBench's optimality of an attack: how close its robust-accuracy curve is to the best known one.
+
+    1 − (A − A*) / (a·d_max − A*), where A* is the area under the best-known
+    curve, A the attack's, d_max the largest best-known distance, and a the
+    clean accuracy (the share of nonzero best-known distances). Both areas are
+    AttackBench's: the trapezoidal rule through the points (d, robust accuracy
+    after d) at each distinct distance, the attack's distances clipped to
+    d_max, so a failure counts as broken at d_max (`analysis/utils.py`,
+    `eval_optimality`, in github.com/attackbench/AttackBench). 1 means as good
+    as the best known on every image. AttackBench's sets hold misclassified
+    images (distance 0), so its curves start at ε = 0; here each curve starts
+    there too, whatever the images: on correctly classified images alone,
+    curves starting at their own smallest distance scored an attack worse
+    on every image above 1.
+
+    Args:
+      distances: [N] the attack's per-image distances (inf where it failed).
+      best_distances: [N] the per-image best known (finite: the smallest any attack found).
+      success: optional [N] booleans for `distances`; a False entry counts as inf.
+    """
+    d = _distances(distances, success)
+    best = _distances(best_distances, argument="best_distances")
+    if best.shape != d.shape:
+        raise ValueError(f"best_distances: expected shape {d.shape} like distances, got {best.shape}")
+    if not np.all(np.isfinite(best)):
+        raise ValueError("best_distances: must be finite (images no attack broke have no best known distance)")
+    max_distance = best.max()
+    best_area = _stepwise_area(best)
+    area = _stepwise_area(np.minimum(d, max_distance))
+    clean_accuracy = np.count_nonzero(best) / best.size
+    denominator = clean_accuracy * max_distance - best_area
+    return float(1.0 - (area - best_area) / denominator) if denominator > 0 else float(area <= best_area)
+
+
+def _stepwise_area(distances: np.ndarray) -> float:
+    """The trapezoidal area through (0 and each distinct distance, the share of distances above it), AttackBench's sum."""
+    values = np.unique(np.concatenate([[0.0], distances]))
+    accuracy = 1.0 - np.searchsorted(np.sort(distances), values, side="right") / distances.size
+    return float(np.sum((values[1:] - values[:-1]) * (accuracy[1:] + accuracy[:-1]) / 2))
