@@ -47,7 +47,7 @@ else
   limits=(150 60 120 150)
 fi
 tests=()
-for t in tests/test_attacks.py tests/test_minnorm.py tests/test_lanes.py tests/test_advlib_reference.py \
+for t in tests/test_attacks.py tests/test_minnorm.py tests/test_advlib_reference.py \
          tests/test_metrics.py; do
   [ -f "$t" ] && tests+=("$t")
 done
