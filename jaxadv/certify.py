@@ -103,7 +103,7 @@ def _check(fn, images, labels, lower, upper):
     if not bool(jnp.all((images >= lower) & (images <= upper))):
         raise ValueError("images must lie inside the box [lower, upper]")
     if labels is None:
-        labels = jnp.argmax(jax.jit(fn)(images), axis=-1)
+        labels = _predict(fn, images)
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != images.shape[:1]:
         raise ValueError(f"labels must be integers of shape {images.shape[:1]}, got {labels.dtype} {labels.shape}")
@@ -142,6 +142,11 @@ def minimum_over_set(coefficients, offsets, center, eps, lower, upper):
 
 
 # -- per image ------------------------------------------------------------------------------
+
+@jax.jit
+def _predict(fn, images):
+    return jnp.argmax(fn(images), axis=-1)
+
 
 def _spec(label, classes: int, dtype):
     """Rows e_y − e_j, one per class j ([K, 1, K]; the row j = y is zero and ignored)."""
