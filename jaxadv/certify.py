@@ -40,7 +40,8 @@ _DUAL_STEPS = 12
 
 
 def certified_radius(model, images, labels=None, *, params=None, lower=0.0, upper=1.0, steps: int = 20,
-                     max_radius: float | None = None, chunk_size: int | None = None) -> jax.Array:
+                     max_radius: float | None = None, chunk_size: int | None = None,
+                     max_rows: int = 2048) -> jax.Array:
     """Per image, an ε within which no input in [lower, upper] changes the label, proved by CROWN.
 
     Args:
@@ -53,16 +54,17 @@ def certified_radius(model, images, labels=None, *, params=None, lower=0.0, uppe
       max_radius: where the search starts from above; default the box's diameter, beyond which every
         ball contains the box (required when the box is unbounded).
       chunk_size: images certified at a time (memory), default all at once.
+      max_rows: units of a layer bounded in one backward pass (memory; the result does not depend on it).
     Returns:
       [B] radii in the images' dtype: sound lower bounds of the minimal adversarial L2 distance.
     """
     fn = logits_function(model, params)
     images, labels, lower, upper = _check(fn, images, labels, lower, upper)
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    _check_count("steps", steps)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+    _check_count("max_rows", max_rows)
     if max_radius is None:
         max_radius = float(jnp.linalg.norm(jnp.broadcast_to(upper - lower, images.shape[1:])))
         if not math.isfinite(max_radius):
@@ -70,10 +72,11 @@ def certified_radius(model, images, labels=None, *, params=None, lower=0.0, uppe
     elif not (isinstance(max_radius, (int, float, np.floating)) and 0 < max_radius < math.inf):
         raise ValueError(f"max_radius must be a positive finite number, got {max_radius!r}")
     return _certify(fn, images, labels, lower, upper, jnp.asarray(max_radius, images.dtype), int(steps),
-                    None if chunk_size is None else int(chunk_size))
+                    None if chunk_size is None else int(chunk_size), int(max_rows))
 
 
-def margin_lower_bounds(model, images, eps, labels=None, *, params=None, lower=0.0, upper=1.0) -> jax.Array:
+def margin_lower_bounds(model, images, eps, labels=None, *, params=None, lower=0.0, upper=1.0,
+                        max_rows: int = 2048) -> jax.Array:
     """[B, K] CROWN's lower bounds of z_y − z_j over {‖x′ − x‖₂ ≤ eps} ∩ [lower, upper] (+inf at j = y).
 
     The bound at one ε that `certified_radius` searches over; eps a scalar or [B]. With lower = −inf and
@@ -84,7 +87,13 @@ def margin_lower_bounds(model, images, eps, labels=None, *, params=None, lower=0
     eps = jnp.broadcast_to(jnp.asarray(eps, images.dtype), images.shape[:1])
     if not bool(jnp.all(eps >= 0)):
         raise ValueError("eps must be >= 0")
-    return _margins(fn, images, labels, lower, upper, eps)
+    _check_count("max_rows", max_rows)
+    return _margins(fn, images, labels, lower, upper, eps, int(max_rows))
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def sandwich_summary(certified, attained, success=None) -> dict:
@@ -172,7 +181,7 @@ def _spec(label, classes: int, dtype):
     return (jax.nn.one_hot(label, classes, dtype=dtype)[None] - jnp.eye(classes, dtype=dtype))[:, None]
 
 
-def _image_bounds(graph, image, label, eps, lower, upper):
+def _image_bounds(graph, image, label, eps, lower, upper, max_rows: int):
     """(coefficients [K, n], offsets [K], set minimum [K]) of the margins on the ball of radius eps ∩ box."""
     x = image[None]
     lower, upper = jnp.broadcast_to(lower, x.shape), jnp.broadcast_to(upper, x.shape)
@@ -180,7 +189,7 @@ def _image_bounds(graph, image, label, eps, lower, upper):
     minimum = lambda c, o: minimum_over_set(c, o, flat(x), eps, flat(lower), flat(upper))
     input_bounds = lambda: (jnp.maximum(lower, x - eps), jnp.minimum(upper, x + eps))
     classes = graph.nodes[graph.output].shape[-1]
-    coefficients, offsets = crown(graph, _spec(label, classes, x.dtype), input_bounds, minimum)
+    coefficients, offsets = crown(graph, _spec(label, classes, x.dtype), input_bounds, minimum, max_rows)
     coefficients = coefficients.reshape(classes, -1)
     return coefficients, offsets, minimum(coefficients, offsets)
 
@@ -189,23 +198,23 @@ def _graph(fn, images):
     return build_graph(fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
 
 
-@jax.jit
-def _margins(fn, images, labels, lower, upper, eps):
+@functools.partial(jax.jit, static_argnames=("max_rows",))
+def _margins(fn, images, labels, lower, upper, eps, max_rows: int):
     graph = _graph(fn, images)
 
     def one(image, label, radius):
-        margins = _image_bounds(graph, image, label, radius, lower, upper)[2]
+        margins = _image_bounds(graph, image, label, radius, lower, upper, max_rows)[2]
         return jnp.where(jnp.arange(margins.shape[0]) == label, jnp.inf, margins)
     return jax.vmap(one)(images, labels, eps)
 
 
-def _search(graph, image, label, lower, upper, max_radius, steps: int):
+def _search(graph, image, label, lower, upper, max_radius, steps: int, max_rows: int):
     """The largest ε certified among `steps` CROWN passes, each placed between the certified and failed ones."""
     center = image.reshape(-1)
 
     def step(_, state):
         certified, failed, eps = state
-        coefficients, offsets, minima = _image_bounds(graph, image, label, eps, lower, upper)
+        coefficients, offsets, minima = _image_bounds(graph, image, label, eps, lower, upper, max_rows)
         others = jnp.arange(minima.shape[0]) != label
         proved = jnp.all(jnp.where(others, minima >= 0, True))
         # The same linear bounds hold on every smaller ball: the ball's closed form gives a radius.
@@ -225,10 +234,10 @@ def _search(graph, image, label, lower, upper, max_radius, steps: int):
     return jax.lax.fori_loop(0, steps, step, state)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "chunk_size"))
-def _certify(fn, images, labels, lower, upper, max_radius, steps: int, chunk_size: int | None):
+@functools.partial(jax.jit, static_argnames=("steps", "chunk_size", "max_rows"))
+def _certify(fn, images, labels, lower, upper, max_radius, steps: int, chunk_size: int | None, max_rows: int):
     graph = _graph(fn, images)
-    one = lambda args: _search(graph, *args, lower, upper, max_radius, steps)
+    one = lambda args: _search(graph, *args, lower, upper, max_radius, steps, max_rows)
     if chunk_size is None:
         return jax.vmap(one)((images, labels))
     return jax.lax.map(one, (images, labels), batch_size=chunk_size)

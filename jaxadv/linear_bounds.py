@@ -387,11 +387,12 @@ def backward(graph: Graph, relaxed: dict, start: int, lam):
     return pending.get(0, jnp.zeros((lam.shape[0],) + first.shape, lam.dtype)), offsets
 
 
-def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable):
+def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_rows: int = 2048):
     """Lower bounds of spec · output [S]: intermediate bounds by CROWN, node by node, then the spec's.
 
     input_bounds() -> (lower, upper) of the input; minimum(coefficients [S, n], offsets [S]) -> [S], the
-    minimum of coefficients · x + offsets over the input set.
+    minimum of coefficients · x + offsets over the input set. An intermediate node's bounds are computed
+    `max_rows` rows (units, each from below and from above) at a time, to bound the memory.
     """
     bounds, relaxed = {0: input_bounds()}, {}
     for node in graph.nodes:
@@ -399,12 +400,24 @@ def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable):
             continue
         source = node.inputs[0]
         if source not in bounds:
-            shape = graph.nodes[source].shape
-            size = int(np.prod(shape))
-            eye = jnp.eye(size, dtype=spec.dtype).reshape((size,) + shape)
-            coefficients, offsets = backward(graph, relaxed, source, jnp.concatenate([eye, -eye]))
-            low = minimum(coefficients.reshape(2 * size, -1), offsets)
-            bounds[source] = (low[:size].reshape(shape), -low[size:].reshape(shape))
+            bounds[source] = _intermediate_bounds(graph, relaxed, source, minimum, spec.dtype, max_rows)
         relaxed[node.index] = relaxation(node, *bounds[source])
     coefficients, offsets = backward(graph, relaxed, graph.output, spec)
     return coefficients, offsets
+
+
+def _intermediate_bounds(graph: Graph, relaxed: dict, source: int, minimum: Callable, dtype, max_rows: int):
+    """(lower, upper) of a node's value over the input set: a backward pass from ± each of its units."""
+    shape = graph.nodes[source].shape
+    size = int(np.prod(shape))
+    rows = 2 * size
+    chunk = min(rows, max_rows)
+
+    def bound(start):
+        index = start + jnp.arange(chunk)                     # rows past the end repeat earlier ones: dropped
+        unit = jax.nn.one_hot(index % size, size, dtype=dtype) * jnp.where(index % rows < size, 1, -1)[:, None]
+        coefficients, offsets = backward(graph, relaxed, source, unit.reshape((chunk,) + shape))
+        return minimum(coefficients.reshape(chunk, -1), offsets)
+    starts = jnp.arange(-(-rows // chunk)) * chunk
+    low = bound(starts[0]) if len(starts) == 1 else jax.lax.map(bound, starts).reshape(-1)[:rows]
+    return low[:size].reshape(shape), -low[size:].reshape(shape)

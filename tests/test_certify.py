@@ -208,6 +208,9 @@ def test_a_result_is_a_property_of_its_image_in_any_batch_or_chunk():
     np.testing.assert_allclose(chunked, whole, rtol=1e-6)
     np.testing.assert_allclose(reversed_, whole, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(certified_radius(fn, images[4:5])), whole[4:5], rtol=1e-6)
+    # A layer's units bounded a few at a time (max_rows): the same bounds.
+    np.testing.assert_allclose(np.asarray(margin_lower_bounds(fn, images, 0.2, max_rows=5)),
+                               np.asarray(margin_lower_bounds(fn, images, 0.2)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture
