@@ -41,7 +41,7 @@ _DUAL_STEPS = 12
 
 def certified_radius(model, images, labels=None, *, params=None, lower=0.0, upper=1.0, steps: int = 20,
                      max_radius: float | None = None, chunk_size: int | None = None,
-                     max_rows: int = 2048) -> jax.Array:
+                     max_rows: int = 2048, exact_hidden: bool = False) -> jax.Array:
     """Per image, an ε within which no input in [lower, upper] changes the label, proved by CROWN.
 
     Args:
@@ -55,6 +55,9 @@ def certified_radius(model, images, labels=None, *, params=None, lower=0.0, uppe
         ball contains the box (required when the box is unbounded).
       chunk_size: images certified at a time (memory), default all at once.
       max_rows: units of a layer bounded in one backward pass (memory; the result does not depend on it).
+      exact_hidden: bound each hidden unit over the ball ∩ box by the dual's search, as the margins are,
+        rather than by the better of the ball's and the box's bounds: a few percent larger radii, at
+        about four times the cost.
     Returns:
       [B] radii in the images' dtype: sound lower bounds of the minimal adversarial L2 distance.
     """
@@ -72,15 +75,16 @@ def certified_radius(model, images, labels=None, *, params=None, lower=0.0, uppe
     elif not (isinstance(max_radius, (int, float, np.floating)) and 0 < max_radius < math.inf):
         raise ValueError(f"max_radius must be a positive finite number, got {max_radius!r}")
     return _certify(fn, images, labels, lower, upper, jnp.asarray(max_radius, images.dtype), int(steps),
-                    None if chunk_size is None else int(chunk_size), int(max_rows))
+                    None if chunk_size is None else int(chunk_size), int(max_rows), bool(exact_hidden))
 
 
 def margin_lower_bounds(model, images, eps, labels=None, *, params=None, lower=0.0, upper=1.0,
-                        max_rows: int = 2048) -> jax.Array:
+                        max_rows: int = 2048, exact_hidden: bool = False) -> jax.Array:
     """[B, K] CROWN's lower bounds of z_y − z_j over {‖x′ − x‖₂ ≤ eps} ∩ [lower, upper] (+inf at j = y).
 
     The bound at one ε that `certified_radius` searches over; eps a scalar or [B]. With lower = −inf and
-    upper = +inf the set is the ball alone, as in auto_LiRPA's L2 perturbation.
+    upper = +inf the set is the ball alone, as in auto_LiRPA's L2 perturbation. max_rows, exact_hidden: as
+    for `certified_radius`.
     """
     fn = logits_function(model, params)
     images, labels, lower, upper = _check(fn, images, labels, lower, upper)
@@ -88,7 +92,7 @@ def margin_lower_bounds(model, images, eps, labels=None, *, params=None, lower=0
     if not bool(jnp.all(eps >= 0)):
         raise ValueError("eps must be >= 0")
     _check_count("max_rows", max_rows)
-    return _margins(fn, images, labels, lower, upper, eps, int(max_rows))
+    return _margins(fn, images, labels, lower, upper, eps, int(max_rows), bool(exact_hidden))
 
 
 def _check_count(name: str, value) -> None:
@@ -140,12 +144,12 @@ def _check(fn, images, labels, lower, upper):
 
 # -- the minimum of a linear function over the ball ∩ box -------------------------------------
 
-def minimum_over_set(coefficients, offsets, center, eps, lower, upper):
+def minimum_over_set(coefficients, offsets, center, eps, lower, upper, steps: int = _DUAL_STEPS):
     """Lower bounds of min coefficients[s] · x + offsets[s] over {‖x − center‖ ≤ eps} ∩ [lower, upper].
 
     coefficients [S, n], offsets [S], center/lower/upper [n]. The dual function g(λ) (module docstring) is
     concave, with g′(λ) = ‖x(λ) − center‖² − eps²: a bisection on log λ over [λ₀ 2^−30, λ₀], λ₀ = ‖a‖/(2 eps),
-    keeps the best value it meets, each one a sound bound, as is λ = 0 (the box alone).
+    keeps the best value it meets, each one a sound bound, as is λ = 0 (the box alone). steps = 0: λ₀ and 0 only.
     """
     tiny = jnp.finfo(center.dtype).tiny
     norms = jnp.linalg.norm(coefficients, axis=1)
@@ -166,7 +170,7 @@ def minimum_over_set(coefficients, offsets, center, eps, lower, upper):
 
     high = jnp.log(jnp.maximum(norms / (2 * jnp.maximum(eps, tiny)), tiny))
     best = jnp.maximum(best, dual(high)[0])        # λ₀: at least the ball's bound a·x − eps‖a‖ + b
-    return jax.lax.fori_loop(0, _DUAL_STEPS, halve, (high - 30 * math.log(2), high, best))[2]
+    return jax.lax.fori_loop(0, steps, halve, (high - 30 * math.log(2), high, best))[2]
 
 
 # -- per image ------------------------------------------------------------------------------
@@ -181,15 +185,16 @@ def _spec(label, classes: int, dtype):
     return (jax.nn.one_hot(label, classes, dtype=dtype)[None] - jnp.eye(classes, dtype=dtype))[:, None]
 
 
-def _image_bounds(graph, image, label, eps, lower, upper, max_rows: int):
+def _image_bounds(graph, image, label, eps, lower, upper, max_rows: int, exact_hidden: bool):
     """(coefficients [K, n], offsets [K], set minimum [K]) of the margins on the ball of radius eps ∩ box."""
     x = image[None]
     lower, upper = jnp.broadcast_to(lower, x.shape), jnp.broadcast_to(upper, x.shape)
     flat = lambda a: a.reshape(-1)
-    minimum = lambda c, o: minimum_over_set(c, o, flat(x), eps, flat(lower), flat(upper))
+    minimum = lambda c, o, steps=_DUAL_STEPS: minimum_over_set(c, o, flat(x), eps, flat(lower), flat(upper), steps)
     input_bounds = lambda: (jnp.maximum(lower, x - eps), jnp.minimum(upper, x + eps))
     classes = graph.nodes[graph.output].shape[-1]
-    coefficients, offsets = crown(graph, _spec(label, classes, x.dtype), input_bounds, minimum, max_rows)
+    coefficients, offsets = crown(graph, _spec(label, classes, x.dtype), input_bounds,
+                                  lambda c, o: minimum(c, o, _DUAL_STEPS if exact_hidden else 0), max_rows)
     coefficients = coefficients.reshape(classes, -1)
     return coefficients, offsets, minimum(coefficients, offsets)
 
@@ -198,23 +203,23 @@ def _graph(fn, images):
     return build_graph(fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("max_rows",))
-def _margins(fn, images, labels, lower, upper, eps, max_rows: int):
+@functools.partial(jax.jit, static_argnames=("max_rows", "exact_hidden"))
+def _margins(fn, images, labels, lower, upper, eps, max_rows: int, exact_hidden: bool):
     graph = _graph(fn, images)
 
     def one(image, label, radius):
-        margins = _image_bounds(graph, image, label, radius, lower, upper, max_rows)[2]
+        margins = _image_bounds(graph, image, label, radius, lower, upper, max_rows, exact_hidden)[2]
         return jnp.where(jnp.arange(margins.shape[0]) == label, jnp.inf, margins)
     return jax.vmap(one)(images, labels, eps)
 
 
-def _search(graph, image, label, lower, upper, max_radius, steps: int, max_rows: int):
+def _search(graph, image, label, lower, upper, max_radius, steps: int, max_rows: int, exact_hidden: bool):
     """The largest ε certified among `steps` CROWN passes, each placed between the certified and failed ones."""
     center = image.reshape(-1)
 
     def step(_, state):
         certified, failed, eps = state
-        coefficients, offsets, minima = _image_bounds(graph, image, label, eps, lower, upper, max_rows)
+        coefficients, offsets, minima = _image_bounds(graph, image, label, eps, lower, upper, max_rows, exact_hidden)
         others = jnp.arange(minima.shape[0]) != label
         proved = jnp.all(jnp.where(others, minima >= 0, True))
         # The same linear bounds hold on every smaller ball: the ball's closed form gives a radius.
@@ -234,10 +239,11 @@ def _search(graph, image, label, lower, upper, max_radius, steps: int, max_rows:
     return jax.lax.fori_loop(0, steps, step, state)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("steps", "chunk_size", "max_rows"))
-def _certify(fn, images, labels, lower, upper, max_radius, steps: int, chunk_size: int | None, max_rows: int):
+@functools.partial(jax.jit, static_argnames=("steps", "chunk_size", "max_rows", "exact_hidden"))
+def _certify(fn, images, labels, lower, upper, max_radius, steps: int, chunk_size: int | None, max_rows: int,
+             exact_hidden: bool):
     graph = _graph(fn, images)
-    one = lambda args: _search(graph, *args, lower, upper, max_radius, steps, max_rows)
+    one = lambda args: _search(graph, *args, lower, upper, max_radius, steps, max_rows, exact_hidden)
     if chunk_size is None:
         return jax.vmap(one)((images, labels))
     return jax.lax.map(one, (images, labels), batch_size=chunk_size)
