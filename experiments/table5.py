@@ -142,15 +142,12 @@ def radius_against_attack(name: str, logits_fn, images: np.ndarray, bounds: lips
             "attained": np.asarray(attained), "adversarial_class": adversarial_class,
             "certified": np.asarray(bounds.certified_radius(logits)),
             "certified_pairwise": np.asarray(bounds.pairwise_certified_radius(logits)),
-            "certified_crown": np.asarray(certified_radius(logits_fn, jnp.asarray(images), predicted,
-                                                           chunk_size=CROWN_CHUNK))}
+            "certified_crown": np.asarray(certified_radius(logits_fn, jnp.asarray(images), predicted))}
 
 
 RADII = (("certified", "paper's: margin / (√2 · Π L_k)"),
          ("certified_pairwise", "pairwise: min_j (z_y − z_j) / (‖w_y − w_j‖ · Π_{below} L_k)"),
          ("certified_crown", "CROWN: linear bound propagation on the L2 ball ∩ box"))
-#: Images certified at a time by CROWN (memory: a ConvNet image holds its layers' bound matrices).
-CROWN_CHUNK = 50
 
 
 def looseness_summary(out: dict[str, np.ndarray]) -> dict:

@@ -387,7 +387,7 @@ def backward(graph: Graph, relaxed: dict, start: int, lam):
     return pending.get(0, jnp.zeros((lam.shape[0],) + first.shape, lam.dtype)), offsets
 
 
-def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_rows: int = 2048):
+def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_rows: int = 512):
     """Lower bounds of spec · output [S]: intermediate bounds by CROWN, node by node, then the spec's.
 
     input_bounds() -> (lower, upper) of the input; minimum(coefficients [S, n], offsets [S]) -> [S], the
@@ -419,5 +419,5 @@ def _intermediate_bounds(graph: Graph, relaxed: dict, source: int, minimum: Call
         coefficients, offsets = backward(graph, relaxed, source, unit.reshape((chunk,) + shape))
         return minimum(coefficients.reshape(chunk, -1), offsets)
     starts = jnp.arange(-(-rows // chunk)) * chunk
-    low = bound(starts[0]) if len(starts) == 1 else jax.lax.map(bound, starts).reshape(-1)[:rows]
+    low = jax.lax.map(bound, starts).reshape(-1)[:rows]
     return low[:size].reshape(shape), -low[size:].reshape(shape)

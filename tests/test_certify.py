@@ -208,6 +208,7 @@ def test_a_result_is_a_property_of_its_image_in_any_batch_or_chunk():
     images = np.random.default_rng(3).uniform(0, 1, (9, 6)).astype(np.float32)
     whole = np.asarray(certified_radius(fn, images, steps=8))
     chunked = np.asarray(certified_radius(fn, images, chunk_size=4, steps=8))
+    assert len(images) > 4
     reversed_ = np.asarray(certified_radius(fn, images[::-1], steps=8))[::-1]
     np.testing.assert_allclose(chunked, whole, rtol=1e-6)
     np.testing.assert_allclose(reversed_, whole, rtol=1e-6)
@@ -277,3 +278,17 @@ def test_sandwich_summary_and_figure_read_only_the_images_the_attack_moved():
     assert len(figure.axes) == 1 and len(figure.axes[0].lines) == 2
     with pytest.raises(ValueError, match="certified and attained"):
         sandwich_summary(certified, attained[:3])
+
+
+def test_a_wide_layer_over_many_images_bounds_every_image_alike():
+    """784 → 400 sigmoid → 10 on 48 images: at ε → 0 every image's bounds close on its margins (XLA:CPU once
+    miscomputed images 40 and up when the [48, 800, 784] coefficients were bounded in one batch)."""
+    module = nn.Sequential([lambda v: v.reshape(v.shape[0], -1), nn.Dense(400), nn.sigmoid, nn.Dense(10)])
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (48, 28, 28, 1)), jnp.float32)
+    variables = module.init(jax.random.PRNGKey(0), x)
+    logits = np.asarray(module.apply(variables, x))
+    labels = logits.argmax(-1)
+    margins = logits[np.arange(48), labels][:, None] - logits
+    bounds = np.asarray(margin_lower_bounds(module, x, 1e-6, params=variables))
+    others = np.isfinite(bounds)
+    np.testing.assert_allclose(bounds[others], margins[others], atol=1e-4)
