@@ -15,7 +15,8 @@ for any λ ≥ 0, Σ_i min_{l_i ≤ x′_i ≤ u_i} [a_i x′_i + λ (x′_i −
 a lower bound (weak duality); at λ = ‖a‖/(2ε) it is at least the ball's own
 bound a·x − ε‖a‖ + b (the minimum over the box is at least that over all of
 space), so the box can only tighten it. A bisection on λ below that one
-(`minimum_over_set`) and λ = 0 (the box alone) tighten it further.
+(`minimum_over_set`) and λ = 0 (the box alone) tighten it further; hidden
+units' bounds take λ₀ and 0 alone unless `exact_hidden`.
 
 The search keeps a certified ε and a failed one per image: a failed CROWN
 pass at ε still certifies min(ε, min_j (a_j·x + b_j)/‖a_j‖) from its own linear

@@ -121,6 +121,9 @@ def _traced(inputs) -> list[int]:
 def _linear(walker, eqn, inputs):
     """A primitive linear in all its input-dependent operands jointly (plus constants): one affine node."""
     positions = _traced(inputs)
+    if eqn.primitive.name == "convert_element_type" and not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
+        raise ValueError(f"'convert_element_type' to {eqn.params['new_dtype']} on the input's path rounds: "
+                         "no linear-bound rule")
     fn = lambda *values: bind_with(eqn, inputs, dict(zip(positions, values)))
     shape, dtype = _out(eqn)
     scale = -1.0 if eqn.primitive.name == "neg" else None
