@@ -208,6 +208,17 @@ class _Traced:
         return jax.ShapeDtypeStruct(self.shape, self.aval.dtype)
 
 
+@dataclasses.dataclass(eq=False)
+class _Sign(_Traced):
+    """A comparison of a traced value `of` with 0, true where it is positive if `positive` (for jnp.where)."""
+    of: _Traced | None = None
+    positive: bool = True
+
+
+#: Primitives a comparison marker may flow into: jnp.where's select_n and the calls around it.
+_PASSES_SIGNS = frozenset({"select_n", "jit", "pjit", "closed_call", "core_call", "custom_jvp_call"})
+
+
 class _Walker:
     """Evaluates a jaxpr on constants and `_Traced` values, with `RULES` for the traced equations."""
 
@@ -224,6 +235,9 @@ class _Walker:
             env[var] = value
         for eqn in jaxpr.eqns:
             inputs = [read(var) for var in eqn.invars]
+            if any(isinstance(value, _Sign) for value in inputs) and eqn.primitive.name not in _PASSES_SIGNS:
+                raise ValueError(f"{eqn.primitive.name!r} of a comparison of an input-dependent value: only "
+                                 "jnp.where(x >= 0, a·x, b·x) (select_n, a leaky ReLU) has a Lipschitz rule")
             if any(isinstance(value, _Traced) for value in inputs):
                 rule = RULES.get(eqn.primitive.name)
                 if rule is None:
@@ -462,7 +476,10 @@ def _mul(walker, eqn, inputs):
                        "Avg-pool" if pooled.kind == "sumpool" else "Mean", shape=pooled.shape, stride=pooled.stride,
                        operator=lambda v: operator(pooled.operator(v)), operator_input=source,
                        primitive=f"{pooled.primitive}, {eqn.primitive.name}")]
-    return [_unary(eqn, x, factor, "scale", "Scale", silent=factor == 1.0, operator=operator)]
+    out = _unary(eqn, x, factor, "scale", "Scale", silent=factor == 1.0, operator=operator)
+    if eqn.primitive.name == "mul" and np.ndim(constant) == 0:
+        out.scale_of = (x, constant)     # a scalar multiple of x: a case of jnp.where (leaky ReLU)
+    return [out]
 
 
 def _dot_general(walker, eqn, inputs):
@@ -677,13 +694,50 @@ def _clamp(walker, eqn, inputs):
 
 
 def _select_n(walker, eqn, inputs):
+    if isinstance(inputs[0], _Sign) and len(inputs) == 3:
+        return [_kinked(eqn, inputs)]
     if isinstance(inputs[0], _Traced):
-        raise ValueError("'select_n' whose predicate depends on the input (jnp.where on a comparison of it) has "
-                         "no global Lipschitz bound")
+        raise ValueError("'select_n' whose predicate depends on the input other than as the sign of a value "
+                         "(jnp.where(x >= 0, a·x, b·x)) has no global Lipschitz bound")
     cases = [value for value in inputs[1:] if isinstance(value, _Traced)]
     if len(cases) == 1:   # each output is the case's element or a constant
         return [_unary(eqn, cases[0], math.sqrt(_copies(cases[0], eqn)), "select", silent=True)]
     return [_merge(eqn, cases, math.sqrt(sum(v.bound ** 2 * _copies(v, eqn) for v in cases)))]
+
+
+def _comparison(walker, eqn, inputs):
+    """x ≥ 0 and the like: a marker for jnp.where, which a leaky ReLU is written with."""
+    position, x = _the_traced_input(eqn, inputs)
+    constant = inputs[1 - position]
+    if not np.all(np.asarray(constant) == 0):
+        raise ValueError(f"{eqn.primitive.name!r} of an input-dependent value with a nonzero constant: only the "
+                         "sign of a value (jnp.where(x >= 0, a·x, b·x)) has a Lipschitz rule")
+    return [_Sign(_out_aval(eqn), math.inf, of=x, positive=(eqn.primitive.name in ("ge", "gt")) == (position == 0))]
+
+
+def _kinked(eqn, inputs) -> _Traced:
+    """jnp.where(x >= 0, a·x, b·x): continuous, piecewise linear, so its bound is max(|a|, |b|) (a leaky ReLU)."""
+    sign = inputs[0]
+    x = sign.of
+
+    def slope(case):
+        if case is x:
+            return 1.0
+        if isinstance(case, _Traced) and getattr(case, "scale_of", None) is not None and case.scale_of[0] is x:
+            return float(np.max(np.abs(np.asarray(case.scale_of[1]))))
+        if not isinstance(case, _Traced) and np.all(np.asarray(case) == 0):
+            return 0.0
+        raise ValueError("jnp.where on the sign of a value: each case must be that value times a constant, or 0 "
+                         "(a leaky ReLU); other cases have no Lipschitz rule")
+    factor = max(slope(inputs[1]), slope(inputs[2]))
+    name = "ReLU" if min(slope(inputs[1]), slope(inputs[2])) == 0 else "Leaky ReLU"
+    return _unary(eqn, x, factor, "nonlinearity", name)
+
+
+def _no_global_bound(reason: str):
+    def rule(walker, eqn, inputs):
+        raise ValueError(f"{eqn.primitive.name!r} on the input's path has no global Lipschitz bound: {reason}")
+    return rule
 
 
 # -- rules: calls -------------------------------------------------------------------------------
@@ -732,6 +786,13 @@ RULES: dict[str, Callable] = {
     "max": _extremum, "min": _extremum,
     "clamp": _clamp,
     "select_n": _select_n,
+    **{name: _comparison for name in ("ge", "gt", "le", "lt")},
+    "integer_pow": _no_global_bound("x**n grows without bound for n > 1. GELU (jax.nn.gelu, whose tanh form "
+                                    "has x**3) is globally 1.13-Lipschitz, but it is traced as a product of "
+                                    "input-dependent values that no per-primitive rule bounds; use "
+                                    "approximate=False with a rule for x·Φ(x), or another activation"),
+    "erfc": _no_global_bound("it appears in exact GELU (jax.nn.gelu(approximate=False)) as a factor of x·Φ(x), "
+                             "a product of input-dependent values that no per-primitive rule bounds"),
     "logistic": _slope(spectral.SIGMOID_BOUND, "Sigmoid"),
     "tanh": _slope(1.0, "Tanh"),
     "abs": _slope(1.0, "Abs"),

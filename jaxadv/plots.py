@@ -154,3 +154,34 @@ def image_rows_figure(images, rows: Sequence[Sequence[int]], row_titles: Sequenc
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def sandwich_figure(per_model: dict, title: str = ""):
+    """Per model, each image's interval [certified radius, attained distortion], images sorted by attained L2.
+
+    per_model: {name: (certified [N], attained [N])}, over images the attack moved. The true minimal
+    adversarial distance of an image lies inside its interval; a short interval pins it down.
+    """
+    from matplotlib.figure import Figure
+
+    if not per_model:
+        raise ValueError("per_model must hold at least one model")
+    fig = Figure(figsize=(6.5, 1.8 + 1.6 * len(per_model)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(per_model), 1, squeeze=False)[:, 0])
+    for ax, (name, (certified, attained)) in zip(axes, per_model.items()):
+        certified, attained = np.asarray(certified, np.float64), np.asarray(attained, np.float64)
+        if certified.shape != attained.shape or certified.ndim != 1:
+            raise ValueError(f"{name}: certified and attained must be vectors of one length, got "
+                             f"{certified.shape} and {attained.shape}")
+        order = np.argsort(attained)
+        rank = np.arange(len(order))
+        ax.vlines(rank, certified[order], attained[order], color="0.6", lw=0.8)
+        ax.plot(rank, attained[order], "C3.", ms=2, label="attained (attack)")
+        ax.plot(rank, certified[order], "C0.", ms=2, label="certified (CROWN)")
+        ax.set_ylabel(f"{name}\nL2", fontsize=8)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7, loc="upper left")
+    axes[-1].set_xlabel("images, sorted by attained L2")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig

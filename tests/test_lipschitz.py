@@ -214,8 +214,8 @@ def test_unknown_primitive_raises_naming_it():
         lipschitz.operator_bounds(lambda x: jnp.exp(x) @ w, jnp.zeros((1, 4)))
     with pytest.raises(ValueError, match="'mul'"):
         lipschitz.operator_bounds(lambda x: (x * x) @ w, jnp.zeros((1, 4)))
-    with pytest.raises(ValueError, match="'gt'"):   # leaky ReLU as jnp.where: its comparison has no rule
-        lipschitz.operator_bounds(lambda x: jnp.where(x > 0, x, 0.1 * x), jnp.zeros((1, 4)))
+    with pytest.raises(ValueError, match="'gt'"):   # a comparison other than with 0 (a leaky ReLU's) has no rule
+        lipschitz.operator_bounds(lambda x: jnp.where(x > 0.5, x, 0.1 * x), jnp.zeros((1, 4)))
     with pytest.raises(ValueError, match="'exp'.*inside"):   # inside a jitted sub-function
         lipschitz.operator_bounds(jax.jit(lambda x: jax.nn.relu(jnp.exp(x))), jnp.zeros((1, 4)))
 
@@ -341,3 +341,24 @@ def test_validation_names_the_argument():
         lipschitz.operator_bounds(lambda x: (x, x), jnp.zeros((1, 3)))
     with pytest.raises(ValueError, match="dense layer"):
         lipschitz.operator_bounds(jnp.tanh, jnp.zeros((1, 3))).pairwise_certified_radius(jnp.zeros((1, 3)))
+
+
+def test_flax_leaky_relu_is_bounded_by_its_steeper_slope_and_gelu_is_refused_by_name():
+    """nn.leaky_relu traces as jnp.where(x >= 0, x, 0.01·x): one row of bound 1 between the dense norms (numpy SVD);
+    a slope above 1 (jnp.where(x >= 0, x, 3·x)) is bounded by 3, checked against the Jacobian at random points."""
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(5, 3)).astype(np.float32)
+    svd = np.linalg.norm(w1, 2) * np.linalg.norm(w2, 2)
+    bounds = lipschitz.operator_bounds(lambda x: nn.leaky_relu(x @ w1) @ w2, jnp.zeros((1, 6)))
+    assert [row["layer"] for row in bounds.rows] == ["FC. 1", "Leaky ReLU", "FC. 2"]
+    np.testing.assert_allclose(bounds.network_bound, svd, rtol=1e-5)
+    steep = lambda x: (lambda h: jnp.where(h >= 0, h, h * 3.0))(x @ w1) @ w2
+    bound = lipschitz.operator_bounds(steep, jnp.zeros((1, 6))).network_bound
+    np.testing.assert_allclose(bound, 3 * svd, rtol=1e-5)
+    for x in rng.normal(size=(20, 1, 6)).astype(np.float32):
+        jacobian = jax.jacobian(lambda v: steep(v[None])[0])(x[0])
+        assert np.linalg.norm(np.asarray(jacobian), 2) <= bound * (1 + 1e-5)
+    with pytest.raises(ValueError, match="'integer_pow' on the input's path has no global Lipschitz bound.*GELU"):
+        lipschitz.operator_bounds(lambda x: jax.nn.gelu(x @ w1) @ w2, jnp.zeros((1, 6)))
+    with pytest.raises(ValueError, match="'ge' of an input-dependent value with a nonzero constant"):
+        lipschitz.operator_bounds(lambda x: jnp.where(x >= 1.0, x, 0.0) @ w1, jnp.zeros((1, 6)))

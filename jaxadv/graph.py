@@ -1,0 +1,118 @@
+"""The walk over a traced function's jaxpr that every bound analysis shares.
+
+    closed = trace(logits_fn, jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32), argument="model")
+    outputs = Walker(RULES, is_traced=lambda v: isinstance(v, Node), analysis="linear-bound").run(
+        closed.jaxpr, closed.consts, [input_node])
+
+An analysis supplies values that stand for "depends on the input" and a dict of
+rules keyed by the primitive's name, rule(walker, eqn, inputs) -> outputs. The
+walker evaluates every equation that does not touch such a value (weights and
+what the model computes from them; under `jax.jit` these are tracers, so new
+parameters reuse a compilation), walks into calls (`jit`, `custom_jvp_call`
+as in `jax.nn.relu`, `custom_vjp_call`, `checkpoint`), and hands every other
+equation on the input's path to its rule. A primitive without a rule is
+refused by name, with where to add one.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Sequence
+
+import jax
+from jax.extend import core as jex_core
+
+from jaxadv.functional import failed_call
+
+__all__ = ["CALLS", "Walker", "evaluate", "bind_with", "trace"]
+
+#: Call primitives the walker enters instead of asking a rule.
+CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+                   "custom_vjp_call_jaxpr", "remat", "remat2", "checkpoint"})
+
+
+def trace(fn: Callable, example: jax.ShapeDtypeStruct, *, argument: str):
+    """`jax.make_jaxpr(fn)(example)`, a failing call named as `argument` with the usual fixes."""
+    try:
+        return jax.make_jaxpr(fn)(example)
+    except Exception as error:    # noqa: BLE001 - the user's function: reported with the fix
+        raise failed_call(argument, example.shape, error) from error
+
+
+class Walker:
+    """Evaluates a jaxpr on constants and an analysis' traced values, with its `rules` for the traced equations.
+
+    rules: primitive name -> rule(walker, eqn, inputs) -> list of outputs.
+    is_traced: whether a value stands for something that depends on the input.
+    analysis: the analysis' name, for the refusal of a primitive without a rule.
+    registry: where that analysis' rules live (a dotted name), for the same message.
+    """
+
+    def __init__(self, rules: dict[str, Callable], is_traced: Callable[[Any], bool], analysis: str, registry: str):
+        self.rules, self.is_traced, self.analysis, self.registry = rules, is_traced, analysis, registry
+        self.calls: list[str] = []   # the enclosing calls, for error messages
+
+    def run(self, jaxpr, consts: Sequence, args: Sequence) -> list:
+        env = {}
+
+        def read(var):
+            return var.val if isinstance(var, jex_core.Literal) else env[var]
+
+        for var, value in itertools.chain(zip(jaxpr.constvars, consts), zip(jaxpr.invars, args)):
+            env[var] = value
+        for eqn in jaxpr.eqns:
+            inputs = [read(var) for var in eqn.invars]
+            if not any(self.is_traced(value) for value in inputs):
+                outputs = evaluate(eqn, inputs)   # input-independent: weights and what is computed from them
+            elif eqn.primitive.name in CALLS and eqn.primitive.name not in self.rules:
+                outputs = self.call(eqn, inputs)
+            else:
+                outputs = self.rule(eqn)(self, eqn, inputs)
+            for var, value in zip(eqn.outvars, outputs):
+                if not isinstance(var, jex_core.DropVar):
+                    env[var] = value
+        return [read(var) for var in jaxpr.outvars]
+
+    def rule(self, eqn) -> Callable:
+        rule = self.rules.get(eqn.primitive.name)
+        if rule is None:
+            where = f" (inside {' > '.join(self.calls)})" if self.calls else ""
+            raise ValueError(f"no {self.analysis} rule for the primitive {eqn.primitive.name!r} on the input's "
+                             f"path{where}; {self.registry} maps each primitive's name to its rule: add one there "
+                             f"(see its docstring) or keep {eqn.primitive.name!r} off the path from input to logits")
+        return rule
+
+    def call(self, eqn, inputs) -> list:
+        """Walks the jaxpr a call primitive holds, with the call's inputs."""
+        for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+            inner = eqn.params.get(name)
+            if isinstance(inner, jex_core.ClosedJaxpr):
+                jaxpr, consts = inner.jaxpr, inner.consts
+                break
+            if isinstance(inner, jex_core.Jaxpr):
+                jaxpr, consts = inner, ()
+                break
+        else:
+            raise ValueError(f"{eqn.primitive.name!r}: no called jaxpr found among its parameters")
+        if len(jaxpr.invars) != len(inputs):
+            raise ValueError(f"{eqn.primitive.name!r}: the called jaxpr takes {len(jaxpr.invars)} arguments, "
+                             f"the call passes {len(inputs)}")
+        self.calls.append(f"{eqn.primitive.name}({eqn.params.get('name', '')})")
+        try:
+            return self.run(jaxpr, consts, inputs)
+        finally:
+            self.calls.pop()
+
+
+def evaluate(eqn, values) -> list:
+    """The equation's outputs on concrete (or jit-traced) values."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns = []
+    if isinstance(params, tuple):   # JAX before 0.7: (subfuns, params)
+        subfuns, params = params
+    out = eqn.primitive.bind(*subfuns, *values, **params)
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def bind_with(eqn, inputs, replace: dict[int, Any]):
+    """The equation's (first) output with the inputs at some positions replaced."""
+    return evaluate(eqn, [replace.get(i, value) for i, value in enumerate(inputs)])[0]

@@ -1,0 +1,294 @@
+"""Certified L2 radii by CROWN (jaxadv.certify): sound against exact minima, sampling and the attack, as tight
+as the same relaxation solved by scipy, never below the Lipschitz radius, one compilation per architecture.
+
+References: the exact box-constrained minimum of softmax regression (jaxadv.attacks.exact) and the box-free
+distance to the nearest boundary (closed form); the exact minimum of a small ReLU net (one QP per activation
+pattern and class, scipy SLSQP); the nearest differently-labelled point of a dense grid (2-D nets); the
+attack's distance; the relaxed problem solved by scipy (tests/data/certify_reference.json, written by
+scripts/certify_reference.py); the pairwise Lipschitz radius.
+"""
+import itertools
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+from jaxadv.attacks import lbfgs_attack_untargeted
+from jaxadv.attacks.exact import exact_linear_minimum
+from jaxadv.certify import certified_radius, margin_lower_bounds
+from jaxadv.lipschitz import operator_bounds
+from jaxadv.linear_bounds import relaxation, Node
+from jaxadv.models import conv2d, max_pool
+
+ROUNDING = 1e-5   # float32: a radius may exceed an exact float64 minimum by rounding alone
+
+
+def _softmax_regression(seed, inputs=20, classes=5):
+    rng = np.random.default_rng(seed)
+    w, b = rng.normal(size=(inputs, classes)), rng.normal(size=classes)
+    return (lambda x: x @ jnp.asarray(w, x.dtype) + jnp.asarray(b, x.dtype)), w, b
+
+
+def test_softmax_regression_radius_is_the_exact_minimum_where_the_box_is_inactive():
+    fn, w, b = _softmax_regression(0)
+    rng = np.random.default_rng(1)
+    images = np.concatenate([rng.uniform(0.3, 0.7, (6, 20)), rng.uniform(0, 1, (6, 20)) ** 4]).astype(np.float32)
+    images[6:, :10] = 0.0                                                     # on the box's face: often active
+    radii = np.asarray(certified_radius(fn, images), np.float64)
+    labels = np.argmax(images @ w + b, -1)
+    for x, y, radius in zip(images.astype(np.float64), labels, radii):
+        others = [j for j in range(5) if j != y]
+        exact = min(exact_linear_minimum(w, b, x, j)[1] for j in others)
+        free = min((x @ (w[:, y] - w[:, j]) + b[y] - b[j]) / np.linalg.norm(w[:, y] - w[:, j]) for j in others)
+        assert radius <= exact * (1 + ROUNDING)
+        if exact <= free * (1 + 1e-9):                                        # the box is not active
+            np.testing.assert_allclose(radius, free, rtol=1e-4)
+        else:
+            assert radius >= free * (1 - 1e-4)                                # the box only tightens
+
+
+def _relu_net(seed, inputs=5, hidden=6, classes=3):
+    rng = np.random.default_rng(seed)
+    w, b = rng.normal(size=(hidden, inputs)), 0.5 * rng.normal(size=hidden)
+    v, d = rng.normal(size=(classes, hidden)), 0.5 * rng.normal(size=classes)
+
+    def fn(x):
+        cast = lambda a: jnp.asarray(a, x.dtype)
+        return jnp.maximum(x @ cast(w.T) + cast(b), 0.0) @ cast(v.T) + cast(d)
+    return fn, (w, b, v, d)
+
+
+def _exact_relu_minimum(x, label, w, b, v, d):
+    """min ‖z − x‖ over z in [0, 1]^n with another class on top: one QP per activation pattern and class."""
+    best = np.inf
+    for pattern in itertools.product((0.0, 1.0), repeat=w.shape[0]):
+        sign = 2 * np.array(pattern) - 1
+        for j in range(v.shape[0]):
+            if j == label:
+                continue
+            g = (v[j] - v[label]) * np.array(pattern)
+            a = np.vstack([sign[:, None] * w, (g @ w)[None]])
+            rhs = np.concatenate([-sign * b, [-(g @ b) - (d[j] - d[label])]])
+            r = scipy.optimize.minimize(lambda z: 0.5 * np.sum((z - x) ** 2), x, jac=lambda z: z - x, method="SLSQP",
+                                        bounds=[(0, 1)] * len(x), options=dict(ftol=1e-12, maxiter=200),
+                                        constraints=[dict(type="ineq", fun=lambda z: a @ z - rhs, jac=lambda z: a)])
+            if r.success and np.min(a @ r.x - rhs) >= -1e-8:
+                best = min(best, float(np.linalg.norm(r.x - x)))
+    return best
+
+
+def test_relu_net_radius_never_exceeds_the_exact_minimum():
+    fn, weights = _relu_net(0)
+    images = np.random.default_rng(1).uniform(0, 1, (10, 5)).astype(np.float32)
+    labels = np.argmax(np.asarray(fn(jnp.asarray(images))), -1)
+    radii = np.asarray(certified_radius(fn, images), np.float64)
+    exact = np.array([_exact_relu_minimum(x.astype(np.float64), y, *weights) for x, y in zip(images, labels)])
+    assert np.all(radii <= exact * (1 + ROUNDING)), (radii, exact)
+    assert np.all(radii > 0) and np.median(exact / radii) < 3, exact / radii    # a certificate, not a zero
+
+
+def _two_input_net(activation, seed):
+    rng = np.random.default_rng(seed)
+    w1, b1 = rng.normal(size=(2, 6)) * 3, rng.normal(size=6)
+    w2, b2 = rng.normal(size=(6, 3)), rng.normal(size=3)
+    return lambda x: activation(x @ jnp.asarray(w1, x.dtype) + jnp.asarray(b1, x.dtype)) @ jnp.asarray(w2, x.dtype) + b2
+
+
+@pytest.mark.parametrize("activation", [jax.nn.sigmoid, jnp.tanh, nn.leaky_relu, jax.nn.relu, lambda h: jnp.minimum(h, 0.5)],
+                         ids=["sigmoid", "tanh", "flax_leaky_relu", "relu", "min"])
+def test_two_input_nets_radius_never_exceeds_the_nearest_grid_point_of_another_label(activation):
+    """Every grid point of another label is a real adversarial point: the true minimum, hence the radius, is below."""
+    fn = _two_input_net(activation, 3)
+    grid = np.stack(np.meshgrid(np.linspace(0, 1, 601), np.linspace(0, 1, 601)), -1).reshape(-1, 2).astype(np.float32)
+    grid_labels = np.argmax(np.asarray(jax.jit(fn)(grid)), -1)
+    images = np.random.default_rng(4).uniform(0, 1, (12, 2)).astype(np.float32)
+    labels = np.argmax(np.asarray(fn(jnp.asarray(images))), -1)
+    radii = np.asarray(certified_radius(fn, images), np.float64)
+    for x, y, radius in zip(images, labels, radii):
+        nearest = np.min(np.linalg.norm(grid[grid_labels != y] - x, axis=1), initial=np.inf)
+        assert radius <= nearest * (1 + ROUNDING), (radius, nearest)
+    assert np.mean(radii > 0) >= 0.5
+
+
+@pytest.mark.parametrize("name", ["logistic", "tanh", "leaky", "relu", "concave"])
+def test_relaxations_bound_the_function_on_their_interval(name):
+    rng = np.random.default_rng(0)
+    centre, half = rng.normal(size=400) * 4, rng.uniform(0, 5, 400) ** 2
+    lower, upper = jnp.asarray(centre - half, jnp.float32), jnp.asarray(centre + half, jnp.float32)
+    slopes = {"leaky": (0.01, 1.0), "relu": (0.0, 1.0), "concave": (1.5, -0.5)}
+    if name in slopes:
+        node = Node("piecewise", (0,), (400,), jnp.float32, params=dict(kink=0.3, value=0.3, below=slopes[name][0],
+                                                                          above=slopes[name][1]))
+        f = lambda x: 0.3 + slopes[name][0] * np.minimum(x - 0.3, 0) + slopes[name][1] * np.maximum(x - 0.3, 0)
+    else:
+        node = Node("smooth", (0,), (400,), jnp.float32, params=dict(name=name))
+        f = (lambda x: 1 / (1 + np.exp(-x))) if name == "logistic" else np.tanh
+    alpha_l, beta_l, alpha_u, beta_u = (np.asarray(a, np.float64) for a in relaxation(node, lower, upper))
+    x = np.asarray(lower, np.float64) + np.linspace(0, 1, 2001)[:, None] * np.asarray(upper - lower, np.float64)
+    assert np.all(alpha_l * x + beta_l <= f(x) + 1e-5) and np.all(f(x) <= alpha_u * x + beta_u + 1e-5)
+
+
+class _EveryOperator(nn.Module):
+    """Circular and im2col convolutions, leaky ReLU, a residual add, BatchNorm, tanh, both max-pool forms,
+    average pooling, ReLU, sigmoid."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.leaky_relu(nn.Conv(4, (3, 3), padding="CIRCULAR", kernel_init=nn.initializers.normal(1.0))(x - 0.5))
+        h = h + conv2d(h, self.param("im2col", nn.initializers.normal(0.3), (3, 3, 4, 4)), 1, "SAME")
+        h = jnp.tanh(nn.BatchNorm(use_running_average=True)(h))
+        h = max_pool(h, 2, 2)
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 1, 1, 1), "SAME")
+        h = nn.avg_pool(h, (2, 2), (2, 2))
+        h = nn.relu(nn.Dense(8, kernel_init=nn.initializers.normal(2.0))(h.reshape(h.shape[0], -1)))
+        return nn.Dense(3, kernel_init=nn.initializers.normal(3.0))(nn.sigmoid(h) - 0.5)
+
+
+def test_every_operator_bounds_the_margins_at_tiny_eps_and_no_sampled_point_inside_the_radius_changes_the_label():
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 8, 8, 1))
+    module = _EveryOperator()
+    variables = module.init(jax.random.PRNGKey(0), x)
+    logits = module.apply(variables, x)
+    labels = jnp.argmax(logits, -1)
+    margins = np.asarray(logits[jnp.arange(4), labels][:, None] - logits)
+    bounds = np.asarray(margin_lower_bounds(module, x, 1e-6, params=variables))
+    others = ~np.eye(3, dtype=bool)[np.asarray(labels)]
+    # The graph computes the model: at ε → 0 the bounds close on the margins.
+    np.testing.assert_allclose(bounds[others], margins[others], atol=1e-4)
+    assert np.all(bounds[others] <= margins[others] + 1e-5)
+    radii = np.asarray(certified_radius(module, x, params=variables, steps=8))
+    assert np.all(radii > 0)
+    # Points on the sphere of the radius (then clipped into the box, which only moves them closer) keep the label.
+    directions = jax.random.normal(jax.random.PRNGKey(2), (4, 500, 8, 8, 1))
+    directions /= jnp.linalg.norm(directions.reshape(4, 500, -1), axis=-1)[..., None, None, None]
+    points = jnp.clip(x[:, None] + radii[:, None, None, None, None] * directions, 0, 1)
+    predicted = jnp.argmax(module.apply(variables, points.reshape(-1, 8, 8, 1)), -1).reshape(4, 500)
+    assert bool(jnp.all(predicted == labels[:, None]))
+
+
+def test_sigmoid_net_radius_is_above_the_pairwise_lipschitz_radius_and_below_the_attack():
+    rng = np.random.default_rng(5)
+    wide = nn.initializers.normal(2.0)
+    module = nn.Sequential([lambda v: v - 0.5, nn.Dense(16, kernel_init=wide), nn.sigmoid,
+                            nn.Dense(12, kernel_init=wide), nn.sigmoid, nn.Dense(4, kernel_init=wide)])
+    x = jnp.asarray(rng.uniform(0, 1, (12, 10)), jnp.float32)
+    variables = module.init(jax.random.PRNGKey(2), x)
+    logits = module.apply(variables, x)
+    pairwise = np.asarray(operator_bounds(module, x[:1], params=variables).pairwise_certified_radius(logits))
+    radii = np.asarray(certified_radius(module, x, params=variables))
+    assert np.all(radii >= pairwise * (1 - ROUNDING)), (radii, pairwise)
+    attack = lbfgs_attack_untargeted(jax.tree_util.Partial(module.apply, variables), x, jnp.argmax(logits, -1))
+    found = np.asarray(attack.success)
+    assert found.mean() > 0.5 and np.all(radii[found] <= np.asarray(attack.l2)[found] * (1 + ROUNDING))
+
+
+def test_matches_the_same_relaxation_solved_by_scipy():
+    """Like with like: one hidden layer, CROWN's own relaxation lines, the set solved exactly by SLSQP."""
+    reference = json.loads((Path(__file__).parent / "data" / "certify_reference.json").read_text())
+    for case in reference["cases"]:
+        w1, b1, w2, b2 = (np.asarray(case[k], np.float32) for k in ("w1", "b1", "w2", "b2"))
+        slope = case["negative_slope"]
+        fn = lambda x: jnp.where((h := x @ w1 + b1) >= 0, h, slope * h) @ w2 + b2
+        ours = np.asarray(margin_lower_bounds(fn, np.asarray(case["images"], np.float32), case["eps"],
+                                              np.asarray(case["labels"]), lower=case["lower"], upper=case["upper"],
+                                              exact_hidden=True))
+        theirs = np.asarray(case["bounds"])
+        finite = np.isfinite(theirs)
+        # At least as tight; and, the relaxation being the same, no tighter either (float32 rounding aside).
+        np.testing.assert_allclose(ours[finite], theirs[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_a_result_is_a_property_of_its_image_in_any_batch_or_chunk():
+    fn, _ = _relu_net(2, inputs=6)
+    images = np.random.default_rng(3).uniform(0, 1, (9, 6)).astype(np.float32)
+    whole = np.asarray(certified_radius(fn, images, steps=8))
+    chunked = np.asarray(certified_radius(fn, images, chunk_size=4, steps=8))
+    assert len(images) > 4
+    reversed_ = np.asarray(certified_radius(fn, images[::-1], steps=8))[::-1]
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+    np.testing.assert_allclose(reversed_, whole, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(certified_radius(fn, images[4:5], steps=8)), whole[4:5], rtol=1e-6)
+    # A layer's units bounded a few at a time (max_rows): the same bounds.
+    np.testing.assert_allclose(np.asarray(margin_lower_bounds(fn, images, 0.2, max_rows=5)),
+                               np.asarray(margin_lower_bounds(fn, images, 0.2)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def compilations():
+    from jax import monitoring
+    events = []
+
+    def listen(name, _duration, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+    monitoring.register_event_duration_secs_listener(listen)
+    yield events
+    monitoring.unregister_event_duration_listener(listen)
+
+
+def test_new_parameters_reuse_the_compilation(compilations):
+    module = nn.Sequential([nn.Dense(5), nn.relu, nn.Dense(3)])
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (4, 6)), jnp.float32)
+    certified_radius(module, x, params=module.init(jax.random.PRNGKey(99), x), steps=3)
+    before = len(compilations)
+    radii = [certified_radius(module, x, params=module.init(jax.random.PRNGKey(k), x), steps=3)
+             for k in range(3)]
+    assert len(compilations) == before, compilations[before:]
+    assert len({float(r.sum()) for r in radii}) == 3
+
+
+def test_unsupported_primitives_and_bad_input_are_refused_by_name():
+    x = jnp.full((2, 3), 0.5)
+    with pytest.raises(ValueError, match=r"'exp'.*jaxadv\.linear_bounds\.RULES"):
+        certified_radius(lambda v: jnp.exp(v) @ jnp.ones((3, 2)), x)
+    with pytest.raises(ValueError, match="'mul' of input-dependent operands"):
+        certified_radius(lambda v: (v * v) @ jnp.ones((3, 2)), x)
+    fn = lambda v: v @ jnp.eye(3)
+    with pytest.raises(ValueError, match="inside the box"):
+        certified_radius(fn, x + 1)
+    with pytest.raises(ValueError, match="labels"):
+        certified_radius(fn, x, jnp.zeros(3, jnp.int32))
+    with pytest.raises(ValueError, match="steps"):
+        certified_radius(fn, x, steps=0)
+    with pytest.raises(TypeError, match="images"):
+        certified_radius(fn, jnp.zeros((2, 3), jnp.int32))
+
+
+def test_sandwich_summary_and_figure_read_only_the_images_the_attack_moved():
+    from jaxadv.certify import sandwich_summary
+    from jaxadv.plots import sandwich_figure
+    rng = np.random.default_rng(0)
+    certified = rng.uniform(0.1, 1, 50)
+    attained = certified * rng.uniform(1, 4, 50)
+    success = rng.uniform(size=50) > 0.2
+    attained[~success] = 0.0                                            # not moved: ignored, not a violation
+    certified[0], success[0] = 0.0, True                                # certified 0 (misclassified): no ratio
+    summary = sandwich_summary(certified, attained, success)
+    ratio = (attained / np.where(certified > 0, certified, 1))[success & (certified > 0)]
+    assert summary["images"] == len(ratio) and summary["violations"] == 0
+    np.testing.assert_allclose([summary["ratio_median"], summary["ratio_p90"]],
+                               [np.median(ratio), np.quantile(ratio, 0.9)])
+    assert sandwich_summary(attained[success], certified[success])["violations"] > 0
+    figure = sandwich_figure({"net": (certified[success], attained[success])})
+    assert len(figure.axes) == 1 and len(figure.axes[0].lines) == 2
+    with pytest.raises(ValueError, match="certified and attained"):
+        sandwich_summary(certified, attained[:3])
+
+
+def test_a_wide_layer_over_many_images_bounds_every_image_alike():
+    """784 → 400 sigmoid → 10 on 48 images: at ε → 0 every image's bounds close on its margins (XLA:CPU once
+    miscomputed images 40 and up when the [48, 800, 784] coefficients were bounded in one batch)."""
+    module = nn.Sequential([lambda v: v.reshape(v.shape[0], -1), nn.Dense(400), nn.sigmoid, nn.Dense(10)])
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (48, 28, 28, 1)), jnp.float32)
+    variables = module.init(jax.random.PRNGKey(0), x)
+    logits = np.asarray(module.apply(variables, x))
+    labels = logits.argmax(-1)
+    margins = logits[np.arange(48), labels][:, None] - logits
+    bounds = np.asarray(margin_lower_bounds(module, x, 1e-6, params=variables))
+    others = np.isfinite(bounds)
+    np.testing.assert_allclose(bounds[others], margins[others], atol=1e-4)
