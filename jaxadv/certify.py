@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.functional import logits_function
+from jaxadv import checks
 from jaxadv.linear_bounds import RULES, build_graph, crown
 
 __all__ = ["certified_radius", "margin_lower_bounds", "sandwich_summary", "RULES"]
@@ -63,8 +63,7 @@ def certified_radius(model, images, labels=None, *, params=None, lower=0.0, uppe
     Returns:
       [B] radii in the images' dtype: sound lower bounds of the minimal adversarial L2 distance.
     """
-    fn = logits_function(model, params)
-    images, labels, lower, upper = _check(fn, images, labels, lower, upper)
+    fn, images, labels, lower, upper = _check(model, params, images, labels, lower, upper)
     _check_count("steps", steps)
     _check_count("chunk_size", chunk_size)
     _check_count("max_rows", max_rows)
@@ -86,8 +85,7 @@ def margin_lower_bounds(model, images, eps, labels=None, *, params=None, lower=0
     upper = +inf the set is the ball alone, as in auto_LiRPA's L2 perturbation. max_rows, exact_hidden,
     chunk_size: as for `certified_radius`.
     """
-    fn = logits_function(model, params)
-    images, labels, lower, upper = _check(fn, images, labels, lower, upper)
+    fn, images, labels, lower, upper = _check(model, params, images, labels, lower, upper)
     eps = jnp.broadcast_to(jnp.asarray(eps, images.dtype), images.shape[:1])
     if not bool(jnp.all(eps >= 0)):
         raise ValueError("eps must be >= 0")
@@ -97,8 +95,7 @@ def margin_lower_bounds(model, images, eps, labels=None, *, params=None, lower=0
 
 
 def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    checks.int_at_least(value, name, 1)
 
 
 def sandwich_summary(certified, attained, success=None) -> dict:
@@ -120,27 +117,24 @@ def sandwich_summary(certified, attained, success=None) -> dict:
             "violations": int(np.sum(moved & (certified > attained)))}
 
 
-def _check(fn, images, labels, lower, upper):
-    images = jnp.asarray(images)
-    if not jnp.issubdtype(images.dtype, jnp.floating) or images.ndim < 2:
-        raise TypeError(f"images must be a floating array [batch, *image_shape], got {images.dtype} "
-                        f"{images.shape}")
-    lower, upper = jnp.asarray(lower, images.dtype), jnp.asarray(upper, images.dtype)
-    try:
-        jnp.broadcast_shapes(lower.shape, upper.shape, images.shape[1:])
-    except ValueError:
-        raise ValueError(f"lower {lower.shape} and upper {upper.shape} must broadcast to an image "
-                         f"{images.shape[1:]}") from None
-    if not bool(jnp.all(lower < upper)):
-        raise ValueError("lower must be below upper")
-    if not bool(jnp.all((images >= lower) & (images <= upper))):
-        raise ValueError("images must lie inside the box [lower, upper]")
+def _check(model, params, images, labels, lower, upper):
+    """The model as a traceable function and the arrays in the work dtype, checked (`jaxadv.checks`)."""
+    x = checks.images(images)
+    fn, classes = checks.model(model, params, x, name="model")
+    lo, up = checks.box(lower, upper, x, strict=True)
+    for name, bound in (("lower", lo), ("upper", up)):
+        if np.broadcast_shapes(np.shape(bound), x.shape[1:]) != x.shape[1:]:
+            raise ValueError(f"{name}: shape {np.shape(bound)} must broadcast to one image {x.shape[1:]}")
+    x = checks.in_range(images, x, lo, up, (lower, upper))
+    if labels is not None:
+        checks.batch_mismatch(fn, x, labels, "labels")
+        labels = checks.labels(labels, x.shape[0], classes)
+    checks.finite_logits(fn, x, "model")
+    x = jnp.asarray(x)
     if labels is None:
-        labels = _predict(fn, images)
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape != images.shape[:1]:
-        raise ValueError(f"labels must be integers of shape {images.shape[:1]}, got {labels.dtype} {labels.shape}")
-    return images, labels, lower, upper
+        labels = _predict(fn, x)
+    lo, up = jnp.asarray(lo, x.dtype), jnp.asarray(up, x.dtype)
+    return fn, x, jnp.asarray(labels, jnp.int32), lo, up
 
 
 # -- the minimum of a linear function over the ball ∩ box -------------------------------------

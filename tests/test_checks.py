@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from jaxadv import checks, lipschitz, transfer, units
+from jaxadv import certify, checks, lipschitz, transfer, units
 from jaxadv.adversarial_training import AdversarialTrainingConfig, adversarial_train
 from jaxadv.attacks import (AttackConfig, alma, attack_dataset, attack_sizes, ddn, deepfool, fast_gradient_direction,
                             fgm, fgsm, fmn, lbfgs_attack, lbfgs_attack_all_targets, lbfgs_attack_untargeted,
@@ -168,6 +168,10 @@ PUBLIC = [
     Public("minimal_perturbation", lambda m, p, x, y, lo, up: minimal_perturbation(
         m, x, y, params=p, attacks=(("ddn", functools.partial(ddn, steps=3, lanes=4)),), lower=lo, upper=up),
         ATTACK, model_name="model", produced=adversarial),
+    Public("certify.certified_radius", lambda m, p, x, y, lo, up: certify.certified_radius(
+        m, x, y, params=p, lower=lo, upper=up, steps=2), ATTACK, model_name="model"),
+    Public("certify.margin_lower_bounds", lambda m, p, x, y, lo, up: certify.margin_lower_bounds(
+        m, x, 0.1, y, params=p, lower=lo, upper=up), ATTACK, model_name="model"),
     Public("optim.minimize_box", lambda m, p, x, y, lo, up: minimize_box(
         lambda z: jnp.sum((z["x"] - 2.0) ** 2), {"x": jnp.asarray(x[0], jnp.float16)}, lo, up, max_iterations=5),
         frozenset(), produced=lambda r: r.x["x"]),
