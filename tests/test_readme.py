@@ -50,6 +50,18 @@ def test_readme_optax_example_matches_scipy(capsys):
     assert "scipy L-BFGS-B" in capsys.readouterr().out
 
 
+def test_readme_smallest_change_of_label_lies_between_the_certificate_and_the_attack(capsys):
+    blocks = _python_blocks(README.read_text())
+    block = next(b for b in blocks if "minimal_perturbation(" in b)
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)   # noqa: S102 - the batch example defines the model
+    exec(compile(block, "README.md", "exec"), namespace)       # noqa: S102
+    best, radius = namespace["best"], np.asarray(namespace["radius"])
+    assert np.all(np.asarray(best.success))
+    assert np.all((radius >= 0) & (radius <= np.asarray(best.l2))) and np.median(radius) > 0
+    assert "certified at least" in capsys.readouterr().out
+
+
 def test_readme_dataset_example_resumes_what_it_saved(capsys, tmp_path, monkeypatch):
     blocks = _python_blocks(README.read_text())
     block = next(b for b in blocks if "attack_dataset(" in b)
