@@ -83,19 +83,7 @@ class Walker:
 
     def call(self, eqn, inputs) -> list:
         """Walks the jaxpr a call primitive holds, with the call's inputs."""
-        for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-            inner = eqn.params.get(name)
-            if isinstance(inner, jex_core.ClosedJaxpr):
-                jaxpr, consts = inner.jaxpr, inner.consts
-                break
-            if isinstance(inner, jex_core.Jaxpr):
-                jaxpr, consts = inner, ()
-                break
-        else:
-            raise ValueError(f"{eqn.primitive.name!r}: no called jaxpr found among its parameters")
-        if len(jaxpr.invars) != len(inputs):
-            raise ValueError(f"{eqn.primitive.name!r}: the called jaxpr takes {len(jaxpr.invars)} arguments, "
-                             f"the call passes {len(inputs)}")
+        jaxpr, consts = called_jaxpr(eqn, len(inputs))
         self.calls.append(f"{eqn.primitive.name}({eqn.params.get('name', '')})")
         try:
             return self.run(jaxpr, consts, inputs)
@@ -116,3 +104,21 @@ def evaluate(eqn, values) -> list:
 def bind_with(eqn, inputs, replace: dict[int, Any]):
     """The equation's (first) output with the inputs at some positions replaced."""
     return evaluate(eqn, [replace.get(i, value) for i, value in enumerate(inputs)])[0]
+
+
+def called_jaxpr(eqn, num_inputs: int):
+    """(jaxpr, consts) that a call primitive (jit, custom_jvp/vjp, checkpoint) holds, checked against its inputs."""
+    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        inner = eqn.params.get(name)
+        if isinstance(inner, jex_core.ClosedJaxpr):
+            jaxpr, consts = inner.jaxpr, inner.consts
+            break
+        if isinstance(inner, jex_core.Jaxpr):
+            jaxpr, consts = inner, ()
+            break
+    else:
+        raise ValueError(f"{eqn.primitive.name!r}: no called jaxpr found among its parameters")
+    if len(jaxpr.invars) != num_inputs:
+        raise ValueError(f"{eqn.primitive.name!r}: the called jaxpr takes {len(jaxpr.invars)} arguments, "
+                         f"the call passes {num_inputs}")
+    return jaxpr, consts

@@ -64,6 +64,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from jaxadv import checks, spectral
+from jaxadv.graph import called_jaxpr
 from jaxadv.functional import failed_call
 
 __all__ = ["LipschitzBounds", "operator_bounds", "network_bound", "estimate_by_power_iteration", "RULES"]
@@ -744,19 +745,7 @@ def _no_global_bound(reason: str):
 
 def _call(walker, eqn, inputs):
     """jit, custom_jvp_call (jax.nn.relu), custom_vjp_call, checkpoint: walk the called jaxpr."""
-    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        inner = eqn.params.get(name)
-        if isinstance(inner, jex_core.ClosedJaxpr):
-            jaxpr, consts = inner.jaxpr, inner.consts
-            break
-        if isinstance(inner, jex_core.Jaxpr):
-            jaxpr, consts = inner, ()
-            break
-    else:
-        raise ValueError(f"{eqn.primitive.name!r}: no called jaxpr found among its parameters")
-    if len(jaxpr.invars) != len(inputs):
-        raise ValueError(f"{eqn.primitive.name!r}: the called jaxpr takes {len(jaxpr.invars)} arguments, "
-                         f"the call passes {len(inputs)}")
+    jaxpr, consts = called_jaxpr(eqn, len(inputs))
     walker.calls.append(f"{eqn.primitive.name}({eqn.params.get('name', '')})")
     try:
         return walker.run(jaxpr, consts, inputs)

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 import struct
 import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.optimize
 
 from jaxadv.data import DATA_DIR_ENV, Dataset, environment_data_dir
 
@@ -111,3 +114,37 @@ def fresh_compilation_caches():
     from jaxadv import sweep
     sweep._shard_mapped.cache_clear()
     jax.clear_caches()
+
+
+# -- a small ReLU net and its exact untargeted minimum (test_boundary, test_minnorm, test_certify) --------
+
+def small_relu_net(seed, inputs=5, hidden=6, classes=3):
+    rng = np.random.default_rng(seed)
+    w, b = rng.normal(size=(hidden, inputs)), 0.5 * rng.normal(size=hidden)
+    v, d = rng.normal(size=(classes, hidden)), 0.5 * rng.normal(size=classes)
+
+    def logits_fn(x):
+        cast = lambda a: jnp.asarray(a, x.dtype)
+        return jnp.maximum(x @ cast(w.T) + cast(b), 0.0) @ cast(v.T) + cast(d)
+    return logits_fn, (w, b, v, d)
+
+
+def exact_relu_untargeted_minimum(x, label, w, b, v, d):
+    """min ‖z − x‖ over z in [0, 1]^n with some class above `label`: on each activation pattern the net is
+    linear, so the minimum is the smallest of one QP per (pattern, class), each solved by scipy's SLSQP."""
+    best = np.inf
+    for pattern in itertools.product((0.0, 1.0), repeat=w.shape[0]):
+        on = np.array(pattern)
+        sign = 2 * on - 1
+        for j in range(v.shape[0]):
+            if j == label:
+                continue
+            g = (v[j] - v[label]) * on
+            a = np.vstack([sign[:, None] * w, (g @ w)[None]])            # a z >= rhs: the pattern, then Z_j >= Z_label
+            rhs = np.concatenate([-sign * b, [-(g @ b) - (d[j] - d[label])]])
+            r = scipy.optimize.minimize(lambda z: 0.5 * np.sum((z - x) ** 2), x, jac=lambda z: z - x, method="SLSQP",
+                                        bounds=[(0, 1)] * len(x), options=dict(ftol=1e-12, maxiter=200),
+                                        constraints=[dict(type="ineq", fun=lambda z: a @ z - rhs, jac=lambda z: a)])
+            if r.success and np.min(a @ r.x - rhs) >= -1e-8:
+                best = min(best, float(np.linalg.norm(r.x - x)))
+    return best

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxadv.attacks import (UNTARGETED, AttackConfig, lbfgs_attack, lbfgs_attack_all_targets,
+from jaxadv.attacks import (UNTARGETED, lbfgs_attack, lbfgs_attack_all_targets,
                             lbfgs_attack_core, lbfgs_attack_untargeted, runner_up_targets)
-from test_attacks import FAST, LOGITS, SHAPE, _images
+from test_attacks import FAST, LOGITS, _images
 
 TARGETS = np.array([1, 2, 3, 4], np.int32)
 

@@ -6,7 +6,6 @@ checked) for the whole attack; the exact minimum of a small ReLU net (one QP
 per activation pattern and class, scipy SLSQP) for the boundary walk;
 bit-identity under rotations and shuffles.
 """
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 from jaxadv.attacks import (UNTARGETED, AttackConfig, lbfgs_attack, lbfgs_attack_all_targets,
                             lbfgs_attack_untargeted, project_onto_cuts, random_wrong_targets)
 from jaxadv.attacks.exact import exact_linear_minimum
-from conftest import train_on_fashion_mnist
+from conftest import exact_relu_untargeted_minimum, small_relu_net, train_on_fashion_mnist
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -179,43 +178,11 @@ def test_untargeted_settings_out_of_range_are_refused_naming_the_field(field, va
 
 # -- a piecewise-linear model: the boundary walk, against the exact minimum --------------------------
 
-def _small_relu_net(seed, inputs=5, hidden=6, classes=3):
-    rng = np.random.default_rng(seed)
-    w, b = rng.normal(size=(hidden, inputs)), 0.5 * rng.normal(size=hidden)
-    v, d = rng.normal(size=(classes, hidden)), 0.5 * rng.normal(size=classes)
-
-    def logits_fn(x):
-        cast = lambda a: jnp.asarray(a, x.dtype)
-        return jnp.maximum(x @ cast(w.T) + cast(b), 0.0) @ cast(v.T) + cast(d)
-    return logits_fn, (w, b, v, d)
-
-
-def _exact_relu_untargeted_minimum(x, label, w, b, v, d):
-    """min ‖z − x‖ over z in [0, 1]^n with some class above `label`: on each activation pattern the net is
-    linear, so the minimum is the smallest of one QP per (pattern, class), each solved by scipy's SLSQP."""
-    best = np.inf
-    for pattern in itertools.product((0.0, 1.0), repeat=w.shape[0]):
-        on = np.array(pattern)
-        sign = 2 * on - 1
-        for j in range(v.shape[0]):
-            if j == label:
-                continue
-            g = (v[j] - v[label]) * on
-            a = np.vstack([sign[:, None] * w, (g @ w)[None]])            # a z >= rhs: the pattern, then Z_j >= Z_label
-            rhs = np.concatenate([-sign * b, [-(g @ b) - (d[j] - d[label])]])
-            r = scipy.optimize.minimize(lambda z: 0.5 * np.sum((z - x) ** 2), x, jac=lambda z: z - x, method="SLSQP",
-                                        bounds=[(0, 1)] * len(x), options=dict(ftol=1e-12, maxiter=200),
-                                        constraints=[dict(type="ineq", fun=lambda z: a @ z - rhs, jac=lambda z: a)])
-            if r.success and np.min(a @ r.x - rhs) >= -1e-8:
-                best = min(best, float(np.linalg.norm(r.x - x)))
-    return best
-
-
 def test_untargeted_attack_with_the_walk_finds_the_exact_minimum_of_a_relu_net():
-    logits_fn, weights = _small_relu_net(0)
+    logits_fn, weights = small_relu_net(0)
     images = np.random.default_rng(1).uniform(0, 1, (16, 5)).astype(np.float32)
     labels = np.asarray(jnp.argmax(logits_fn(jnp.asarray(images)), -1))
-    exact = np.array([_exact_relu_untargeted_minimum(x.astype(np.float64), y, *weights) for x, y in zip(images, labels)])
+    exact = np.array([exact_relu_untargeted_minimum(x.astype(np.float64), y, *weights) for x, y in zip(images, labels)])
     result = lbfgs_attack_untargeted(logits_fn, images, labels)
     assert np.all(np.asarray(result.success))
     ratio = np.asarray(result.l2, np.float64) / exact
@@ -234,7 +201,7 @@ def test_untargeted_attack_with_the_walk_finds_the_exact_minimum_of_a_relu_net()
 def test_the_attack_runs_in_float64_under_x64():
     """Researchers turn x64 on to compare with float64 references: the attack must run, in the images' dtype."""
     with jax.enable_x64(True):
-        logits_fn, weights = _small_relu_net(2, inputs=8, classes=4)
+        logits_fn, weights = small_relu_net(2, inputs=8, classes=4)
         images = jnp.asarray(np.random.default_rng(3).uniform(0, 1, (12, 8)))
         labels = jnp.argmax(logits_fn(images), -1)
         targeted = lbfgs_attack(logits_fn, images, (labels + 1) % 4, labels=labels)
@@ -246,7 +213,7 @@ def test_the_attack_runs_in_float64_under_x64():
 
 def test_untargeted_defaults_serve_a_binary_classifier():
     """Two classes leave no runner-up (the label and the class found are all there is): the run alone counts."""
-    logits_fn, _ = _small_relu_net(4, inputs=6, classes=2)
+    logits_fn, _ = small_relu_net(4, inputs=6, classes=2)
     images = jnp.asarray(np.random.default_rng(5).uniform(0, 1, (10, 6)), jnp.float32)
     labels = jnp.argmax(logits_fn(images), -1)
     alone = lbfgs_attack_untargeted(logits_fn, images, labels, UNTARGETED._replace(runner_ups=0))

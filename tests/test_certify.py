@@ -7,7 +7,6 @@ pattern and class, scipy SLSQP); the nearest differently-labelled point of a den
 attack's distance; the relaxed problem solved by scipy (tests/data/certify_reference.json, written by
 scripts/certify_reference.py); the pairwise Lipschitz radius.
 """
-import itertools
 import json
 from pathlib import Path
 
@@ -16,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.optimize
 
+from conftest import exact_relu_untargeted_minimum, small_relu_net
 from jaxadv.attacks import lbfgs_attack_untargeted
 from jaxadv.attacks.exact import exact_linear_minimum
 from jaxadv.certify import certified_radius, margin_lower_bounds
@@ -52,42 +51,12 @@ def test_softmax_regression_radius_is_the_exact_minimum_where_the_box_is_inactiv
             assert radius >= free * (1 - 1e-4)                                # the box only tightens
 
 
-def _relu_net(seed, inputs=5, hidden=6, classes=3):
-    rng = np.random.default_rng(seed)
-    w, b = rng.normal(size=(hidden, inputs)), 0.5 * rng.normal(size=hidden)
-    v, d = rng.normal(size=(classes, hidden)), 0.5 * rng.normal(size=classes)
-
-    def fn(x):
-        cast = lambda a: jnp.asarray(a, x.dtype)
-        return jnp.maximum(x @ cast(w.T) + cast(b), 0.0) @ cast(v.T) + cast(d)
-    return fn, (w, b, v, d)
-
-
-def _exact_relu_minimum(x, label, w, b, v, d):
-    """min ‖z − x‖ over z in [0, 1]^n with another class on top: one QP per activation pattern and class."""
-    best = np.inf
-    for pattern in itertools.product((0.0, 1.0), repeat=w.shape[0]):
-        sign = 2 * np.array(pattern) - 1
-        for j in range(v.shape[0]):
-            if j == label:
-                continue
-            g = (v[j] - v[label]) * np.array(pattern)
-            a = np.vstack([sign[:, None] * w, (g @ w)[None]])
-            rhs = np.concatenate([-sign * b, [-(g @ b) - (d[j] - d[label])]])
-            r = scipy.optimize.minimize(lambda z: 0.5 * np.sum((z - x) ** 2), x, jac=lambda z: z - x, method="SLSQP",
-                                        bounds=[(0, 1)] * len(x), options=dict(ftol=1e-12, maxiter=200),
-                                        constraints=[dict(type="ineq", fun=lambda z: a @ z - rhs, jac=lambda z: a)])
-            if r.success and np.min(a @ r.x - rhs) >= -1e-8:
-                best = min(best, float(np.linalg.norm(r.x - x)))
-    return best
-
-
 def test_relu_net_radius_never_exceeds_the_exact_minimum():
-    fn, weights = _relu_net(0)
+    fn, weights = small_relu_net(0)
     images = np.random.default_rng(1).uniform(0, 1, (10, 5)).astype(np.float32)
     labels = np.argmax(np.asarray(fn(jnp.asarray(images))), -1)
     radii = np.asarray(certified_radius(fn, images), np.float64)
-    exact = np.array([_exact_relu_minimum(x.astype(np.float64), y, *weights) for x, y in zip(images, labels)])
+    exact = np.array([exact_relu_untargeted_minimum(x.astype(np.float64), y, *weights) for x, y in zip(images, labels)])
     assert np.all(radii <= exact * (1 + ROUNDING)), (radii, exact)
     assert np.all(radii > 0) and np.median(exact / radii) < 3, exact / radii    # a certificate, not a zero
 
@@ -204,7 +173,7 @@ def test_matches_the_same_relaxation_solved_by_scipy():
 
 
 def test_a_result_is_a_property_of_its_image_in_any_batch_or_chunk():
-    fn, _ = _relu_net(2, inputs=6)
+    fn, _ = small_relu_net(2, inputs=6)
     images = np.random.default_rng(3).uniform(0, 1, (9, 6)).astype(np.float32)
     whole = np.asarray(certified_radius(fn, images, steps=8))
     chunked = np.asarray(certified_radius(fn, images, chunk_size=4, steps=8))

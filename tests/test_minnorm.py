@@ -16,12 +16,12 @@ import pytest
 
 from jaxadv.attacks import (LaneAttack, alma, ddn, deepfool, fmn, minimal_perturbation, polished,
                             robust_accuracy_curve, run_lanes, superdeepfool)
-from jaxadv.attacks.common import Image, image_logits, lane_inputs
+from jaxadv.attacks.common import image_logits, lane_inputs
 from jaxadv.attacks.alma import ALMAConfig, alma_lanes
 from jaxadv.attacks.ddn import ddn_lanes
 from jaxadv.attacks.exact import exact_linear_minimum
 from jaxadv.attacks.fmn import fmn_lanes, project_ball_and_box
-from test_boundary import _exact_relu_untargeted_minimum, _small_relu_net
+from conftest import exact_relu_untargeted_minimum, small_relu_net
 
 LANES = 4
 #: Each attack as the tests call it: short runs, 4 lanes.
@@ -68,10 +68,10 @@ def linear_problem():
 
 @pytest.fixture(scope="module")
 def relu_problem():
-    logits_fn, weights = _small_relu_net(0)
+    logits_fn, weights = small_relu_net(0)
     images = np.random.default_rng(1).uniform(0, 1, (3 * LANES, 5)).astype(np.float32)
     labels = np.asarray(jnp.argmax(logits_fn(jnp.asarray(images)), -1))
-    exact = np.array([_exact_relu_untargeted_minimum(x.astype(np.float64), y, *weights)
+    exact = np.array([exact_relu_untargeted_minimum(x.astype(np.float64), y, *weights)
                       for x, y in zip(images, labels)])
     results = {name: attack(logits_fn, images, labels) for name, attack in ATTACKS.items()}
     return logits_fn, images, labels, exact, results
@@ -198,7 +198,7 @@ def test_fmn_projection_is_the_nearest_point_of_the_ball_and_the_box():
 
 def test_attacks_run_in_float64_under_x64():
     with jax.enable_x64(True):
-        logits_fn, _ = _small_relu_net(2, inputs=8, classes=4)
+        logits_fn, _ = small_relu_net(2, inputs=8, classes=4)
         images = jnp.asarray(np.random.default_rng(3).uniform(0, 1, (5, 8)))
         labels = jnp.argmax(logits_fn(images), -1)
         for name, attack in ATTACKS.items():
@@ -208,7 +208,7 @@ def test_attacks_run_in_float64_under_x64():
 
 
 def test_a_box_array_is_respected():
-    logits_fn, _ = _small_relu_net(0)
+    logits_fn, _ = small_relu_net(0)
     images = np.random.default_rng(7).uniform(0.3, 0.7, (LANES, 5)).astype(np.float32)
     labels = np.asarray(jnp.argmax(logits_fn(jnp.asarray(images)), -1))
     lower, upper = np.full(5, 0.25, np.float32), np.array([0.75, 0.8, 0.9, 1.0, 0.7], np.float32)
@@ -302,7 +302,7 @@ def test_robust_accuracy_curve_matches_a_loop():
     (dict(lanes=0), ValueError, "lanes"),
 ])
 def test_bad_input_is_refused_naming_the_argument(change, error, name):
-    logits_fn, _ = _small_relu_net(0)
+    logits_fn, _ = small_relu_net(0)
     arguments = {"images": np.full((2, 5), 0.5, np.float32), "labels": np.zeros(2, np.int32), **change}
     with pytest.raises(error, match=name):
         ddn(logits_fn, **arguments)
@@ -310,6 +310,6 @@ def test_bad_input_is_refused_naming_the_argument(change, error, name):
 
 @pytest.mark.parametrize("attacks", [(), [("ddn",)], ((1, ddn),), "ddn"])
 def test_minimal_perturbation_refuses_attacks_that_are_not_name_attack_pairs(attacks):
-    logits_fn, _ = _small_relu_net(0)
+    logits_fn, _ = small_relu_net(0)
     with pytest.raises(TypeError, match="attacks"):
         minimal_perturbation(logits_fn, np.full((2, 5), 0.5, np.float32), np.zeros(2, np.int32), attacks=attacks)
