@@ -64,7 +64,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from jaxadv import checks, spectral
-from jaxadv.graph import called_jaxpr
+from jaxadv.graph import bind_with, called_jaxpr, evaluate
 from jaxadv.functional import failed_call
 
 __all__ = ["LipschitzBounds", "operator_bounds", "network_bound", "estimate_by_power_iteration", "RULES"]
@@ -247,25 +247,11 @@ class _Walker:
                                      f"path{where}; jaxadv.lipschitz.RULES lists the primitives it knows")
                 outputs = rule(self, eqn, inputs)
             else:   # input-independent (weights and what the model computes from them): evaluate it
-                outputs = _evaluate(eqn, inputs)
+                outputs = evaluate(eqn, inputs)
             for var, value in zip(eqn.outvars, outputs):
                 if not isinstance(var, jex_core.DropVar):
                     env[var] = value
         return [read(var) for var in jaxpr.outvars]
-
-
-def _evaluate(eqn, values) -> list:
-    params = eqn.primitive.get_bind_params(eqn.params)
-    subfuns = []
-    if isinstance(params, tuple):   # JAX before 0.7: (subfuns, params)
-        subfuns, params = params
-    out = eqn.primitive.bind(*subfuns, *values, **params)
-    return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def _bind_with(eqn, inputs, replace: dict[int, Any]):
-    """The equation's output with inputs at some positions replaced (the traced ones, by tracer values)."""
-    return _evaluate(eqn, [replace.get(i, value) for i, value in enumerate(inputs)])[0]
 
 
 def _single_output(outputs):
@@ -334,7 +320,7 @@ def _broadcast_in_dim(walker, eqn, inputs):
     position, x = _the_traced_input(eqn, inputs)
     copies = _copies(x, eqn)   # each element copied `copies` times: ‖Δy‖ = √copies ‖Δx‖ exactly
     return [_unary(eqn, x, math.sqrt(copies), "broadcast", "Broadcast", silent=copies == 1,
-                   operator=lambda v: _bind_with(eqn, inputs, {position: v}))]
+                   operator=lambda v: bind_with(eqn, inputs, {position: v}))]
 
 
 def _pad(walker, eqn, inputs):
@@ -342,7 +328,7 @@ def _pad(walker, eqn, inputs):
     if isinstance(padding_value, _Traced):
         raise ValueError("'pad' with an input-dependent padding value has no rule")
     out = _unary(eqn, x, 1.0, "pad", silent=True)   # a selection of the input's entries and constants
-    out.source, out.from_source = x, lambda v: _bind_with(eqn, inputs, {0: v})
+    out.source, out.from_source = x, lambda v: bind_with(eqn, inputs, {0: v})
     out.structure = ("pad", tuple(tuple(int(n) for n in c) for c in eqn.params["padding_config"]),
                      bool(np.all(np.asarray(padding_value) == 0)))
     return [out]
@@ -352,7 +338,7 @@ def _slice(walker, eqn, inputs):
     (x,) = inputs
     out = _unary(eqn, x, 1.0, "slice", silent=True)
     strides = eqn.params["strides"] or (1,) * len(x.shape)
-    out.source, out.from_source = x, lambda v: _bind_with(eqn, inputs, {0: v})
+    out.source, out.from_source = x, lambda v: bind_with(eqn, inputs, {0: v})
     out.structure = ("slice", tuple(eqn.params["start_indices"]), tuple(eqn.params["limit_indices"]), tuple(strides))
     return [out]
 
@@ -395,7 +381,7 @@ def _concatenate(walker, eqn, inputs):
     factor = math.sqrt(int(counts.max()))
 
     def from_source(v):
-        return _bind_with(eqn, inputs, {i: v if value is source else value.from_source(v)
+        return bind_with(eqn, inputs, {i: v if value is source else value.from_source(v)
                                         for i, value in zip(positions, traced)})
 
     out = _unary(eqn, source, factor, "copy", "Concatenate", silent=factor == 1.0,
@@ -468,7 +454,7 @@ def _mul(walker, eqn, inputs):
             raise ValueError("'div' on the input's path divides by a constant holding 0")
         constant = 1.0 / np.asarray(constant, np.float64)
     factor = _scale_bound(constant, x, _out_aval(eqn).shape)
-    operator = lambda v: _bind_with(eqn, inputs, {position: v})
+    operator = lambda v: bind_with(eqn, inputs, {position: v})
     pooled = x.row
     if pooled is not None and pooled.kind in ("sumpool", "sum") and x.parents:
         # A sum (pool) then a division by its count: one average pool, whose operator is both.
@@ -489,7 +475,7 @@ def _dot_general(walker, eqn, inputs):
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = eqn.params["dimension_numbers"]
     x_contract, w_contract = (lhs_contract, rhs_contract) if position == 0 else (rhs_contract, lhs_contract)
     x_batch, w_batch = (lhs_batch, rhs_batch) if position == 0 else (rhs_batch, lhs_batch)
-    operator = lambda v: _bind_with(eqn, inputs, {position: v})
+    operator = lambda v: bind_with(eqn, inputs, {position: v})
 
     if (position == 0 and not x_batch and x.structure and x.structure[0] == "patches"
             and tuple(x_contract) == (x.structure[3],)):
@@ -527,7 +513,7 @@ def _conv_general_dilated(walker, eqn, inputs):
                          tuple(tuple(p) for p in params["padding"]), tuple(params["lhs_dilation"]),
                          tuple(params["rhs_dilation"]), params["feature_group_count"],
                          tuple(out_shape[a] for a in out_spec[2:]),
-                         apply=lambda v: _bind_with(eqn, inputs, {0: v}))]
+                         apply=lambda v: bind_with(eqn, inputs, {0: v}))]
 
 
 def _patches_convolution(eqn, patches: _Traced, w, w_contract: int, apply: Callable) -> _Traced | None:
@@ -642,7 +628,7 @@ def _reduce_window_sum(walker, eqn, inputs):
     (x,) = inputs
     matrices = _window_matrices(eqn, x)
     factor = math.prod(spectral._window_matrix_norm(m) for _, m in matrices)   # Kronecker product: exact
-    return [_unary(eqn, x, factor, "sumpool", "Sum-pool", operator=lambda v: _bind_with(eqn, inputs, {0: v}),
+    return [_unary(eqn, x, factor, "sumpool", "Sum-pool", operator=lambda v: bind_with(eqn, inputs, {0: v}),
                    **_pool_fields(eqn, matrices))]
 
 
@@ -658,7 +644,7 @@ def _reduce_sum(walker, eqn, inputs):
     (x,) = inputs
     count = math.prod(x.shape[a] for a in eqn.params["axes"])   # Σ of n values: √n (Cauchy–Schwarz, reached)
     return [_unary(eqn, x, math.sqrt(count), "sum", "Sum", silent=count == 1,
-                   operator=lambda v: _bind_with(eqn, inputs, {0: v}))]
+                   operator=lambda v: bind_with(eqn, inputs, {0: v}))]
 
 
 def _reduce_extremum(walker, eqn, inputs):
