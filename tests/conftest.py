@@ -148,3 +148,18 @@ def exact_relu_untargeted_minimum(x, label, w, b, v, d):
             if r.success and np.min(a @ r.x - rhs) >= -1e-8:
                 best = min(best, float(np.linalg.norm(r.x - x)))
     return best
+
+
+@pytest.fixture
+def compilations():
+    """A counter of XLA compilations (backend compiles), read before and after a loop."""
+    from jax import monitoring
+    events = []
+
+    def listen(name, _duration, **_):
+        if name == "/jax/core/compile/backend_compile_duration":
+            events.append(name)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    yield events
+    monitoring.unregister_event_duration_listener(listen)

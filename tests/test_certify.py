@@ -187,17 +187,6 @@ def test_a_result_is_a_property_of_its_image_in_any_batch_or_chunk():
                                np.asarray(margin_lower_bounds(fn, images, 0.2)), rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture
-def compilations():
-    from jax import monitoring
-    events = []
-
-    def listen(name, _duration, **_):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-    monitoring.register_event_duration_secs_listener(listen)
-    yield events
-    monitoring.unregister_event_duration_listener(listen)
 
 
 def test_new_parameters_reuse_the_compilation(compilations):

@@ -116,19 +116,6 @@ def test_a_sequential_cut_at_each_layer_and_its_boxes():
     assert result.adversarial.shape == h.shape
 
 
-@pytest.fixture
-def compilations():
-    """A counter of XLA compilations (backend compiles), read before and after a loop."""
-    from jax import monitoring
-    events = []
-
-    def listen(name, _duration, **_):
-        if name == "/jax/core/compile/backend_compile_duration":
-            events.append(name)
-
-    monitoring.register_event_duration_secs_listener(listen)
-    yield events
-    monitoring.unregister_event_duration_listener(listen)
 
 
 def test_a_sweep_over_checkpoints_compiles_once(tmp_path, compilations):
