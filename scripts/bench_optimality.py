@@ -84,11 +84,11 @@ def jax_attacks(steps: int) -> dict:
     return runs
 
 
-def run_jax(logits_fn, images, labels, steps: int, warm: bool = False, skip=()) -> dict:
+def run_jax(logits_fn, images, labels, steps: int, warm: bool = False, skip=lambda name: False) -> dict:
     """{name: (adversarial, gradients per image, seconds)} of jaxadv's attacks; warm: timed on a second run."""
     out = {}
     for name, run in jax_attacks(steps).items():
-        if "ours: " + name in skip:
+        if skip("ours: " + name):
             continue
         if warm:        # the same shapes: the timed run below reuses the compiled programs
             jax.block_until_ready(run(logits_fn, jnp.asarray(images), jnp.asarray(labels)))
@@ -100,7 +100,7 @@ def run_jax(logits_fn, images, labels, steps: int, warm: bool = False, skip=()) 
     return out
 
 
-def run_advlib(twin, images, labels, steps: int, skip=()) -> dict:
+def run_advlib(twin, images, labels, steps: int, skip=lambda name: False) -> dict:
     """{name: (adversarial, gradients per image, seconds)} of adv_lib's attacks on the PyTorch twin."""
     import torch
     from adv_lib.attacks import alma as advlib_alma, ddn as advlib_ddn, fab, fmn as advlib_fmn, sdf
@@ -116,7 +116,7 @@ def run_advlib(twin, images, labels, steps: int, skip=()) -> dict:
     x, y = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))
     out = {}
     for name, run in runs.items():
-        if "adv_lib: " + name in skip:
+        if skip("adv_lib: " + name):
             continue
         torch.manual_seed(0)
         counted.reset()
@@ -242,12 +242,14 @@ def bench_model(name, module, variables, test, args) -> dict:
     images, labels = correctly_classified(logits_fn, test.images, test.labels, args.num_images)
     print(f"{name}: {len(labels)} images", file=sys.stderr, flush=True)
     found = reused_results(args.reuse, name, len(labels), args.steps, args.rerun)
-    found.update(run_jax(logits_fn, images, labels, args.steps, args.warm, skip=found))
+    def skip(attack):       # reused, or left out by --skip
+        return attack in found or any(part in attack for part in args.skip)
+    found.update(run_jax(logits_fn, images, labels, args.steps, args.warm, skip=skip))
     if not args.jax_only:
         from scripts.torch_twins import check_twin, torch_twin
         twin = torch_twin(module, variables)
         check_twin(logits_fn, twin, images, name=name)  # before any bench
-        found.update(run_advlib(twin, images, labels, args.steps, skip=found))
+        found.update(run_advlib(twin, images, labels, args.steps, skip=skip))
     l2 = distances(logits_fn, images, labels, found)
     best = np.min(np.stack(list(l2.values())), axis=0)
     broken = np.isfinite(best)
@@ -276,6 +278,9 @@ def main(argv=None):
                         "(same models, images and steps) from there instead of running them again")
     parser.add_argument("--rerun", nargs="+", default=[], metavar="TEXT",
                         help="with --reuse: run again the attacks whose names contain TEXT (e.g. adv_lib)")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="TEXT",
+                        help="leave out the attacks whose names contain TEXT (e.g. 'ours: DDN'); the best known "
+                        "is then taken over the others")
     parser.add_argument("--warm", action="store_true", help="time jaxadv's attacks on a second run, after "
                         "compilation (each runs twice)")
     args = parser.parse_args(argv)
