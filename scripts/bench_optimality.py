@@ -66,12 +66,12 @@ def jax_attacks(steps: int) -> dict:
     def minnorm(attack, **settings):
         def run(logits_fn, images, labels):
             result = attack(logits_fn, images, labels, **settings)
-            return result.adversarial, float(np.mean(result.gradients))
+            return result.adversarial, float(np.mean(np.asarray(result.gradients, np.float64)))
         return run
 
     def untargeted(logits_fn, images, labels):
         result = attacks.lbfgs_attack_untargeted(logits_fn, images, labels)
-        return result.adversarial, float(np.mean(result.evaluations))
+        return result.adversarial, float(np.mean(np.asarray(result.evaluations, np.float64)))
 
     runs = {"lbfgs_attack_untargeted": untargeted, f"DDN ({steps})": minnorm(ddn, steps=steps),
             f"ALMA ({steps})": minnorm(alma, steps=steps), f"FMN ({steps})": minnorm(fmn, steps=steps),
@@ -79,7 +79,7 @@ def jax_attacks(steps: int) -> dict:
     if hasattr(attacks, "minimal_perturbation"):
         def minimal(logits_fn, images, labels):
             result = attacks.minimal_perturbation(logits_fn, images, labels)
-            return result.adversarial, float(np.mean(result.gradients))
+            return result.adversarial, float(np.mean(np.asarray(result.gradients, np.float64)))
         runs["minimal_perturbation"] = minimal
     return runs
 
