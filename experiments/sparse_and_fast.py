@@ -109,7 +109,7 @@ def main(argv=None):
         out = run_sweep(fn, {"images": images, "label": labels, "adversarial": lbfgs["adversarial"],
                              "lb_success": lbfgs["success"]},
                         os.path.join(chunks_dir, name, f"n{num_images}-seed{args.seed}"),
-                        chunk, config=config, success_key="sp_success", label=f"{NAME} {name}")
+                        chunk, config=config, success_key="sp_success", description=f"{NAME} {name}")
         fine = {"fine_margin": np.zeros(0, np.float32), "fine_success": np.zeros(0, bool),
                 "fine_pixels_lower": np.zeros(0, np.int32)}
         if fine_images:
@@ -118,7 +118,7 @@ def main(argv=None):
                              {"images": images[:fine_images]},
                              os.path.join(chunks_dir, name, f"fine{args.fine_values}-n{fine_images}-seed{args.seed}"),
                              min(CHUNK, fine_images), config={**config, "fine_values": args.fine_values, "fine_outputs": 2},
-                             success_key="fine_success", label=f"{NAME} {name} fine scan")
+                             success_key="fine_success", description=f"{NAME} {name} fine scan")
             seconds["fine_scan"] = time.perf_counter() - t0
         per_model[name], timing[name] = out, seconds
         rows.append(blind_spot_summary(name, KIND.get(name, ""), out, fine, args.fine_values, test.labels[index]))
