@@ -53,7 +53,8 @@ positive_int = int_in(1)
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser as the experiments want it: a mistake is one line naming the flag, exit status 2; a
     flag is never matched by a prefix (--num-image is an error, not --num-images), and an unknown one gets the
-    usage and the nearest flag ("did you mean --quick?"). It keeps, in order, the flags that name a run."""
+    usage and the nearest flag ("did you mean --quick?"). It keeps, in order, the flags that name a run: those
+    given to its own add_argument (an argument group's would be left out of run names)."""
 
     def __init__(self, *args, **kwargs):
         self.flags: list[argparse.Action] = []      # every optional flag, in the order added (--help first)

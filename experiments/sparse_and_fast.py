@@ -28,7 +28,7 @@ from experiments.common import ArgumentParser, add_common_args, int_in, output_d
 from jaxadv import logits_function
 from jaxadv.attacks import UNTARGETED, attack_dataset, attack_source_fingerprint
 from jaxadv.blind_spots import blind_spot_summary, fine_single_pixel_scan, measure_blind_spots
-from jaxadv.data import CLASS_NAMES, load_dataset
+from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset
 from jaxadv.models import ZOO
 from jaxadv.plots import cosine_figure, fgm_curve_figure, single_pixel_examples, single_pixels_figure
 from jaxadv.report import carry_over_timing, write_outputs
@@ -42,9 +42,7 @@ KIND = {"FC10(1e-4)": "softmax (linear)", "FC10(1e-2)": "softmax (linear)", "FC1
         "FC100-100-10": "sigmoid net", "FC200-200-10": "sigmoid net", "AE400-10": "sigmoid features + softmax",
         "ConvNet": "ReLU convnet"}
 DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES = 1000, 40
-TEST_SIZE = 10000
-CHUNK = 250
-MAX_PIXELS = 300
+CHUNK, MAX_PIXELS = 250, 300          # images per saved chunk; the pixel search gives up after MAX_PIXELS
 CURVE_L2 = np.geomspace(0.05, 12.0, 48).astype(np.float32)    # ‖r‖₂ of one FGM step (the x axis)
 FIGURE_MODELS = ("FC10(1e-4)", "FC100-100-10", "ConvNet")
 FIGURE_IMAGES = 6
@@ -53,7 +51,7 @@ FIGURE_IMAGES = 6
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--num-images", type=int_in(1, TEST_SIZE), default=None,
+    parser.add_argument("--num-images", type=int_in(1, NUM_EXAMPLES["test"]), default=None,
                         help=f"test images per model (default {DEFAULT_NUM_IMAGES}, {QUICK_NUM_IMAGES} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="picks the test images")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -67,13 +65,49 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def measure_model(name, logits_fn, images, args, fine_images, chunks_dir):
+    """One model's per-image outputs, its finer single-pixel scan and the seconds each part took, each saved
+    chunk by chunk under `chunks_dir`; every search moves each image away from the model's own prediction."""
+    seconds = {"single_pixel": 0.0, "min_pixels": 0.0, "lbfgs": 0.0, "fast": 0.0}
+    labels = np.asarray(jnp.argmax(jax.jit(logits_fn)(images), axis=-1), np.int32)
+    tic = time.perf_counter()
+    lbfgs = attack_dataset(logits_fn, images, labels, os.path.join(chunks_dir, f"lbfgs-n{len(images)}-seed{args.seed}"),
+                           UNTARGETED, untargeted=True, name=f"{NAME} {name}")
+    seconds["lbfgs"] = time.perf_counter() - tic
+
+    def fn(batch):
+        out, t = measure_blind_spots(logits_fn, jnp.asarray(batch["images"]), jnp.asarray(batch["label"]),
+                                     jnp.asarray(batch["adversarial"]), jnp.asarray(batch["lb_success"]),
+                                     args.max_pixels, CURVE_L2)
+        for k, v in t.items():
+            seconds[k] += v
+        return out
+
+    config = {**function_fingerprint(logits_fn, images[:1]),
+              "attacks_source": attack_source_fingerprint(("sparse.py", "fast.py")),
+              "max_pixels": args.max_pixels, "curve": CURVE_L2.tolist(), "jax": jax.__version__}
+    out = run_sweep(fn, {"images": images, "label": labels, "adversarial": lbfgs["adversarial"],
+                         "lb_success": lbfgs["success"]}, os.path.join(chunks_dir, f"n{len(images)}-seed{args.seed}"),
+                    min(CHUNK, len(images)), config=config, success_key="sp_success", description=f"{NAME} {name}")
+    fine = {"fine_margin": np.zeros(0, np.float32), "fine_success": np.zeros(0, bool),
+            "fine_pixels_lower": np.zeros(0, np.int32)}
+    if fine_images:
+        t0 = time.perf_counter()
+        fine = run_sweep(lambda b: fine_single_pixel_scan(logits_fn, jnp.asarray(b["images"]), args.fine_values),
+                         {"images": images[:fine_images]},
+                         os.path.join(chunks_dir, f"fine{args.fine_values}-n{fine_images}-seed{args.seed}"),
+                         min(CHUNK, fine_images), config={**config, "fine_values": args.fine_values, "fine_outputs": 2},
+                         success_key="fine_success", description=f"{NAME} {name} fine scan")
+        seconds["fine_scan"] = time.perf_counter() - t0
+    return out, fine, seconds
+
+
 def main(argv=None):
     parser = build_parser()
     args = parse_args(parser, argv)
     num_images = args.num_images or (QUICK_NUM_IMAGES if args.quick else DEFAULT_NUM_IMAGES)
     fine_images = min(num_images, args.fine_images if args.fine_images is not None else (20 if args.quick else 100))
     out_dir = str(output_dir(parser, args, NAME, sweeps=("sparse_and_fast/chunks",)))   # the chunks are shared
-    chunks_dir = os.path.join(args.workdir, NAME, "chunks")
     start = time.time()
 
     models = trained_models(list(args.models), args.dataset, args.workdir, args.data_dir, args.quick)
@@ -81,45 +115,11 @@ def main(argv=None):
     index = np.sort(np.asarray(jax.random.choice(jax.random.PRNGKey(args.seed), len(test.labels), (num_images,),
                                                  replace=False)))
     images = test.images[index]
-    chunk = min(CHUNK, num_images)
     per_model, rows, timing = {}, [], {}
     for name in args.models:
         zoo_model, params = models[name]
-        logits_fn = logits_function(zoo_model.module, params)
-        seconds = {"single_pixel": 0.0, "min_pixels": 0.0, "lbfgs": 0.0, "fast": 0.0}
-        # The model's own predictions: every search moves each image away from its own.
-        labels = np.asarray(jnp.argmax(jax.jit(logits_fn)(images), axis=-1), np.int32)
-        tic = time.perf_counter()
-        lbfgs = attack_dataset(logits_fn, images, labels,
-                               os.path.join(chunks_dir, name, f"lbfgs-n{num_images}-seed{args.seed}"),
-                               UNTARGETED, untargeted=True, name=f"{NAME} {name}")
-        seconds["lbfgs"] = time.perf_counter() - tic
-
-        def fn(batch, logits_fn=logits_fn, seconds=seconds):
-            out, t = measure_blind_spots(logits_fn, jnp.asarray(batch["images"]), jnp.asarray(batch["label"]),
-                                         jnp.asarray(batch["adversarial"]), jnp.asarray(batch["lb_success"]),
-                                         args.max_pixels, CURVE_L2)
-            for k, v in t.items():
-                seconds[k] += v
-            return out
-
-        config = {**function_fingerprint(logits_fn, images[:1]),
-                  "attacks_source": attack_source_fingerprint(("sparse.py", "fast.py")),
-                  "max_pixels": args.max_pixels, "curve": CURVE_L2.tolist(), "jax": jax.__version__}
-        out = run_sweep(fn, {"images": images, "label": labels, "adversarial": lbfgs["adversarial"],
-                             "lb_success": lbfgs["success"]},
-                        os.path.join(chunks_dir, name, f"n{num_images}-seed{args.seed}"),
-                        chunk, config=config, success_key="sp_success", description=f"{NAME} {name}")
-        fine = {"fine_margin": np.zeros(0, np.float32), "fine_success": np.zeros(0, bool),
-                "fine_pixels_lower": np.zeros(0, np.int32)}
-        if fine_images:
-            t0 = time.perf_counter()
-            fine = run_sweep(lambda b, f=logits_fn: fine_single_pixel_scan(f, jnp.asarray(b["images"]), args.fine_values),
-                             {"images": images[:fine_images]},
-                             os.path.join(chunks_dir, name, f"fine{args.fine_values}-n{fine_images}-seed{args.seed}"),
-                             min(CHUNK, fine_images), config={**config, "fine_values": args.fine_values, "fine_outputs": 2},
-                             success_key="fine_success", description=f"{NAME} {name} fine scan")
-            seconds["fine_scan"] = time.perf_counter() - t0
+        out, fine, seconds = measure_model(name, logits_function(zoo_model.module, params), images, args,
+                                           fine_images, os.path.join(args.workdir, NAME, "chunks", name))
         per_model[name], timing[name] = out, seconds
         rows.append(blind_spot_summary(name, KIND.get(name, ""), out, fine, args.fine_values, test.labels[index]))
         print(f"{name}: {rows[-1]}", flush=True)
