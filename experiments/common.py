@@ -88,23 +88,25 @@ def run_name(parser: ArgumentParser, args: argparse.Namespace) -> str:
     """The options of this run that change its results, as a folder name: "default" when there are none.
 
     E.g. `table1 --split test --num-images 10000` -> "num-images=10000_split=test"; `--quick` -> "quick".
-    Characters other than letters, digits and .,=+- are dropped, and a name so changed (or over 100
-    characters) ends in a hash of the options, so two configurations never share a name.
+    A file (a --models config) shows as its name: `--models configs/mine.py` -> "models=mine.py-<hash>".
+    Characters other than letters, digits and .,=+- are dropped, and a name so changed (or shortened to a
+    file's name, or over 100 characters) ends in a hash of the options as given, so two configurations
+    never share a name.
     """
-    parts = []
+    parts, exact = [], []
     for action in parser.run_name_flags:     # experiments.cli.ArgumentParser: its flags, in the order added
         value = getattr(args, action.dest, action.default)
         if value == action.default:
             continue
         flag = action.option_strings[-1].lstrip("-")
-        if value is True:
-            parts.append(flag)
-        else:
-            parts.append(f"{flag}={','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}")
-    name = "_".join(parts) or "default"
+        values = [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+        exact.append(flag if value is True else f"{flag}={','.join(values)}")
+        shown = [os.path.basename(v) if os.sep in v else v for v in values]     # a path: its file's name
+        parts.append(flag if value is True else f"{flag}={','.join(shown)}")
+    name, full = "_".join(parts) or "default", "_".join(exact) or "default"
     safe = re.sub(r"[^\w.,=+-]", "", name)
-    if safe != name or len(safe) > 100:
-        safe = f"{safe[:80]}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+    if safe != full or len(safe) > 100:
+        safe = f"{safe[:80]}-{hashlib.sha256(full.encode()).hexdigest()[:10]}"
     return safe
 
 

@@ -444,6 +444,17 @@ def test_a_quick_run_that_uses_a_full_model_says_so_in_one_line(tmp_path, capsys
     assert str(tmp_path / "models" / "FC10(1)") in err and "serves this quick run" in err
 
 
+def test_a_config_files_run_is_named_by_the_file_not_its_path_with_the_slashes_dropped(tmp_path):
+    """--models configs/mine.py named its run "models=<every folder of the absolute path run together>mine.py-...";
+    now "models=mine.py-<hash of the path>": readable, and another folder's mine.py gets another name."""
+    from experiments.common import parse_args, run_name
+    parser = _parser("table1")
+    names = [run_name(parser, parse_args(parser, ["--models", str(tmp_path / folder / "mine.py"), "--quick",
+                                                  "--workdir", str(tmp_path / "w")])) for folder in ("a", "b")]
+    assert all(re.fullmatch(r"quick_models=mine\.py-[0-9a-f]{10}", name) for name in names), names
+    assert names[0] != names[1]
+
+
 def test_relative_paths_of_the_command_line_are_made_absolute_where_they_are_given(tmp_path, monkeypatch):
     """--workdir, --data-dir and a --models file mean the same wherever the code later runs (a config's
     get_models, a library call after os.chdir)."""
