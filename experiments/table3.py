@@ -8,8 +8,7 @@ distortion of its adversarial test images. Table 4: each model's adversarial tes
 L-BFGS, one random wrong target per image shared by the three) fed to all three; Gaussian noise of stddev
 0.06; the same perturbations rescaled so that, after clipping to [0, 1], their per-pixel RMS is 0.1 (our
 reading of "amplified to stddev=0.1": `jaxadv.transfer.rescale_perturbations`); Gaussian noise of stddev 0.1.
-results.json also holds, as extra rows, the unclipped rescaling and the paper's formula read literally
-(x + 0.1·(x'−x)/‖x'−x‖₂, a per-pixel RMS of 0.1/√784).
+Extra rows in results.json: the unclipped rescaling, and the paper's formula read literally (an RMS of 0.1/28).
 
 Writes WORKDIR/table3/<run>/results.json, table.md, heatmap.png and figure5.png.
 """
@@ -54,6 +53,17 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def transfer_tables(logits_fns, images, labels, adversarial, noise_key):
+    """Table 4's transfer table (adversarial sets, noise 0.06, amplified sets, noise 0.1) and its extra rows."""
+    adversarial = [PerturbedSet(images, a, labels) for a in adversarial]
+    rescaled = lambda rms, clip: [PerturbedSet(images, rescale_perturbations(images, s.images, rms, clip=clip), labels)
+                                  for s in adversarial]
+    noise_06, noise_10 = gaussian_noise_sets(noise_key, images, labels, NOISE_STDDEVS)
+    table = transfer_table(logits_fns, adversarial + [noise_06] + rescaled(AMPLIFIED_RMS, True) + [noise_10])
+    literal = rescaled(AMPLIFIED_RMS / np.sqrt(images[0].size), False)     # the paper's formula read literally
+    return table, transfer_table(logits_fns, rescaled(AMPLIFIED_RMS, False) + literal)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -61,7 +71,6 @@ def main(argv=None):
                                    "the test set")
     out_dir = str(output_dir(parser, args, NAME, sweeps=("table3/chunks",)))
     start = time.time()
-
     train = load_dataset(args.dataset, "train", args.data_dir)
     test = load_dataset(args.dataset, "test", args.data_dir)
     halves = dict(zip(("P1", "P2"), training_halves(train)))
@@ -72,25 +81,17 @@ def main(argv=None):
     logits_fns = [functools.partial(models[n][0].apply, models[n][1]) for n in names]
 
     _, images, labels, targets = select_images(test.images, test.labels, num_images, args.seed)
-    noise_key = jax.random.split(jax.random.PRNGKey(args.seed), 3)[2]
     config = AttackConfig()
     run = f"test-n{num_images}-seed{args.seed}-random"
     attacks, timing = attack_models(
         parser, args, dict(zip(names, logits_fns)), images, targets,
         lambda name: os.path.join(args.workdir, NAME, "chunks", name.replace("'", "_prime"), run), config)
 
+    table, extra = transfer_tables(logits_fns, images, labels, [attacks[n]["adversarial"] for n in names],
+                                   jax.random.split(jax.random.PRNGKey(args.seed), 3)[2])
     # Table 3: clean errors on P1, P2, test (full sets) and the minimal distortion.
     baseline = error_rate_matrix(logits_fns, [halves["P1"].images, halves["P2"].images, test.images],
                                  [halves["P1"].labels, halves["P2"].labels, test.labels]).T
-    adversarial = [PerturbedSet(images, attacks[n]["adversarial"], labels) for n in names]
-    rescaled = lambda rms, clip: [PerturbedSet(images, rescale_perturbations(images, s.images, rms, clip=clip), labels)
-                                  for s in adversarial]
-    amplified = {"clipped": rescaled(AMPLIFIED_RMS, True), "unclipped": rescaled(AMPLIFIED_RMS, False),
-                 "literal": rescaled(AMPLIFIED_RMS / np.sqrt(images[0].size), False)}
-    noise_06, noise_10 = gaussian_noise_sets(noise_key, images, labels, NOISE_STDDEVS)
-    sets = adversarial + [noise_06] + amplified["clipped"] + [noise_10]
-    table = transfer_table(logits_fns, sets)
-    extra = transfer_table(logits_fns, amplified["unclipped"] + amplified["literal"])
     clean = error_rate_matrix(logits_fns, [images], [labels])[0]
 
     av = table.av_distortion
