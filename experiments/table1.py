@@ -25,16 +25,18 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import (ArgumentParser, add_attack_args, add_common_args, add_models_arg, attack_models,
-                                check_attack_args, fixed, markdown_table, models_from_args, output_dir, parse_args,
-                                percent, run_main, save_figure_atomic, write_json_atomic, write_text_atomic)
+from experiments.common import ArgumentParser, add_common_args, output_dir, parse_args, run_main, save_figure_atomic
+from experiments.flags import add_attack_args, add_models_arg, attack_models, check_attack_args, models_from_args
 from jaxadv import logits_function
 from jaxadv.attacks import AttackConfig, runner_up_targets, select_images
 from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset
+from jaxadv.metrics import attack_summary
+from jaxadv.paper import TABLE1
 from jaxadv.models import ZOO
-from jaxadv.plots import DistortionPanel, distortion_grid_figure
+from jaxadv.plots import adversarial_and_noise_figure
+from jaxadv.report import write_outputs
+from jaxadv.tables import table1_markdown
 from jaxadv.train import error_rate
-from jaxadv.transfer import gaussian_noise
 
 NAME = "table1"
 DEFAULT_NUM_IMAGES = 1000
@@ -42,15 +44,6 @@ QUICK_NUM_IMAGES = 40
 FIGURE_IMAGES = 8
 FIGURE_NOISE_STDDEV = 1.0  # the paper's Fig. 7(c) control
 
-# The paper's Table 1 (MNIST): training error, test error, av. min. distortion.
-PAPER = {
-    "FC10(1e-4)": (0.067, 0.074, 0.062),
-    "FC10(1e-2)": (0.10, 0.094, 0.1),
-    "FC10(1)": (0.212, 0.20, 0.14),
-    "FC100-100-10": (0.0, 0.0164, 0.058),
-    "FC200-200-10": (0.0, 0.0154, 0.065),
-    "AE400-10": (0.0057, 0.019, 0.086),
-}
 
 
 def predict(model, params, images, batch_size=2000):
@@ -60,80 +53,9 @@ def predict(model, params, images, batch_size=2000):
 
 
 def summarize(name, attack, labels, targets, adversarial_predictions, train_err, test_err):
-    success = np.asarray(attack["success"], bool)
-    distortion = np.asarray(attack["distortion"], np.float64)
-    ok = distortion[success]
-    # The c search's own result (the paper's method, before the boundary refinement), over its successes.
-    search = np.asarray(attack["search_distortion"], np.float64)
-    search = search[np.isfinite(search)]
-    return {
-        "model": name,
-        "train_error": train_err,
-        "test_error": test_err,
-        "av_min_distortion": float(ok.mean()) if ok.size else None,
-        "median_min_distortion": float(np.median(ok)) if ok.size else None,
-        "paper_method_av_distortion": float(search.mean()) if search.size else None,
-        "success_rate": float(success.mean()),
-        "num_images": int(len(labels)),
-        # The paper's definition: accuracy on the adversarial set should reach 0%.
-        "adversarial_accuracy": float(np.mean(adversarial_predictions == labels)),
-        "reached_target_rate": float(np.mean(adversarial_predictions == targets)),
-        "mean_iterations": float(np.mean(attack["iterations"])) if "iterations" in attack else None,
-        "paper_train_error": PAPER[name][0] if name in PAPER else None,
-        "paper_test_error": PAPER[name][1] if name in PAPER else None,
-        "paper_av_min_distortion": PAPER[name][2] if name in PAPER else None,
-    }
-
-
-# -- outputs --------------------------------------------------------------------------------------
-
-def table_markdown(results) -> str:
-    headers = ["Model", "Training error", "Test error", "Av. distortion, paper's method", "Av. min. distortion",
-               "Success rate", "Adv. accuracy", "Images"]
-    rows = [[r["model"], f"{percent(r['train_error'])} ({percent(r['paper_train_error'])})",
-             f"{percent(r['test_error'])} ({percent(r['paper_test_error'])})",
-             f"{fixed(r.get('paper_method_av_distortion'))} ({fixed(r['paper_av_min_distortion'])})",
-             fixed(r["av_min_distortion"]),
-             percent(r["success_rate"]), percent(r["adversarial_accuracy"]), str(r["num_images"])]
-            for r in results["rows"]]
-    return (f"# Table 1 ({results['dataset']}{', quick' if results['quick'] else ''})\n\n"
-            f"Each cell: this run (the paper's MNIST value). Attack: {results['num_images']} {results['split']} "
-            f"images per model, targets: {results['targets']}.\n"
-            "Distortions: mean per-pixel RMS sqrt(Σ(x'−x)²/784) over the successful attacks: the paper's "
-            "method (the c search alone; the paper's value beside it) and the minimum after the refinement "
-            "to the nearest boundary point; "
-            "Adv. accuracy: fraction of adversarial images still classified as the true label.\n\n"
-            + markdown_table(headers, rows) + "\n")
-
-
-def figure7(models, chosen, images, labels, attacks, noise_key, class_names=None):
-    """Fig. 7: panels of originals / adversarials / differences for two models, then Gaussian noise."""
-    shown = slice(0, min(FIGURE_IMAGES, len(labels)))
-    x, y = images[shown], labels[shown]
-
-    def name_of(k):
-        return class_names[k] if class_names else str(k)
-
-    def captions(predicted):   # the predicted label, and the true one where they differ
-        return [name_of(p) if p == t else f"{name_of(p)} (true {name_of(t)})" for p, t in zip(predicted, y)]
-
-    panels = []
-    for letter, name in zip("abcdefgh", chosen):
-        model, params = models[name]
-        adversarial = np.asarray(attacks[name]["adversarial"][shown])
-        before, after = predict(model, params, x), predict(model, params, adversarial)
-        rms = np.sqrt(np.mean((adversarial - x) ** 2))
-        panels.append(DistortionPanel(
-            f"({letter}) adversarial for {name}: RMS {rms:.3f}, accuracy {np.mean(after == y):.0%}",
-            x, adversarial, captions(before), captions(after)))
-    model, params = models[chosen[-1]]
-    noisy = np.asarray(gaussian_noise(noise_key, x, FIGURE_NOISE_STDDEV))
-    before, after = predict(model, params, x), predict(model, params, noisy)
-    panels.append(DistortionPanel(
-        f"({'abcdefgh'[len(chosen)]}) Gaussian noise, stddev {FIGURE_NOISE_STDDEV:g} (clipped): "
-        f"{chosen[-1]} accuracy {np.mean(after == y):.0%}",
-        x, noisy, captions(before), captions(after)))
-    return distortion_grid_figure(panels)
+    paper = dict(zip(("paper_train_error", "paper_test_error", "paper_av_min_distortion"), TABLE1.get(name, (None,) * 3)))
+    return {"model": name, "train_error": train_err, "test_error": test_err,
+            **attack_summary(attack, labels, targets, adversarial_predictions), **paper}
 
 
 # -- entry point -------------------------------------------------------------------------------------
@@ -196,16 +118,16 @@ def main(argv=None):
         "rows": rows,
         "timing": timing,
         "paper": {"dataset": "mnist", **{n: dict(zip(("train_error", "test_error", "av_min_distortion"), v))
-                                         for n, v in PAPER.items()}},
+                                         for n, v in TABLE1.items()}},
         "elapsed_seconds": time.time() - start,
     }
-    write_json_atomic(os.path.join(out_dir, "results.json"), results)
-    write_text_atomic(os.path.join(out_dir, "table.md"), table_markdown(results))
     chosen = [n for n in ("FC10(1e-4)", "FC200-200-10") if n in models] or list(models)[:2]
-    save_figure_atomic(figure7(models, chosen, images, labels, attacks, jax.random.fold_in(jax.random.PRNGKey(args.seed), 7),
-                               class_names=CLASS_NAMES.get(args.dataset)),
-                       os.path.join(out_dir, "figure7.png"), dpi=110)
-    print(table_markdown(results))
+    figure7 = adversarial_and_noise_figure(logits_fns, chosen, images, labels,
+                                           {name: attacks[name]["adversarial"] for name in chosen},
+                                           jax.random.fold_in(jax.random.PRNGKey(args.seed), 7), FIGURE_NOISE_STDDEV,
+                                           FIGURE_IMAGES, CLASS_NAMES.get(args.dataset))
+    write_outputs(out_dir, results, table1_markdown(results), {})
+    save_figure_atomic(figure7, os.path.join(out_dir, "figure7.png"), dpi=110)
     return results
 
 

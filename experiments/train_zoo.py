@@ -51,14 +51,14 @@ def main(argv: list[str] | None = None) -> dict:
         test = type(test)(test.images[:QUICK_TEST_SIZE], test.labels[:QUICK_TEST_SIZE])
 
     rows = []
-    for name, (model, params) in models.items():
+    for name, (zoo_model, params) in models.items():
         meta = load_meta(workdir, name)
         # The training error is measured on the images the model was trained on.
-        train_error = error_rate(model.module, params, train.images[:meta["num_train"]], train.labels[:meta["num_train"]])
+        train_error = error_rate(zoo_model.module, params, train.images[:meta["num_train"]], train.labels[:meta["num_train"]])
         rows.append({
-            "model": name, "description": model.description,
-            "train_error": train_error, "test_error": error_rate(model.module, params, test.images, test.labels),
-            "num_params": model.num_params(), "train_seconds": meta["train_seconds"],
+            "model": name, "description": zoo_model.description,
+            "train_error": train_error, "test_error": error_rate(zoo_model.module, params, test.images, test.labels),
+            "num_params": zoo_model.num_params(), "train_seconds": meta["train_seconds"],
             "num_train": meta["num_train"], "quick": meta["quick"], "config": meta["config"],
             "paper_train_error": PAPER_ERRORS.get(name, (None, None))[0],
             "paper_test_error": PAPER_ERRORS.get(name, (None, None))[1],

@@ -68,3 +68,62 @@ def _stepwise_area(distances: np.ndarray) -> float:
     values = np.unique(np.concatenate([[0.0], distances]))
     accuracy = 1.0 - np.searchsorted(np.sort(distances), values, side="right") / distances.size
     return float(np.sum((values[1:] - values[:-1]) * (accuracy[1:] + accuracy[:-1]) / 2))
+
+
+def attack_summary(outputs, labels, targets, adversarial_predictions) -> dict:
+    """What a targeted attack over a set of images achieved, as Table 1 reports it.
+
+    outputs: `jaxadv.attacks.attack_dataset`'s {"success", "distortion", "search_distortion"(, "iterations")};
+    labels, targets, adversarial_predictions: per image. Distortions are averaged over the successes; the
+    paper's definition of success is that accuracy on the adversarial set reaches 0%.
+    """
+    success = np.asarray(outputs["success"], bool)
+    labels, targets, predicted = (np.asarray(a) for a in (labels, targets, adversarial_predictions))
+    if not success.ndim == labels.ndim == 1 or not success.shape == labels.shape == predicted.shape:
+        raise ValueError(f"labels: expected one per image like outputs['success'] {success.shape}, got "
+                         f"{labels.shape} (adversarial_predictions {predicted.shape})")
+    distortion = np.asarray(outputs["distortion"], np.float64)
+    ok = distortion[success]
+    # The c search's own result (the paper's method, before the boundary refinement), over its successes.
+    search = np.asarray(outputs["search_distortion"], np.float64)
+    search = search[np.isfinite(search)]
+    return {
+        "av_min_distortion": float(ok.mean()) if ok.size else None,
+        "median_min_distortion": float(np.median(ok)) if ok.size else None,
+        "paper_method_av_distortion": float(search.mean()) if search.size else None,
+        "success_rate": float(success.mean()),
+        "num_images": int(len(labels)),
+        "adversarial_accuracy": float(np.mean(predicted == labels)),
+        "reached_target_rate": float(np.mean(predicted == targets)),
+        "mean_iterations": float(np.mean(outputs["iterations"])) if "iterations" in outputs else None,
+    }
+
+
+def untargeted_distortion(logits_fn, images, config, directory: str, name: str = "") -> dict:
+    """The untargeted L-BFGS attack away from the model's prediction over `images`: its success rate and the
+    mean and median distortion (per-pixel RMS) of its successes, with the seconds it took.
+
+    Models that are not saved (a variant trained anew may differ in the last bits) get a chunk folder per set
+    of weights, `directory`-<their fingerprint>: a rerun that trains the same weights resumes, one that does
+    not starts a folder of its own instead of being refused. `config`: the attack's `AttackConfig`.
+    """
+    import time
+
+    import jax.numpy as jnp
+
+    from jaxadv import checks
+    from jaxadv.attacks import attack_dataset
+    from jaxadv.sweep import function_fingerprint
+
+    checks.model(logits_fn, None, checks.images(images))     # checked; the attack gets them as they are
+    tic = time.perf_counter()
+    predicted = np.asarray(jnp.argmax(logits_fn(images), axis=-1), np.int32)
+    weights = function_fingerprint(logits_fn, images[:1])["parameters"][:16]
+    result = attack_dataset(logits_fn, images, predicted, f"{directory}-{weights}", config, untargeted=True,
+                            name=name)
+    success = result["success"]
+    distortion = result["distortion"][success]
+    return {"success_rate": float(success.mean()),
+            "mean_distortion": float(distortion.mean()) if distortion.size else float("nan"),
+            "median_distortion": float(np.median(distortion)) if distortion.size else float("nan"),
+            "seconds": time.perf_counter() - tic}

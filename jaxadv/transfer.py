@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadv import checks
+from jaxadv.report import percent
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -231,6 +232,28 @@ def transfer_versus_noise(adversarial_rates, noise_rates, names: Sequence[str]) 
     not_above = [{"made_for": names[i], "fed_to": names[j], "transfer": float(adversarial_rates[i, j]),
                   "noise": float(noise_rates[j])} for i, j in cells if adversarial_rates[i, j] <= noise_rates[j]]
     return {"cells": len(cells), "above_noise": len(cells) - len(not_above), "not_above": not_above}
+
+
+def gaussian_noise_sets(key: jax.Array, images: jax.Array, labels, stddevs: Sequence[float]) -> list[PerturbedSet]:
+    """One clipped Gaussian-noise control set per stddev, each drawn from its own key `fold_in(key, i)`.
+
+    The transfer tables' noise rows: random distortions to set beside the adversarial ones.
+    """
+    checks.labels(labels, np.shape(checks.images(images))[0], None)
+    for i, stddev in enumerate(stddevs):
+        checks.positive_finite(stddev, np.float64, f"stddevs[{i}]", allow_zero=True)
+    return [PerturbedSet(images, gaussian_noise(jax.random.fold_in(key, i), images, s), labels)
+            for i, s in enumerate(stddevs)]
+
+
+def describe_transfer_versus_noise(comparison: dict, noise_label: str) -> str:
+    """One sentence from `transfer_versus_noise`'s result: how many cells beat the noise, and which did not."""
+    text = (f"Off-diagonal transfer above {noise_label} on the same model: "
+            f"{comparison['above_noise']} of {comparison['cells']} cells.")
+    if comparison["not_above"]:
+        text += " Not above: " + "; ".join(f"{c['made_for']} → {c['fed_to']} {percent(c['transfer'], 1)} vs "
+                                           f"{percent(c['noise'], 1)}" for c in comparison["not_above"]) + "."
+    return text
 
 
 # -- validation -------------------------------------------------------------------

@@ -172,3 +172,58 @@ def permutation_test(a, b, seed: int = 0, num_permutations: int = 10000) -> tupl
         diffs = shuffled[:, :a.size].mean(axis=1) - shuffled[:, a.size:].mean(axis=1)
         hits += np.count_nonzero(np.abs(diffs) >= np.abs(observed) - 1e-12)
     return float(observed), float((hits + 1) / (num_permutations + 1))
+
+
+# -- the whole comparison: single units against random directions and chance --------------------------
+
+def direction_coherence(features, images, labels, key: jax.Array, *, num_random: int, k: int, seed: int = 0,
+                        num_classes: int = 10, num_chance_subsets: int = 2000, num_permutations: int = 10000,
+                        shown_units: int = 4) -> dict:
+    """How coherent the top-k images of every live unit are, against random directions and random k-subsets.
+
+    features [N, n] (φ of `images` [N, ...]), labels [N]. Per group ("natural": every live unit e_i, "random":
+    `num_random` random unit directions, "chance": `num_chance_subsets` random k-subsets), each set's majority
+    label share and mean pairwise pixel cosine; "tests": two-sided permutation tests between the groups;
+    "shown_units": `shown_units` live units picked at random for a figure ("shown_rows": their rows of
+    natural). The paper compared units with random directions by eye; this gives the numbers.
+    """
+    images = checks.images(images)
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[0] != images.shape[0]:
+        raise ValueError(f"features: expected [N, n] for the {images.shape[0]} images, got {features.shape}")
+    labels = np.asarray(checks.labels(labels, images.shape[0], num_classes))
+    k = checks.int_at_least(k, "k", 2)
+    live = live_units(features)
+    if live.size == 0:
+        raise ValueError("features: every unit is constant on the images")
+    random_key, chance_key, pick_key = jax.random.split(key, 3)
+    groups = {"natural": _top_k_coherence(features, images, labels, natural_basis(features.shape[1], live), k,
+                                          num_classes),
+              "random": _top_k_coherence(features, images, labels,
+                                         random_unit_directions(random_key, num_random, features.shape[1]), k,
+                                         num_classes)}
+    chance = np.stack([np.asarray(jax.random.choice(kk, len(labels), (k,), replace=False))
+                       for kk in jax.random.split(chance_key, num_chance_subsets)])
+    groups["chance"] = _coherence(images, labels, chance, num_classes)
+    tests = {}
+    for metric in ("majority_share", "pixel_cosine"):
+        pairs = {"natural_minus_random": ("natural", "random", "p_natural_vs_random"),
+                 "natural_minus_chance": ("natural", "chance", "p_natural_vs_chance"),
+                 "random_minus_chance": ("random", "chance", "p_random_vs_chance")}
+        tests[metric] = {}
+        for difference, (a, b, p) in pairs.items():
+            tests[metric][difference], tests[metric][p] = permutation_test(
+                groups[a][metric], groups[b][metric], seed=seed, num_permutations=num_permutations)
+    rows = np.sort(np.asarray(jax.random.choice(pick_key, live.size, (min(shown_units, live.size),), replace=False)))
+    return {"dim": features.shape[1], "live_units": int(live.size), **groups, "tests": tests,
+            "shown_rows": [int(i) for i in rows], "shown_units": [int(live[i]) for i in rows]}
+
+
+def _top_k_coherence(features, images, labels, directions, k, num_classes):
+    indices = np.asarray(top_k_images(features, directions, k).indices)
+    return {"indices": indices, **_coherence(images, labels, indices, num_classes)}
+
+
+def _coherence(images, labels, indices, num_classes):
+    return {"majority_share": np.asarray(majority_label_share(labels[indices], num_classes)),
+            "pixel_cosine": np.asarray(mean_pairwise_cosine(np.asarray(images)[indices]))}

@@ -19,6 +19,7 @@ loads those.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
@@ -75,10 +76,12 @@ def _models_from_file(path: Path, context: ModelsContext) -> dict:
     spec = importlib.util.spec_from_file_location(f"jaxadv_models_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module     # dataclasses (flax modules) look their module up there
-    spec.loader.exec_module(module)
+    with _named_errors(f"importing {str(path)!r}"):
+        spec.loader.exec_module(module)
     if not callable(getattr(module, "get_models", None)):
         raise ConfigError(f"--models: {str(path)!r} defines no get_models(context) returning {{name: (model, params)}}")
-    models = module.get_models(context)
+    with _named_errors(f"get_models of {str(path)!r}"):
+        models = module.get_models(context)
     if not isinstance(models, dict) or not models:
         raise ConfigError(f"--models: get_models in {str(path)!r} must return a non-empty dict "
                           f"{{name: (model, params)}}, got {type(models).__name__}")
@@ -87,6 +90,22 @@ def _models_from_file(path: Path, context: ModelsContext) -> dict:
             raise ConfigError(f"--models: get_models in {str(path)!r}: entry {name!r} must be a name mapped to "
                               "(model, params), the model a flax module or a function apply(params, x)")
     return models
+
+
+@contextlib.contextmanager
+def _named_errors(what: str):
+    """A config file's own error as a ConfigError naming `what` and the error's first line (chained, for a
+    traceback where one is wanted); the library's user errors (a ConfigError, missing data, ...) pass as they are."""
+    try:
+        yield
+    except Exception as error:     # noqa: BLE001 - the user's code: named, with its first line
+        if type(error).__module__.startswith("jaxadv."):
+            raise
+        raise ConfigError(f"--models: {what} raised {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
 
 
 def model_dir(workdir: str | os.PathLike, name: str, tag: str | None = None) -> Path:
@@ -103,7 +122,7 @@ def trained_models(names: Iterable[str], dataset: str, workdir: str | os.PathLik
     first QUICK_TRAIN_SIZE images with `quick`). With `train_set` (e.g. P1) a
     `tag` is required and the model is stored and returned as "<name>@<tag>".
     A stored quick model is retrained when a full one is asked for; a stored
-    full model serves quick runs too. Training is deterministic: the key is
+    full model serves quick runs too, which is said in one line (`verbose`). Training is deterministic: the key is
     PRNGKey(seed) folded with a hash of the stored name.
     """
     names = [names] if isinstance(names, str) else list(names)
@@ -127,6 +146,9 @@ def trained_models(names: Iterable[str], dataset: str, workdir: str | os.PathLik
         if has_checkpoint(directory):
             params, meta = load_checkpoint(directory, model)
             if _reusable(meta, dataset, quick, fingerprint, directory):
+                if quick and not meta.get("quick") and verbose:     # said, not silent: a quick run's results
+                    print(f"{_stored_name(name, tag)}: the fully trained model in {str(directory)!r} serves this "
+                          "quick run (another --workdir trains a quick one)", file=sys.stderr, flush=True)
                 out[_stored_name(name, tag)] = (model, params)
                 continue
         check_writable(directory)          # before the training, not after

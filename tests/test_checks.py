@@ -21,6 +21,8 @@ from hypothesis import given, settings
 
 from jaxadv import certify, checks, lipschitz, transfer, units
 from jaxadv.adversarial_training import AdversarialTrainingConfig, adversarial_train
+from jaxadv.blind_spots import measure_blind_spots
+from jaxadv.metrics import untargeted_distortion
 from jaxadv.attacks import (AttackConfig, alma, attack_dataset, attack_sizes, ddn, deepfool, fast_gradient_direction,
                             fgm, fgsm, fmn, lbfgs_attack, lbfgs_attack_all_targets, lbfgs_attack_untargeted,
                             min_pixels_attack, minimal_fast_gradient, minimal_perturbation, pgd, single_pixel_attack,
@@ -108,6 +110,11 @@ def _dataset(m, p, x, y, lo, up):
                               block_size=4, lanes=4)
 
 
+def _untargeted_distortion(m, p, x):
+    with tempfile.TemporaryDirectory() as folder:
+        return untargeted_distortion(m if p is None else jax.tree_util.Partial(m, p), x, SMALL, f"{folder}/attack")
+
+
 def _adversarial_train(m, p, x, y, lo, up):
     config = AdversarialTrainingConfig(epochs=1, batch_size=2, pool_layers=(), refresh_every=2)
     return adversarial_train(m, x, y, jax.random.PRNGKey(0), config, params=p)
@@ -154,6 +161,16 @@ PUBLIC = [
     Public("transfer.rescale_perturbations", lambda m, p, x, y, lo, up: transfer.rescale_perturbations(
         x, np.clip(x + 0.1, lo, up), 0.2, lower=lo, upper=up), frozenset({"box", "images"}), produced=lambda r: r,
         images_name="originals"),
+    Public("transfer.gaussian_noise_sets", lambda m, p, x, y, lo, up: transfer.gaussian_noise_sets(
+        jax.random.PRNGKey(0), x, y, [0.0, 0.5]), frozenset({"images"})),
+    Public("metrics.untargeted_distortion", lambda m, p, x, y, lo, up: _untargeted_distortion(m, p, x),
+           frozenset({"partial", "batch", "images"})),
+    Public("blind_spots.measure_blind_spots", lambda m, p, x, y, lo, up: measure_blind_spots(
+        m if p is None else jax.tree_util.Partial(m, p), x, y, np.clip(x + 0.01, 0, 1), np.ones(len(y), bool), 2,
+        [0.1]), ATTACK - {"params", "box"}),
+    Public("units.direction_coherence", lambda m, p, x, y, lo, up: units.direction_coherence(
+        np.reshape(x, (len(x), -1)), x, y, jax.random.PRNGKey(0), num_random=2, k=2, num_classes=CLASSES,
+        num_chance_subsets=4, num_permutations=9), frozenset({"images"})),
     Public("ddn", lambda m, p, x, y, lo, up: ddn(m, x, y, params=p, steps=3, lower=lo, upper=up, lanes=4), ATTACK,
            model_name="model", produced=adversarial),
     Public("alma", lambda m, p, x, y, lo, up: alma(m, x, y, params=p, steps=3, lower=lo, upper=up, lanes=4), ATTACK,

@@ -30,6 +30,23 @@ def test_a_mistyped_flag_is_an_error_not_a_prefix_match(experiment, capsys):
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_a_mistyped_flag_gets_the_usage_and_the_nearest_flag(experiment, capsys):
+    """--quik: argparse's usage, then one line naming the flag and the one meant; exit 2, no traceback."""
+    main = importlib.import_module(f"experiments.{experiment}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quik", "--workdri=w"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("usage: ") and err.count("error:") == 1
+    error_line = err.splitlines()[-1]
+    assert error_line.endswith("unrecognized arguments: --quik --workdri=w "
+                               "(did you mean --quick?; did you mean --workdir?)"), error_line
+    with pytest.raises(SystemExit):
+        main(["--zzzzzz"])                    # nothing near it: no guess
+    assert "did you mean" not in capsys.readouterr().err
+
+
 def _fails_in_one_line(experiment, argv, capsys, tmp_path):
     """Run `experiment` as its command does (run_main); its one line on stderr, after checking the rest."""
     from experiments.common import run_main
@@ -394,10 +411,55 @@ def test_a_damaged_checkpoint_in_the_workdir_is_named_before_any_training(tiny_s
     assert not (tmp_path / "w" / "models" / "FC10(1e-4)").exists()
 
 
+@pytest.mark.parametrize("source, message", [
+    ("raise RuntimeError('no GPU here')\n", "importing '{config}' raised RuntimeError: no GPU here"),
+    ("def get_models(context):\n    return 1 / 0\n",
+     "get_models of '{config}' raised ZeroDivisionError: division by zero"),
+    ("def get_models(context):\n    return {\n", "importing '{config}' raised SyntaxError: '{{' was never closed"),
+    ("import jaxadv_no_such_module\n", "importing '{config}' raised ModuleNotFoundError: No module named"),
+])
+def test_an_error_in_a_models_config_file_is_one_line_naming_it(source, message, tiny_setup, capsys, tmp_path):
+    flags, _ = tiny_setup
+    path = tmp_path / "mine.py"
+    path.write_text(source)
+    err = _fails_in_one_line("table1", flags + ["--models", str(path)], capsys, tmp_path)
+    assert err.startswith("error: --models: " + message.format(config=str(path))), err
+
+
+def test_a_quick_run_that_uses_a_full_model_says_so_in_one_line(tmp_path, capsys):
+    """A stored fully trained model serves a --quick run (nothing is trained: the data folder does not exist),
+    and that is said, naming the model and its folder; a quick model serves it silently."""
+    import jax
+    from jaxadv.checkpoint import save_checkpoint
+    from jaxadv.models import get_model
+    from jaxadv.zoo import trained_models
+    for name, quick in [("FC10(1)", False), ("FC10(1e-4)", True)]:
+        save_checkpoint(tmp_path / "models" / name, get_model(name).init(jax.random.PRNGKey(0)),
+                        {"model": name, "dataset": "fashion_mnist", "quick": quick})
+    models = trained_models(["FC10(1)", "FC10(1e-4)"], "fashion_mnist", tmp_path, str(tmp_path / "no-data"),
+                            quick=True)
+    assert list(models) == ["FC10(1)", "FC10(1e-4)"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("FC10(1): the fully trained model in ")
+    assert str(tmp_path / "models" / "FC10(1)") in err and "serves this quick run" in err
+
+
+def test_a_config_files_run_is_named_by_the_file_not_its_path_with_the_slashes_dropped(tmp_path):
+    """--models configs/mine.py named its run "models=<every folder of the absolute path run together>mine.py-...";
+    now "models=mine.py-<hash of the path>": readable, and another folder's mine.py gets another name."""
+    from experiments.common import parse_args, run_name
+    parser = _parser("table1")
+    names = [run_name(parser, parse_args(parser, ["--models", str(tmp_path / folder / "mine.py"), "--quick",
+                                                  "--workdir", str(tmp_path / "w")])) for folder in ("a", "b")]
+    assert all(re.fullmatch(r"quick_models=mine\.py-[0-9a-f]{10}", name) for name in names), names
+    assert names[0] != names[1]
+
+
 def test_relative_paths_of_the_command_line_are_made_absolute_where_they_are_given(tmp_path, monkeypatch):
     """--workdir, --data-dir and a --models file mean the same wherever the code later runs (a config's
     get_models, a library call after os.chdir)."""
-    from experiments.common import ArgumentParser, add_common_args, add_models_arg, parse_args
+    from experiments.common import ArgumentParser, add_common_args, parse_args
+    from experiments.flags import add_models_arg
     monkeypatch.chdir(tmp_path)
     parser = ArgumentParser()
     add_common_args(parser)

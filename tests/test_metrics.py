@@ -40,3 +40,30 @@ def test_bad_distances_are_refused(bad, match):
         optimality_score(bad, np.ones(bad.shape))
     with pytest.raises(ValueError, match="best_distances"):
         optimality_score([1.0, 2.0], [1.0, np.inf])
+
+
+def test_attack_summary_counts_per_image_by_brute_force():
+    """Each field recomputed image by image with Python loops: successes only in the distortions, the paper's
+    method over its finite entries, adversarial accuracy and the target rate over every image."""
+    from jaxadv.metrics import attack_summary
+    rng = np.random.default_rng(0)
+    n = 37
+    success = rng.random(n) < 0.7
+    outputs = {"success": success, "distortion": rng.random(n), "iterations": rng.integers(1, 9, n),
+               "search_distortion": np.where(rng.random(n) < 0.8, rng.random(n), np.inf)}
+    labels, targets, predicted = rng.integers(0, 3, n), rng.integers(0, 3, n), rng.integers(0, 3, n)
+    row = attack_summary(outputs, labels, targets, predicted)
+    ok = [d for d, s in zip(outputs["distortion"], success) if s]
+    search = [d for d in outputs["search_distortion"] if d != np.inf]
+    assert row["av_min_distortion"] == pytest.approx(sum(ok) / len(ok))
+    assert row["median_min_distortion"] == pytest.approx(sorted(ok)[len(ok) // 2] if len(ok) % 2 else
+                                                          (sorted(ok)[len(ok) // 2 - 1] + sorted(ok)[len(ok) // 2]) / 2)
+    assert row["paper_method_av_distortion"] == pytest.approx(sum(search) / len(search))
+    assert row["success_rate"] == pytest.approx(len(ok) / n) and row["num_images"] == n
+    assert row["adversarial_accuracy"] == pytest.approx(sum(p == y for p, y in zip(predicted, labels)) / n)
+    assert row["reached_target_rate"] == pytest.approx(sum(p == t for p, t in zip(predicted, targets)) / n)
+    assert row["mean_iterations"] == pytest.approx(sum(outputs["iterations"]) / n)
+    nothing = attack_summary({**outputs, "success": np.zeros(n, bool)}, labels, targets, predicted)
+    assert nothing["av_min_distortion"] is None and nothing["success_rate"] == 0.0
+    with pytest.raises(ValueError, match="^labels"):
+        attack_summary(outputs, labels[:-1], targets, predicted)

@@ -122,3 +122,6 @@ def test_ci_runs_the_readmes_opening_commands_exactly_as_written():
     assert printed == commands
     script = (README.parent / ".ci" / "run").read_text()
     assert 'eval "${COMMANDS[1]}"' in script and "export JAXADV_DATA_DIR" not in script
+    # The linter runs from the tests' environment (ruff is in the [dev] extra), before the tests.
+    assert script.index(".venv-test/bin/ruff check .") < script.index('eval "${COMMANDS[1]}"')
+    assert '"ruff' in (README.parent / "pyproject.toml").read_text().split("dev = [", 1)[1].split("]", 1)[0]

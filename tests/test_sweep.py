@@ -334,12 +334,12 @@ def test_an_experiment_meeting_a_foreign_sweep_says_so_in_one_line_and_exits_2(t
 
 def test_progress_bar_reports_images_rate_time_left_and_success(tmp_path, capsys):
     data = {"x": np.arange(6, dtype=np.float32)}
-    sweep.run_sweep(lambda c: {"success": c["x"] < 2, "y": c["x"] * 2}, data, str(tmp_path), 3, label="demo")
+    sweep.run_sweep(lambda c: {"success": c["x"] < 2, "y": c["x"] * 2}, data, str(tmp_path), 3, description="demo")
     err = capsys.readouterr().err
     # tqdm's bar, one update per chunk: "demo:  50%|█████     | 3/6 [00:00<00:00, 812.4img/s, success 66.7%]"
     assert re.search(r"demo: +50%\|.*\| 3/6 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+img/s, success 66\.7%\]", err), err
     assert re.search(r"demo: 100%\|.*\| 6/6 \[.*img/s, success 33\.3%\]", err), err
-    out = sweep.run_sweep(lambda c: 1 / 0, data, str(tmp_path), 3, label="demo")   # all resumed
+    out = sweep.run_sweep(lambda c: 1 / 0, data, str(tmp_path), 3, description="demo")   # all resumed
     err = capsys.readouterr().err
     assert "demo resuming: 2/2 chunks (6/6 images, success 33.3%) already done" in err
     assert re.search(r"demo: 100%\|.*\| 6/6 \[00:00<\?", err), err      # no rate: nothing computed in this run

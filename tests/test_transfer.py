@@ -202,3 +202,20 @@ def test_transfer_versus_noise_counts_off_diagonal_cells_above_the_noise_column(
     assert {(c["made_for"], c["fed_to"]) for c in result["not_above"]} == {("a", "c"), ("b", "c"), ("c", "a"), ("c", "b")}
     with pytest.raises(ValueError, match="noise_rates"):
         transfer_versus_noise(rates, noise[:2], ["a", "b", "c"])
+
+
+def test_gaussian_noise_sets_draw_one_independent_clipped_control_per_stddev():
+    """Each set keeps the originals and labels, has the noise's spread (images at 0.5: clipping never bites at
+    these stddevs), and the sets' draws are independent (correlation ~0), as the tables' noise rows need."""
+    from jaxadv.transfer import gaussian_noise_sets
+    images = np.full((64, 28, 28, 1), 0.5, np.float32)
+    labels = np.arange(64, dtype=np.int32) % 10
+    sets = gaussian_noise_sets(jax.random.PRNGKey(3), images, labels, [0.05, 0.1])
+    assert len(sets) == 2
+    noise = [np.asarray(s.images, np.float64).ravel() - 0.5 for s in sets]
+    for s, stddev, n in zip(sets, [0.05, 0.1], noise):
+        assert s.originals is images and s.labels is labels
+        assert abs(n.std() / stddev - 1) < 0.01 and abs(n.mean()) < 0.01 * stddev
+    assert abs(np.corrcoef(noise[0], noise[1])[0, 1]) < 0.01
+    with pytest.raises(ValueError, match="stddevs\\[1\\]"):
+        gaussian_noise_sets(jax.random.PRNGKey(3), images, labels, [0.05, -1.0])

@@ -112,3 +112,28 @@ def test_permutation_test_is_not_significant_for_one_distribution():
     _, p = permutation_test(rng.normal(size=50), rng.normal(size=50), seed=1, num_permutations=2000)
     _, p_shifted = permutation_test(rng.normal(size=50) + 2.0, rng.normal(size=50), seed=1, num_permutations=2000)
     assert p > 0.01 and p_shifted < 0.01
+
+
+def test_direction_coherence_finds_a_planted_label_unit_and_matches_its_parts():
+    """Unit 0 is 1 on class 0's images and 0 elsewhere (plus a little noise): its top-k are all class 0 (share 1);
+    the groups and tests are the library's own parts applied by hand: top_k_images, majority_label_share,
+    mean_pairwise_cosine and permutation_test."""
+    from jaxadv.units import direction_coherence
+    rng = np.random.default_rng(0)
+    labels = (np.arange(60) % 3).astype(np.int32)
+    images = rng.uniform(0, 1, (60, 4, 4, 1)).astype(np.float32)
+    features = rng.normal(0, 0.01, (60, 5)).astype(np.float32)
+    features[:, 0] += labels == 0
+    features[:, 3] = 0.5                       # a dead unit: left out
+    out = direction_coherence(features, images, labels, jax.random.PRNGKey(1), num_random=6, k=4, num_classes=3,
+                              num_chance_subsets=50, num_permutations=99, shown_units=2)
+    assert out["live_units"] == 4 and out["dim"] == 5 and len(out["natural"]["majority_share"]) == 4
+    assert out["natural"]["majority_share"][0] == 1.0
+    top = np.asarray(top_k_images(features, natural_basis(5, np.array([0, 1, 2, 4])), 4).indices)
+    np.testing.assert_array_equal(out["natural"]["indices"], top)
+    np.testing.assert_allclose(out["natural"]["pixel_cosine"], np.asarray(mean_pairwise_cosine(images[top])))
+    diff, p = permutation_test(out["natural"]["majority_share"], out["random"]["majority_share"], seed=0,
+                               num_permutations=99)
+    assert out["tests"]["majority_share"]["natural_minus_random"] == diff
+    assert out["tests"]["majority_share"]["p_natural_vs_random"] == p
+    assert len(out["chance"]["majority_share"]) == 50 and set(out["shown_units"]) <= {0, 1, 2, 4}

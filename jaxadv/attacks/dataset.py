@@ -121,7 +121,7 @@ def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.Pat
                 "jax": jax.__version__}
     return run_sweep(lambda chunk: attack_on_devices(logits_fn, chunk["images"], chunk["targets"]),
                      {"images": images, "targets": targets}, os.path.abspath(directory), sizes.chunk_size,
-                     config=identity, progress=progress, label=f"attack {name}" if name else "attack")
+                     config=identity, progress=progress, description=f"attack {name}" if name else "attack")
 
 
 class _BlockAttack(NamedTuple):

@@ -1,9 +1,5 @@
-"""Figures in the style of the paper's.
-
-Functions here build and return a `matplotlib.figure.Figure` without touching
-pyplot's global state, so they work under any backend; callers save them.
-Helpers add one function per figure style (append only).
-"""
+"""Image figures in the style of the paper's: triplets (Fig. 5), distortion grids (Fig. 7), rows of images
+(Figs. 1-4), and the certified-versus-attained sandwich."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -78,41 +74,28 @@ class DistortionPanel(NamedTuple):
     distorted_captions: Sequence[str]  # e.g. the predicted label of each distorted image
 
 
-def distortion_grid_figure(panels: Sequence[DistortionPanel], *, magnify: float = 10.0,
-                           title: str | None = None):
+def distortion_grid_figure(panels: Sequence[DistortionPanel], *, title: str | None = None):
     """The paper's Fig. 7 layout: per panel, originals beside distorted images, plus their differences.
 
-    Each panel is a block of three rows with one column per image: originals,
-    distorted images (adversarial or noisy), and the difference shown as
-    0.5 + magnify·(x' − x) clamped to [0, 1] (mid-grey: no change, as in
-    `adversarial_triplets_figure`). Captions (predicted labels) go under the
-    originals and distorted images; the panel title says what distorted them.
+    Each panel is a block of three rows with one column per image: originals, distorted images (adversarial
+    or noisy), and the difference x' − x in grey, mid-grey for no change, scaled to the panel's largest change
+    so that nothing saturates, with a colour bar giving the change in pixel values. Captions (predicted
+    labels) go under the originals and distorted images; the panel title says what distorted them.
     """
     from matplotlib.figure import Figure
 
     if not panels:
         raise ValueError("panels: need at least one DistortionPanel")
-    if not np.isfinite(magnify) or magnify <= 0:
-        raise ValueError(f"magnify must be a positive number, got {magnify!r}")
-    blocks = []
-    for p, panel in enumerate(panels):
-        x, x_dist = np.asarray(panel.originals), np.asarray(panel.distorted)
-        if x.shape != x_dist.shape or x.ndim not in (3, 4) or x.shape[0] == 0:
-            raise ValueError(f"panels[{p}]: originals and distorted must be non-empty image batches of one "
-                             f"shape [N, H, W(, 1)], got {x.shape} and {x_dist.shape}")
-        for name in ("original_captions", "distorted_captions"):
-            if len(getattr(panel, name)) != x.shape[0]:
-                raise ValueError(f"panels[{p}].{name}: need one caption per image ({x.shape[0]})")
-        x, x_dist = (a.reshape(a.shape[:3]) for a in (x, x_dist))
-        blocks.append((panel, x, x_dist, np.clip(0.5 + magnify * (x_dist - x), 0.0, 1.0)))
+    blocks = [_distortion_block(p, panel) for p, panel in enumerate(panels)]
     columns = max(b[1].shape[0] for b in blocks)
-    fig = Figure(figsize=(1.25 * columns + 0.9, 3.6 * len(blocks)), layout="constrained")
+    fig = Figure(figsize=(1.25 * columns + 1.6, 3.6 * len(blocks)), layout="constrained")
     subfigs = fig.subfigures(len(blocks), 1, squeeze=False)[:, 0]
-    row_names = ("original", "distorted", f"diff ×{magnify:g}")
     for subfig, (panel, x, x_dist, diff) in zip(subfigs, blocks):
         axes = subfig.subplots(3, columns, squeeze=False)
-        for r, (images, captions) in enumerate(((x, panel.original_captions),
-                                                 (x_dist, panel.distorted_captions), (diff, None))):
+        largest = float(np.max(np.abs(diff))) or 1.0
+        for r, (images, captions, limits) in enumerate(((x, panel.original_captions, (0.0, 1.0)),
+                                                         (x_dist, panel.distorted_captions, (0.0, 1.0)),
+                                                         (diff, None, (-largest, largest)))):
             for c in range(columns):
                 ax = axes[r, c]
                 ax.set_xticks([])
@@ -120,14 +103,29 @@ def distortion_grid_figure(panels: Sequence[DistortionPanel], *, magnify: float 
                 if c >= images.shape[0]:
                     ax.set_axis_off()
                     continue
-                ax.imshow(images[c], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+                shown = ax.imshow(images[c], cmap="gray", vmin=limits[0], vmax=limits[1], interpolation="nearest")
                 if captions is not None:
                     ax.set_xlabel(captions[c], fontsize=6)
-            axes[r, 0].set_ylabel(row_names[r], fontsize=8)
+            axes[r, 0].set_ylabel(("original", "distorted", "x' − x")[r], fontsize=8)
+        colorbar = subfig.colorbar(shown, ax=axes[2, :], shrink=0.9, pad=0.01, aspect=10)
+        colorbar.ax.tick_params(labelsize=6)
         subfig.suptitle(panel.title, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+def _distortion_block(p: int, panel: DistortionPanel):
+    """(panel, originals, distorted, difference) as [N, H, W] arrays, checked."""
+    x, x_dist = np.asarray(panel.originals), np.asarray(panel.distorted)
+    if x.shape != x_dist.shape or x.ndim not in (3, 4) or x.shape[0] == 0:
+        raise ValueError(f"panels[{p}]: originals and distorted must be non-empty image batches of one "
+                         f"shape [N, H, W(, 1)], got {x.shape} and {x_dist.shape}")
+    for name in ("original_captions", "distorted_captions"):
+        if len(getattr(panel, name)) != x.shape[0]:
+            raise ValueError(f"panels[{p}].{name}: need one caption per image ({x.shape[0]})")
+    x, x_dist = (a.reshape(a.shape[:3]).astype(np.float64) for a in (x, x_dist))
+    return panel, x, x_dist, x_dist - x
 
 
 def image_rows_figure(images, rows: Sequence[Sequence[int]], row_titles: Sequence[str], title: str = ""):
