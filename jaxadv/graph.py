@@ -85,10 +85,11 @@ class Walker:
     def rule(self, eqn) -> Callable:
         rule = self.rules.get(eqn.primitive.name)
         if rule is None:
-            where = f" (inside {' > '.join(self.calls)})" if self.calls else ""
+            calls = [*self.calls, *getattr(eqn, "calls", ())]
+            where = f" (inside {' > '.join(calls)})" if calls else ""
             raise ValueError(f"no {self.analysis} rule for the primitive {eqn.primitive.name!r} on the input's "
                              f"path{where}; {self.registry} maps each primitive's name to its rule: add one there "
-                             f"(see its docstring) or keep {eqn.primitive.name!r} off the path from input to logits")
+                             f"(its module's docstring says how) or keep {eqn.primitive.name!r} off the path from input to logits")
         return rule
 
     def call(self, eqn, inputs) -> list:
@@ -159,11 +160,15 @@ class Synthetic(NamedTuple):
 
 
 class Equation(NamedTuple):
-    """An equation of a `FlatJaxpr`: read as a jaxpr's equation is (primitive, invars, outvars, params)."""
+    """An equation of a `FlatJaxpr`: read as a jaxpr's equation is (primitive, invars, outvars, params).
+
+    `calls`: the calls it was inlined from, for error messages.
+    """
     primitive: Any
     invars: list
     outvars: list
     params: dict
+    calls: tuple = ()
 
 
 class FlatJaxpr(NamedTuple):
@@ -191,7 +196,7 @@ def flatten(closed) -> tuple[FlatJaxpr, list]:
     constvars, consts, eqns = list(closed.jaxpr.constvars), list(closed.consts), []
     depends = set(closed.jaxpr.invars)
 
-    def inline(jaxpr, rename):
+    def inline(jaxpr, rename, calls=()):
         def name(var):
             return var if isinstance(var, jex_core.Literal) else rename[var]
         for eqn in jaxpr.eqns:
@@ -205,7 +210,7 @@ def flatten(closed) -> tuple[FlatJaxpr, list]:
                     constvars.append(fresh[var])
                     consts.append(value)
                 fresh.update(zip(inner.invars, invars))
-                outs = inline(inner, fresh)
+                outs = inline(inner, fresh, (*calls, f"{eqn.primitive.name}({eqn.params.get('name', '')})"))
                 for var, out in zip(eqn.outvars, outs):
                     rename[var] = out
                 continue
@@ -214,7 +219,7 @@ def flatten(closed) -> tuple[FlatJaxpr, list]:
                 rename[var] = new
                 if reads_input and not isinstance(var, jex_core.DropVar):
                     depends.add(new)
-            eqns.append(Equation(eqn.primitive, invars, outvars, dict(eqn.params)))
+            eqns.append(Equation(eqn.primitive, invars, outvars, dict(eqn.params), calls))
         return [name(var) for var in jaxpr.outvars]
 
     outvars = inline(closed.jaxpr, {var: var for var in (*closed.jaxpr.constvars,

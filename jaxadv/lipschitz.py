@@ -129,7 +129,7 @@ def operator_bounds(logits_fn: Callable[[jax.Array], jax.Array], example_input, 
 
     closed = trace(logits_fn, jax.ShapeDtypeStruct(tuple(shape), dtype), argument="logits_fn")
     jaxpr, consts = flatten(closed)
-    walker = Walker(RULES, lambda value: isinstance(value, Traced), "Lipschitz", "jaxadv.lipschitz.RULES")
+    walker = Walker(RULES, lambda value: isinstance(value, Traced), "Lipschitz", "jaxadv.lipschitz_rules.RULES")
     outputs = walker.run(simplify(jaxpr, consts, PATTERNS), consts, [Traced(closed.jaxpr.invars[0].aval, 1.0)])
     if len(outputs) != 1:
         raise TypeError(f"logits_fn must return one array, got {len(outputs)} outputs")
