@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 
 from jaxadv import spectral
 from jaxadv.graph import bind_with
@@ -67,17 +68,6 @@ class Traced:
     @property
     def spec(self) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(self.shape, self.aval.dtype)
-
-
-@dataclasses.dataclass(eq=False)
-class _Sign(Traced):
-    """A comparison of a traced value `of` with 0, true where it is positive if `positive` (for jnp.where)."""
-    of: Traced | None = None
-    positive: bool = True
-
-
-#: Primitives a comparison marker may flow into: jnp.where's select_n.
-_PASSES_SIGNS = frozenset({"select_n"})
 
 
 def _traced_inputs(inputs) -> list[int]:
@@ -230,7 +220,8 @@ def _scale_bound(constant, x: Traced, out_shape) -> float:
     return float(np.sqrt(squares.sum(axis=broadcast_axes).max())) if squares.size else 0.0
 
 
-def _mul(walker, eqn, inputs):
+def _scale_factor(eqn, inputs) -> tuple[int, Traced, float]:
+    """(the traced input's position, it, the bound of x ↦ x·c or x / c) of a mul or div by a constant."""
     position, x = _the_traced_input(eqn, inputs, " (a product of input-dependent values)")
     constant = inputs[1 - position]
     if eqn.primitive.name == "div":
@@ -239,22 +230,29 @@ def _mul(walker, eqn, inputs):
         if np.any(np.asarray(constant) == 0):
             raise ValueError("'div' on the input's path divides by a constant holding 0")
         constant = 1.0 / np.asarray(constant, np.float64)
-    factor = _scale_bound(constant, x, _out_aval(eqn).shape)
+    return position, x, _scale_bound(constant, x, _out_aval(eqn).shape)
+
+
+def _mul(walker, eqn, inputs):
+    position, x, factor = _scale_factor(eqn, inputs)
 
     def operator(v):
         return bind_with(eqn, inputs, {position: v})
-    pooled = x.row
-    if pooled is not None and pooled.kind in ("sumpool", "sum") and x.parents:
-        # A sum (pool) then a division by its count: one average pool, whose operator is both.
-        source = x.parents[0]
-        return [unary(eqn, source, pooled.upper_bound * factor, "avgpool" if pooled.kind == "sumpool" else "mean",
-                       "Avg-pool" if pooled.kind == "sumpool" else "Mean", shape=pooled.shape, stride=pooled.stride,
-                       operator=lambda v: operator(pooled.operator(v)), operator_input=source,
-                       primitive=f"{pooled.primitive}, {eqn.primitive.name}")]
-    out = unary(eqn, x, factor, "scale", "Scale", silent=factor == 1.0, operator=operator)
-    if eqn.primitive.name == "mul" and np.ndim(constant) == 0:
-        out.scale_of = (x, constant)     # a scalar multiple of x: a case of jnp.where (leaky ReLU)
-    return [out]
+    return [unary(eqn, x, factor, "scale", "Scale", silent=factor == 1.0, operator=operator)]
+
+
+def _average(walker, eqn, inputs):
+    """`jaxadv.patterns.AVERAGE`, a sum (pool) scaled by a constant: one average pool, or a mean."""
+    pool, scale = eqn.params["jaxpr"].eqns
+    (pooled,) = RULES[pool.primitive.name](walker, pool, inputs[:1])
+    values = dict(zip(eqn.params["jaxpr"].invars[1:], inputs[1:]))
+    scale_inputs = [pooled if var is pool.outvars[0] else var.val if isinstance(var, jex_core.Literal)
+                    else values[var] for var in scale.invars]
+    _, _, factor = _scale_factor(scale, scale_inputs)
+    row = pooled.row
+    return [unary(eqn, inputs[0], row.upper_bound * factor, "avgpool" if row.kind == "sumpool" else "mean",
+                  "Avg-pool" if row.kind == "sumpool" else "Mean", shape=row.shape, stride=row.stride,
+                  operator=lambda v: bind_with(eqn, inputs, {0: v}), primitive=f"{row.primitive}, {scale.primitive.name}")]
 
 
 def _dot_general(walker, eqn, inputs):
@@ -399,8 +397,6 @@ def _clamp(walker, eqn, inputs):
 
 
 def _select_n(walker, eqn, inputs):
-    if isinstance(inputs[0], _Sign) and len(inputs) == 3:
-        return [_kinked(eqn, inputs)]
     if isinstance(inputs[0], Traced):
         raise ValueError("'select_n' whose predicate depends on the input other than as the sign of a value "
                          "(jnp.where(x >= 0, a·x, b·x)) has no global Lipschitz bound")
@@ -411,49 +407,25 @@ def _select_n(walker, eqn, inputs):
 
 
 def _comparison(walker, eqn, inputs):
-    """x ≥ 0 and the like: a marker for jnp.where, which a leaky ReLU is written with."""
-    position, x = _the_traced_input(eqn, inputs)
-    constant = inputs[1 - position]
-    if not np.all(np.asarray(constant) == 0):
-        raise ValueError(f"{eqn.primitive.name!r} of an input-dependent value with a nonzero constant: only the "
-                         "sign of a value (jnp.where(x >= 0, a·x, b·x)) has a Lipschitz rule")
-    return [_Sign(_out_aval(eqn), math.inf, of=x, positive=(eqn.primitive.name in ("ge", "gt")) == (position == 0))]
+    raise ValueError(f"{eqn.primitive.name!r} of an input-dependent value has no Lipschitz rule: a comparison is "
+                     "read only as the sign test of a leaky ReLU, jnp.where(x >= 0, a·x, b·x) with a and b scalars "
+                     "or 0 (jaxadv.patterns.leaky_relus)")
 
 
-def _kinked(eqn, inputs) -> Traced:
-    """jnp.where(x >= 0, a·x, b·x): continuous, piecewise linear, so its bound is max(|a|, |b|) (a leaky ReLU)."""
-    sign = inputs[0]
-    x = sign.of
-
-    def slope(case):
-        if case is x:
-            return 1.0
-        if isinstance(case, Traced) and getattr(case, "scale_of", None) is not None and case.scale_of[0] is x:
-            return float(np.max(np.abs(np.asarray(case.scale_of[1]))))
-        if not isinstance(case, Traced) and np.all(np.asarray(case) == 0):
-            return 0.0
-        raise ValueError("jnp.where on the sign of a value: each case must be that value times a constant, or 0 "
-                         "(a leaky ReLU); other cases have no Lipschitz rule")
-    factor = max(slope(inputs[1]), slope(inputs[2]))
-    name = "ReLU" if min(slope(inputs[1]), slope(inputs[2])) == 0 else "Leaky ReLU"
-    return unary(eqn, x, factor, "nonlinearity", name)
+def _leaky_relu(walker, eqn, inputs):
+    """`jaxadv.patterns.LEAKY_RELU`, jnp.where(x >= 0, a·x, b·x): continuous, piecewise linear, so max(|a|, |b|)."""
+    slopes = [float(np.max(np.abs(np.asarray(inputs[slope])))) if isinstance(slope, int) else slope
+              for slope in eqn.params["slopes"]]
+    name = "ReLU" if min(slopes) == 0 else "Leaky ReLU"
+    return [unary(eqn, inputs[0], max(slopes), "nonlinearity", name, primitive="select_n")]
 
 
 def _no_global_bound(reason: str):
     def rule(walker, eqn, inputs):
         raise ValueError(f"{eqn.primitive.name!r} on the input's path has no global Lipschitz bound: {reason}")
     return rule
-def _refusing_signs(rule: Callable) -> Callable:
-    """`rule`, refusing a comparison of an input-dependent value: only jnp.where (select_n) reads one."""
-    def checked(walker, eqn, inputs):
-        if any(isinstance(value, _Sign) for value in inputs):
-            raise ValueError(f"{eqn.primitive.name!r} of a comparison of an input-dependent value: only "
-                             "jnp.where(x >= 0, a·x, b·x) (select_n, a leaky ReLU) has a Lipschitz rule")
-        return rule(walker, eqn, inputs)
-    return checked
-
-
-_RULES: dict[str, Callable] = {
+#: primitive name -> rule(walker, eqn, inputs) -> outputs. Inputs are constants or `Traced` values.
+RULES: dict[str, Callable] = {
     **{name: _rearrangement(name) for name in ("reshape", "squeeze", "expand_dims", "transpose", "rev", "copy",
                                                 "copy_p", "reduce_precision")},
     "convert_element_type": _convert_element_type,
@@ -475,6 +447,8 @@ _RULES: dict[str, Callable] = {
     "max": _extremum, "min": _extremum,
     "clamp": _clamp,
     "select_n": _select_n,
+    "leaky_relu": _leaky_relu,
+    "average": _average,
     **{name: _comparison for name in ("ge", "gt", "le", "lt")},
     "integer_pow": _no_global_bound("x**n grows without bound for n > 1. GELU (jax.nn.gelu, whose tanh form "
                                     "has x**3) is globally 1.13-Lipschitz, but it is traced as a product of "
@@ -490,6 +464,3 @@ _RULES: dict[str, Callable] = {
     "erf": _slope(2 / math.sqrt(math.pi), "Erf"),
 }
 
-#: primitive name -> rule(walker, eqn, inputs) -> outputs. Inputs are constants or `Traced` values.
-RULES: dict[str, Callable] = {name: rule if name in _PASSES_SIGNS else _refusing_signs(rule)
-                              for name, rule in _RULES.items()}

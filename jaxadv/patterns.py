@@ -37,9 +37,12 @@ from jax.extend import core as jex_core
 
 from jaxadv.graph import Equation, FlatJaxpr, Synthetic, depends_on_input, evaluate
 
-__all__ = ["CONVOLUTION", "PATTERNS", "xla_convolutions", "im2col_convolutions", "padded_convolutions"]
+__all__ = ["CONVOLUTION", "LEAKY_RELU", "AVERAGE", "PATTERNS", "xla_convolutions", "im2col_convolutions",
+           "padded_convolutions", "leaky_relus", "averages"]
 
 CONVOLUTION = Synthetic("convolution")
+LEAKY_RELU = Synthetic("leaky_relu")
+AVERAGE = Synthetic("average")
 
 
 class _Part(NamedTuple):
@@ -51,6 +54,15 @@ class _Part(NamedTuple):
 
 def _producers(jaxpr: FlatJaxpr) -> dict:
     return {var: eqn for eqn in jaxpr.eqns for var in eqn.outvars}
+
+
+def _producer(var, producers: dict):
+    """The equation that computes `var`, or None (an input, a constant, a literal)."""
+    return None if isinstance(var, jex_core.Literal) else producers.get(var)
+
+
+def _reads_input(var, depends: set) -> bool:
+    return not isinstance(var, jex_core.Literal) and var in depends
 
 
 def _replace(jaxpr: FlatJaxpr, replaced: dict) -> FlatJaxpr:
@@ -91,8 +103,8 @@ def xla_convolutions(jaxpr: FlatJaxpr, consts: Sequence) -> FlatJaxpr:
     """Every `conv_general_dilated` of the input by a kernel that does not depend on it, as `CONVOLUTION`."""
     depends, replaced = depends_on_input(jaxpr), {}
     for eqn in jaxpr.eqns:
-        if (eqn.primitive.name != "conv_general_dilated" or eqn.invars[0] not in depends
-                or eqn.invars[1] in depends or eqn.params["batch_group_count"] != 1):
+        if (eqn.primitive.name != "conv_general_dilated" or not _reads_input(eqn.invars[0], depends)
+                or _reads_input(eqn.invars[1], depends) or eqn.params["batch_group_count"] != 1):
             continue
         p = eqn.params
         lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
@@ -113,7 +125,7 @@ def xla_convolutions(jaxpr: FlatJaxpr, consts: Sequence) -> FlatJaxpr:
 
 def _as_part_of(var, producers: dict) -> tuple:
     """(the value sliced, the slice) for a slice's output; (the value itself, all of it) otherwise."""
-    eqn = producers.get(var)
+    eqn = _producer(var, producers)
     if eqn is not None and eqn.primitive.name == "slice":
         source = eqn.invars[0]
         strides = eqn.params["strides"] or (1,) * len(source.aval.shape)
@@ -124,8 +136,8 @@ def _as_part_of(var, producers: dict) -> tuple:
 
 def _patches(var, producers: dict, depends: set):
     """(source, parts, axis) when `var` is slices of one value concatenated along `axis`, else None."""
-    eqn = producers.get(var)
-    if eqn is None or eqn.primitive.name != "concatenate" or not all(v in depends for v in eqn.invars):
+    eqn = _producer(var, producers)
+    if eqn is None or eqn.primitive.name != "concatenate" or not all(_reads_input(v, depends) for v in eqn.invars):
         return None
     pieces = [_as_part_of(v, producers) for v in eqn.invars]
     if len({id(source) for source, _ in pieces}) != 1:
@@ -150,7 +162,8 @@ def im2col_convolutions(jaxpr: FlatJaxpr, consts: Sequence) -> FlatJaxpr:
     """Every dot_general of concatenated shifted slices of one value by a constant matrix, as `CONVOLUTION`."""
     depends, producers, replaced = depends_on_input(jaxpr), _producers(jaxpr), {}
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name != "dot_general" or eqn.invars[0] not in depends or eqn.invars[1] in depends:
+        if (eqn.primitive.name != "dot_general" or not _reads_input(eqn.invars[0], depends)
+                or _reads_input(eqn.invars[1], depends)):
             continue
         (x_contract, w_contract), (x_batch, _) = eqn.params["dimension_numbers"]
         found = _patches(eqn.invars[0], producers, depends)
@@ -189,13 +202,13 @@ def _im2col_spec(source, parts: Sequence[_Part], axis: int):
 # -- padding before a convolution ----------------------------------------------------------
 
 def _static_value(var, producers: dict, constants: dict, depth: int = 4):
-    """The value of a scalar that literals and concrete constants alone determine, else None."""
+    """The value of a variable that literals and concrete constants alone determine, else None."""
     if isinstance(var, jex_core.Literal):
         return var.val
     if var in constants:
         return constants[var]
-    eqn = producers.get(var)
-    if eqn is None or depth == 0 or math.prod(var.aval.shape) != 1 or len(eqn.outvars) != 1:
+    eqn = _producer(var, producers)
+    if eqn is None or depth == 0 or math.prod(var.aval.shape) > 2 ** 20 or len(eqn.outvars) != 1:
         return None
     values = [_static_value(v, producers, constants, depth - 1) for v in eqn.invars]
     return None if any(v is None for v in values) else evaluate(eqn, values)[0]
@@ -233,8 +246,8 @@ def _folded(eqn, producers: dict, depends: set, constants: dict):
     p, x = eqn.params, eqn.invars[0]
     if any(d != 1 for d in p["input_dilation"]):
         return None
-    pad = producers.get(x)
-    if pad is not None and pad.primitive.name == "pad" and pad.invars[1] not in depends:
+    pad = _producer(x, producers)
+    if pad is not None and pad.primitive.name == "pad" and not _reads_input(pad.invars[1], depends):
         config = [tuple(int(n) for n in c) for c in pad.params["padding_config"]]
         value = _static_value(pad.invars[1], producers, constants)
         if (value is None or not np.all(np.asarray(value) == 0)
@@ -259,7 +272,7 @@ def _folded(eqn, producers: dict, depends: set, constants: dict):
 def padded_convolutions(jaxpr: FlatJaxpr, consts: Sequence) -> FlatJaxpr:
     """Every `CONVOLUTION` of a zero-padded or wrapped value, with the padding folded in."""
     depends, producers, replaced = depends_on_input(jaxpr), _producers(jaxpr), {}
-    constants = {var: value for var, value in zip(jaxpr.constvars, consts) if not isinstance(value, jax.core.Tracer)}
+    constants = _concrete_constants(jaxpr, consts)
     for eqn in jaxpr.eqns:
         if eqn.primitive is not CONVOLUTION:
             continue
@@ -275,5 +288,81 @@ def padded_convolutions(jaxpr: FlatJaxpr, consts: Sequence) -> FlatJaxpr:
     return _replace(jaxpr, replaced)
 
 
+# -- leaky ReLU and average pooling ------------------------------------------------------------
+
+def _case_slope(case, x, producers: dict, depends: set, constants: dict):
+    """A case of jnp.where(x >= 0, ...) as its slope: 1.0 (x), 0.0 (a static 0), a scalar factor's variable
+    (c·x), or None (anything else)."""
+    if case is x:
+        return 1.0
+    if not _reads_input(case, depends):
+        value = _static_value(case, producers, constants)
+        return 0.0 if value is not None and np.all(np.asarray(value) == 0) else None
+    eqn = _producer(case, producers)
+    if eqn is None or eqn.primitive.name != "mul" or not any(v is x for v in eqn.invars):
+        return None
+    factor = eqn.invars[1] if eqn.invars[0] is x else eqn.invars[0]
+    return factor if not _reads_input(factor, depends) and factor.aval.shape == () else None
+
+
+def leaky_relus(jaxpr: FlatJaxpr, consts: Sequence) -> FlatJaxpr:
+    """Every jnp.where(x >= 0, a·x, b·x) (a, b scalars or a static 0; any comparison of x with a static 0) as one
+    `LEAKY_RELU` equation: inputs (x, the non-literal factors), params `slopes`: per case, a slope or the index of
+    the input that holds it."""
+    depends, producers, replaced = depends_on_input(jaxpr), _producers(jaxpr), {}
+    constants = _concrete_constants(jaxpr, consts)
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != "select_n" or len(eqn.invars) != 3 or not _reads_input(eqn.invars[0], depends):
+            continue
+        test = _producer(eqn.invars[0], producers)
+        if test is None or test.primitive.name not in ("ge", "gt", "le", "lt"):
+            continue
+        traced = [v for v in test.invars if _reads_input(v, depends)]
+        others = [v for v in test.invars if not _reads_input(v, depends)]
+        zero = _static_value(others[0], producers, constants) if len(traced) == 1 and others else None
+        if zero is None or not np.all(np.asarray(zero) == 0):
+            continue
+        x, inputs, slopes = traced[0], [traced[0]], []
+        for case in eqn.invars[1:]:
+            slope = _case_slope(case, x, producers, depends, constants)
+            if isinstance(slope, jex_core.Literal):
+                slope = float(np.max(np.abs(np.asarray(slope.val))))
+            elif slope is not None and not isinstance(slope, float):
+                inputs.append(slope)
+                slope = len(inputs) - 1
+            slopes.append(slope)
+        if None in slopes:
+            continue
+        eqns, free = _equations_between(jaxpr, eqn.outvars[0], inputs)
+        inputs += [v for v in free if not any(v is u for u in inputs)]
+        replaced[id(eqn)] = Equation(LEAKY_RELU, inputs, list(eqn.outvars),
+                                     {"slopes": tuple(slopes), "jaxpr": FlatJaxpr([], inputs, list(eqn.outvars), eqns)})
+    return _replace(jaxpr, replaced)
+
+
+def averages(jaxpr: FlatJaxpr, consts: Sequence) -> FlatJaxpr:
+    """Every sum (`reduce_sum`, `reduce_window_sum`) scaled by a constant (a mean, an average pool) as one
+    `AVERAGE` equation: inputs (x, the constant), its jaxpr the sum and the scaling."""
+    depends, producers, replaced = depends_on_input(jaxpr), _producers(jaxpr), {}
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name not in ("mul", "div"):
+            continue
+        positions = [i for i, v in enumerate(eqn.invars) if _reads_input(v, depends)]
+        if len(positions) != 1 or (eqn.primitive.name == "div" and positions != [0]):
+            continue
+        pool = _producer(eqn.invars[positions[0]], producers)
+        if pool is None or pool.primitive.name not in ("reduce_sum", "reduce_window_sum"):
+            continue
+        inputs = [pool.invars[0], *(v for v in eqn.invars if v is not pool.outvars[0]
+                                    and not isinstance(v, jex_core.Literal))]
+        replaced[id(eqn)] = Equation(AVERAGE, inputs, list(eqn.outvars),
+                                     {"jaxpr": FlatJaxpr([], inputs, list(eqn.outvars), [pool, eqn])})
+    return _replace(jaxpr, replaced)
+
+
+def _concrete_constants(jaxpr: FlatJaxpr, consts: Sequence) -> dict:
+    return {var: value for var, value in zip(jaxpr.constvars, consts) if not isinstance(value, jax.core.Tracer)}
+
+
 #: The patterns the Lipschitz analysis rewrites, in order.
-PATTERNS = (xla_convolutions, im2col_convolutions, padded_convolutions)
+PATTERNS = (xla_convolutions, im2col_convolutions, padded_convolutions, leaky_relus, averages)
