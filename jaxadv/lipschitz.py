@@ -5,30 +5,38 @@
     [(row["layer"], row["upper_bound"]) for row in bounds.rows]   # ("Conv. 1", 0.61), ("ReLU", 1.0), ...
     bounds.pairwise_certified_radius(logits)   # L2 radii within which the prediction provably stays
 
-The function is traced once with `jax.make_jaxpr`, as jax_verify's bound
-propagation does: parameters closed over (`functools.partial(apply, params)`)
-become constants of the trace, every equation that does not depend on the input
-is evaluated concretely (so a kernel reshaped or scaled inside the model is an
-ordinary constant), and calls (`jit`, `custom_jvp_call` as in `jax.nn.relu`,
-`custom_vjp_call`, `checkpoint`) are walked into. Every traced value that
+The function is traced once with `jax.make_jaxpr` and read as jax_verify's
+bound propagation does (`jaxadv.graph`): calls on the input's path (`jit`,
+`custom_jvp_call` as in `jax.nn.relu`, `custom_vjp_call`, `checkpoint`) are
+inlined, a pattern pass rewrites the graph (`jaxadv.patterns`), and
+`graph.Walker` runs the rules. Parameters closed over
+(`functools.partial(apply, params)`) become constants of the trace, and every
+equation that does not depend on the input is evaluated concretely (so a
+kernel reshaped or scaled inside the model is an ordinary constant). Every traced value that
 depends on the input carries an upper Lipschitz constant of input ↦ value:
 an operator multiplies it by its own bound (so a chain gives Π_k L_k, the
 paper's bound), branches that add give the sum of their bounds (a residual
 block: L_f + L_skip), and a concatenation of several values gives the root of
 the sum of their squares. The rules live in one dict, `RULES`, keyed by the
-primitive's name; a primitive on the input's path without a rule (exp, a
-product of two input-dependent values, ...) raises a ValueError naming it. The
+primitive's name (`jaxadv.lipschitz_rules` for rearrangements and arithmetic,
+`jaxadv.lipschitz_layers` for convolutions, pooling and nonlinearities); a
+primitive on the input's path without a rule (exp, a product of two
+input-dependent values, ...) raises a ValueError naming it. To add one, write
+rule(walker, eqn, inputs) -> [outputs] on `lipschitz_rules.Traced` values with
+`lipschitz_rules.unary` (or `merge`) and set `RULES[primitive name] = rule`. The
 norms themselves are `jaxadv.spectral`'s: the exact top singular value for
 dense maps, the paper's Fourier method for convolutions, exact pooling norms.
 
-Two patterns are read as the operator they are rather than op by op. A
+The patterns are read as the operator they are rather than op by op. A
 convolution written as shifted slices, concatenated and multiplied by a
 matrix (im2col: `jaxadv.models.conv2d`, which runs 10× faster on a CPU than
 XLA's convolution) is a convolution: its bound is the Fourier method's, not
-√(k·k)·‖W‖. And an input padded by wrapping (`jnp.pad(mode="wrap")`, flax's
+√(k·k)·‖W‖. An input padded by wrapping (`jnp.pad(mode="wrap")`, flax's
 `padding="CIRCULAR"`) before a VALID convolution is a circular convolution,
-whose Fourier norm is exact. A zero `jnp.pad` before an im2col convolution is
-folded into the layer, so its row is the real layer, as Table 5 lists it.
+whose Fourier norm is exact. A zero `jnp.pad` before a convolution is folded
+into the layer, so its row is the real layer, as Table 5 lists it. A leaky
+ReLU written with jnp.where is one row; so is a sum divided by its count
+(an average pool, a mean).
 
 `rows` lists the operators on the input's path to the output, in trace order:
 dense maps ("FC. k"), convolutions ("Conv. k"), nonlinearities ("ReLU",
@@ -61,10 +69,15 @@ import numpy as np
 
 from jaxadv import checks, spectral
 from jaxadv.graph import Walker, flatten, simplify, trace
-from jaxadv.lipschitz_rules import RULES, Traced
+from jaxadv import lipschitz_layers, lipschitz_rules
+from jaxadv.lipschitz_rules import Traced
 from jaxadv.patterns import PATTERNS
 
 __all__ = ["LipschitzBounds", "operator_bounds", "network_bound", "estimate_by_power_iteration", "RULES"]
+
+
+#: primitive name -> rule(walker, eqn, inputs) -> [outputs]: every primitive the Lipschitz analysis reads.
+RULES: dict[str, Callable] = {**lipschitz_rules.RULES, **lipschitz_layers.RULES}
 
 
 class LipschitzBounds(NamedTuple):
@@ -129,7 +142,7 @@ def operator_bounds(logits_fn: Callable[[jax.Array], jax.Array], example_input, 
 
     closed = trace(logits_fn, jax.ShapeDtypeStruct(tuple(shape), dtype), argument="logits_fn")
     jaxpr, consts = flatten(closed)
-    walker = Walker(RULES, lambda value: isinstance(value, Traced), "Lipschitz", "jaxadv.lipschitz_rules.RULES")
+    walker = Walker(RULES, lambda value: isinstance(value, Traced), "Lipschitz", "jaxadv.lipschitz.RULES")
     outputs = walker.run(simplify(jaxpr, consts, PATTERNS), consts, [Traced(closed.jaxpr.invars[0].aval, 1.0)])
     if len(outputs) != 1:
         raise TypeError(f"logits_fn must return one array, got {len(outputs)} outputs")
