@@ -222,8 +222,7 @@ def flatten(closed) -> tuple[FlatJaxpr, list]:
             eqns.append(Equation(eqn.primitive, invars, outvars, dict(eqn.params), calls))
         return [name(var) for var in jaxpr.outvars]
 
-    outvars = inline(closed.jaxpr, {var: var for var in (*closed.jaxpr.constvars,
-                                                                           *closed.jaxpr.invars)})
+    outvars = inline(closed.jaxpr, {var: var for var in (*closed.jaxpr.constvars, *closed.jaxpr.invars)})
     return FlatJaxpr(constvars, list(closed.jaxpr.invars), outvars, eqns), consts
 
 

@@ -108,21 +108,21 @@ def _reduce_extremum(walker, eqn, inputs):
     return [unary(eqn, x, 1.0, "maxpool", "Max-pool" if eqn.primitive.name == "reduce_max" else "Min-pool")]
 
 
-#: The sums an `average` scales.
-_SUMS = {"reduce_sum": _reduce_sum, "reduce_window_sum": _reduce_window_sum}
+#: The sums an `average` scales: primitive -> (its rule, the average's kind and name).
+_SUMS = {"reduce_sum": (_reduce_sum, "mean", "Mean"), "reduce_window_sum": (_reduce_window_sum, "avgpool", "Avg-pool")}
 
 
 def _average(walker, eqn, inputs):
     """`jaxadv.patterns.AVERAGE`, a sum (pool) scaled by a constant: one average pool, or a mean."""
     pool, scale = eqn.params["jaxpr"].eqns
-    (pooled,) = _SUMS[pool.primitive.name](walker, pool, inputs[:1])
+    sum_rule, kind, name = _SUMS[pool.primitive.name]
+    (pooled,) = sum_rule(walker, pool, inputs[:1])
     values = dict(zip(eqn.params["jaxpr"].invars[1:], inputs[1:]))
     scale_inputs = [pooled if var is pool.outvars[0] else var.val if isinstance(var, jex_core.Literal)
                     else values[var] for var in scale.invars]
     _, _, factor = scale_factor(scale, scale_inputs)
     row = pooled.row
-    return [unary(eqn, inputs[0], row.upper_bound * factor, "avgpool" if row.kind == "sumpool" else "mean",
-                  "Avg-pool" if row.kind == "sumpool" else "Mean", shape=row.shape, stride=row.stride,
+    return [unary(eqn, inputs[0], row.upper_bound * factor, kind, name, shape=row.shape, stride=row.stride,
                   operator=lambda v: bind_with(eqn, inputs, {0: v}), primitive=f"{row.primitive}, {scale.primitive.name}")]
 
 
