@@ -12,6 +12,10 @@ head, a few power-iteration steps per linear operator (from a fixed key: they ru
 themselves), and Table 5's certified radii (paper's and pairwise) on the first --num-images test
 images. Floats are written with `repr` (they round-trip), arrays as their float64 values and bytes'
 SHA-256. `--compare OLD` lists every field that differs, exactly.
+
+tests/data/lipschitz_identity.json was written by main at 4dc7474 (before the tracer became graph.py,
+patterns.py and the rule modules), on this 2-core CPU with /work/runs/fashion_mnist's models; eigenvalue
+routines may round otherwise on another CPU, so compare on the machine that wrote the reference.
 """
 from __future__ import annotations
 
