@@ -211,7 +211,11 @@ def _static_value(var, producers: dict, constants: dict, depth: int = 4):
     if eqn is None or depth == 0 or math.prod(var.aval.shape) > 2 ** 20 or len(eqn.outvars) != 1:
         return None
     values = [_static_value(v, producers, constants, depth - 1) for v in eqn.invars]
-    return None if any(v is None for v in values) else evaluate(eqn, values)[0]
+    if any(v is None for v in values):
+        return None
+    with jax.ensure_compile_time_eval():   # concrete even while an outer jax.jit traces
+        value = evaluate(eqn, values)[0]
+    return None if isinstance(value, jax.core.Tracer) else value
 
 
 def _wrap(var, producers: dict, depends: set):

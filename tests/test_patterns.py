@@ -116,3 +116,21 @@ def test_a_primitive_without_a_rule_is_refused_with_where_to_add_one_in_both_ana
                                          r"jaxadv\.linear_bounds\.RULES maps .*docstring"):
         linear_bounds.build_graph(fn, jax.ShapeDtypeStruct((1, 4), jnp.float32))
     assert "To add one" in lipschitz.__doc__ and "RULES[primitive name] = rule" in lipschitz.__doc__
+
+
+def test_the_rewritten_graph_evaluates_under_jit_with_the_weights_as_arguments():
+    """Weights passed to jit are tracers, constants of the inner trace: no pattern may need their values."""
+    kernel = jax.random.normal(jax.random.PRNGKey(0), (3, 3, 2, 4))
+    w = jax.random.normal(jax.random.PRNGKey(1), (4 * 4 * 2, 3))
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 2))
+
+    def rewritten(k, m, v):
+        flat, consts = graph.flatten(jax.make_jaxpr(lambda u: net(u, k, m))(v))
+        simplified = graph.simplify(flat, consts, patterns.PATTERNS)
+        assert sum(eqn.primitive is patterns.CONVOLUTION for eqn in simplified.eqns) == 2
+        return graph.Walker({}, lambda value: False, "evaluation", "").run(simplified, consts, [v])[0]
+
+    compiled = jax.jit(rewritten)
+    np.testing.assert_allclose(compiled(kernel, w, x), net(x, kernel, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(compiled(-kernel, w, x), net(x, -kernel, w), rtol=1e-5, atol=1e-5)
+    assert compiled._cache_size() == 1
