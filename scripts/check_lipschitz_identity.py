@@ -3,7 +3,7 @@
     python scripts/check_lipschitz_identity.py --out before.json [--workdir runs/fashion_mnist] [--data-dir DIR]
     python scripts/check_lipschitz_identity.py --out after.json --compare before.json     # exit 1 on any difference
 
-For Table 5's AlexNet-shaped net (`experiments.table5`), every zoo model stored under WORKDIR/models
+For Table 5's AlexNet-shaped net (`jaxadv.alexnet`), every zoo model stored under WORKDIR/models
 (none is trained here: a missing one is skipped and named), and small nets written with the patterns
 the tracer rewrites (an im2col convolution with and without zero padding, a wrap pad before an im2col
 convolution and before flax's CIRCULAR convolution, a leaky ReLU, an average pool, a residual block):
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         results[f"zoo/{name}"] = figures(logits_function(model.module, params), images.shape[1:], images)
         print(name, results[f"zoo/{name}"]["network_bound"], flush=True)
     if not args.no_alexnet:
-        from experiments.table5 import ALEXNET_INPUT, AlexNetShaped, alexnet_variables
+        from jaxadv.alexnet import ALEXNET_INPUT, AlexNetShaped, alexnet_variables
         fn = jax.tree_util.Partial(AlexNetShaped().apply, alexnet_variables())
         results["alexnet"] = figures(fn, ALEXNET_INPUT)
         print("AlexNet-shaped", results["alexnet"]["network_bound"], flush=True)
