@@ -19,7 +19,7 @@ import pytest
 from conftest import exact_relu_untargeted_minimum, small_relu_net
 from jaxadv.attacks import lbfgs_attack_untargeted
 from jaxadv.attacks.exact import exact_linear_minimum
-from jaxadv.certify import certified_radius, margin_lower_bounds
+from jaxadv.certify import certificates, certified_radius, margin_lower_bounds
 from jaxadv.lipschitz import operator_bounds
 from jaxadv.linear_bounds import relaxation, Node
 from jaxadv.models import conv2d, max_pool
@@ -154,6 +154,33 @@ def test_sigmoid_net_radius_is_above_the_pairwise_lipschitz_radius_and_below_the
     attack = lbfgs_attack_untargeted(jax.tree_util.Partial(module.apply, variables), x, jnp.argmax(logits, -1))
     found = np.asarray(attack.success)
     assert found.mean() > 0.5 and np.all(radii[found] <= np.asarray(attack.l2)[found] * (1 + ROUNDING))
+
+
+class _StridedConvAveragePool(nn.Module):
+    """The README's "Your own model" CNN, smaller: a strided convolution, ReLU, average pooling, a dense head."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(6, (5, 5), strides=2)(x))
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        return nn.Dense(5)(x.reshape(len(x), -1))
+
+
+def test_a_strided_conv_with_average_pooling_is_certified_at_least_the_pairwise_radius_and_below_the_attack():
+    module = _StridedConvAveragePool()
+    x = jnp.asarray(np.random.default_rng(6).uniform(0, 1, (20, 12, 12, 1)), jnp.float32)
+    variables = module.init(jax.random.PRNGKey(3), x)
+    logits = module.apply(variables, x)
+    pairwise = np.asarray(operator_bounds(module, x[:1], params=variables).pairwise_certified_radius(logits))
+    found = certificates(module, x, params=variables)
+    radii, crown, own_pairwise = (np.asarray(r) for r in found)
+    assert np.all(radii >= pairwise * (1 - ROUNDING)), (radii, pairwise)
+    np.testing.assert_allclose(own_pairwise, pairwise, rtol=1e-5)
+    np.testing.assert_array_equal(radii, np.maximum(crown, own_pairwise))
+    assert np.all(crown > 0)
+    attack = lbfgs_attack_untargeted(jax.tree_util.Partial(module.apply, variables), x, jnp.argmax(logits, -1))
+    moved = np.asarray(attack.success)
+    assert moved.mean() > 0.5 and np.all(radii[moved] <= np.asarray(attack.l2)[moved] * (1 + ROUNDING))
 
 
 def test_matches_the_same_relaxation_solved_by_scipy():
