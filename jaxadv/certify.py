@@ -2,6 +2,7 @@
 
     radii = certified_radius(module, images, labels, params=variables)   # [B]
     # No x' in [lower, upper] with ‖x' − x‖₂ ≤ radii[i] changes the label of image i.
+    found = certificates(module, images, labels, params=variables)      # .radius, .crown, .pairwise
 
 An attack bounds the minimal adversarial distance from above; this bounds it
 from below, image by image, so that the attained minimum lies in
@@ -375,8 +376,8 @@ def _search(fn, graph, gram, image, label, lower, upper, max_radius, steps: int,
 
     A pass at ε yields linear bounds valid on every ball up to ε; `reach` is the radius at which they stop
     proving. reach(ε) shrinks as ε grows (looser relaxations), so the best radius ε* = reach(ε*) lies
-    between ε and reach(ε): each pass narrows a bracket [low, high], and certifies min(ε, reach) (all of ε
-    where the box makes the bound prove though the ball's reach falls short).
+    between ε and reach(ε): each pass narrows a bracket [low, high] (halved in log ε while wider than a
+    factor 2) and certifies min(ε, reach).
     """
     center = image.reshape(-1)
     def flat(bound):
@@ -393,6 +394,8 @@ def _search(fn, graph, gram, image, label, lower, upper, max_radius, steps: int,
         secant = eps - gap * (eps - last_eps) / jnp.where(gap != last_gap, gap - last_gap, 1.0)
         margin = 0.05 * (high - low)
         guess = jnp.where(jnp.isfinite(secant) & (gap != last_gap), secant, (low + high) / 2)
+        # A bracket wider than a factor 2 (reach falling steeply, as on a deep ReLU net) is halved in log ε.
+        guess = jnp.where((high > 2 * low) & (low > 0), jnp.sqrt(low * high), guess)
         return certified, low, high, jnp.clip(guess, low + margin, high - margin), eps, gap
 
     zero = jnp.zeros((), image.dtype)
