@@ -2,6 +2,7 @@
 
     radii = certified_radius(module, images, labels, params=variables)   # [B]
     # No x' in [lower, upper] with ‖x' − x‖₂ ≤ radii[i] changes the label of image i.
+    found = certificates(module, images, labels, params=variables)      # .radius, .crown, .pairwise
 
 An attack bounds the minimal adversarial distance from above; this bounds it
 from below, image by image, so that the attained minimum lies in
@@ -12,37 +13,72 @@ below with the specification folded into the last layer.
 
 Each linear bound a·x′ + b is minimised over the set by Lagrangian duality:
 for any λ ≥ 0, Σ_i min_{l_i ≤ x′_i ≤ u_i} [a_i x′_i + λ (x′_i − x_i)²] − λε² + b is
-a lower bound (weak duality); at λ = ‖a‖/(2ε) it is at least the ball's own
-bound a·x − ε‖a‖ + b (the minimum over the box is at least that over all of
-space), so the box can only tighten it. A bisection on λ below that one
-(`minimum_over_set`) and λ = 0 (the box alone) tighten it further; hidden
-units' bounds take λ₀ and 0 alone unless `exact_hidden`.
+a lower bound (weak duality); at λ₀ = ‖a_free‖/(2ε), a_free without the pixels
+on a face of the box that the minimiser would push outward, it is at least
+a·x − ε‖a_free‖ + b ≥ a·x − ε‖a‖ + b, the ball's own bound. A bisection on λ
+below λ₀ (`minimum_over_set`) and λ = 0 (the box alone) tighten it further.
+Hidden units take cheaper sound bounds unless `exact_hidden`: the first layer
+(its coefficients shared by every image) a·x − ε‖a_free‖ + b
+(`minimum_over_ball_and_faces`), later ones the ball's, computed from their
+coefficients on the first layer through its Gram matrix where that layer is
+narrower than the input.
 
-The search keeps a certified ε and a failed one per image: a failed CROWN
-pass at ε still certifies min(ε, min_j (a_j·x + b_j)/‖a_j‖) from its own linear
-bounds, which are valid on every smaller ball; the next ε lies between them.
+The search on ε: a pass at ε gives linear bounds valid on every smaller ball,
+and the radius within which they prove every margin (`_reach`, the nearest
+point of each bound's half-space inside the box). Looser relaxations at larger
+ε make that reach shrink as ε grows, so the best radius ε* = reach(ε*) lies
+between ε and reach(ε): a secant on reach(ε) − ε inside that bracket, started
+at half the first-order distance to the boundary, gets within a percent in
+about six passes.
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxadv import checks
-from jaxadv.linear_bounds import RULES, build_graph, crown
+from jaxadv.linear_bounds import RULES, affine_prefix, backward, build_graph, crown
+from jaxadv.lipschitz import operator_bounds
 
-__all__ = ["certified_radius", "margin_lower_bounds", "sandwich_summary", "RULES"]
+__all__ = ["Certificates", "certificates", "certified_radius", "margin_lower_bounds", "sandwich_summary", "RULES"]
 
 _DUAL_STEPS = 12
 
 
-def certified_radius(model, images, labels=None, *, params=None, lower=0.0, upper=1.0, steps: int = 20,
+class Certificates(NamedTuple):
+    """Per image, two sound certified L2 radii and the larger: `radius` = max(`crown`, `pairwise`).
+
+    crown: linear bound propagation on the ball ∩ box. pairwise: the Lipschitz radius min_j (z_y − z_j) /
+    (‖w_y − w_j‖ · L_features) of `jaxadv.lipschitz` (0 where the model has no dense head or a Lipschitz
+    rule is missing). Which one certified an image: `crown >= pairwise`.
+    """
+    radius: jax.Array
+    crown: jax.Array
+    pairwise: jax.Array
+
+
+def certified_radius(model, images, labels=None, *, params=None, lower=0.0, upper=1.0, steps: int = 8,
                      max_radius: float | None = None, chunk_size: int = 16,
                      max_rows: int = 512, exact_hidden: bool = False) -> jax.Array:
-    """Per image, an ε within which no input in [lower, upper] changes the label, proved by CROWN.
+    """Per image, an ε within which no input in [lower, upper] changes the label: `certificates(...).radius`.
+
+    The larger of CROWN's radius and the pairwise Lipschitz radius, both sound; arguments as for
+    `certificates`.
+    """
+    return certificates(model, images, labels, params=params, lower=lower, upper=upper, steps=steps,
+                        max_radius=max_radius, chunk_size=chunk_size, max_rows=max_rows,
+                        exact_hidden=exact_hidden).radius
+
+
+def certificates(model, images, labels=None, *, params=None, lower=0.0, upper=1.0, steps: int = 8,
+                 max_radius: float | None = None, chunk_size: int = 16,
+                 max_rows: int = 512, exact_hidden: bool = False) -> Certificates:
+    """Per image, radii within which no input in [lower, upper] changes the label: CROWN's and Lipschitz's.
 
     Args:
       model: a flax module (params: its variables), a function apply(params, x), or a pure function
@@ -51,16 +87,18 @@ def certified_radius(model, images, labels=None, *, params=None, lower=0.0, uppe
       labels: [B] the labels to keep (default: the predictions). A misclassified image gets 0.
       lower, upper: the box (scalars or arrays broadcasting to an image).
       steps: CROWN passes per image in the search on ε.
-      max_radius: where the search starts from above; default the box's diameter, beyond which every
-        ball contains the box (required when the box is unbounded).
+      max_radius: the largest radius sought; default the box's diameter, beyond which every ball contains
+        the box (required when the box is unbounded).
       chunk_size: images certified at a time (memory; and XLA:CPU, in jax 0.10.2, miscomputed the dual's
         bound on [48, 800, 784] coefficients batched at once, tests/test_certify.py keeps that in check).
       max_rows: units of a layer bounded in one backward pass (memory; the result does not depend on it).
       exact_hidden: bound each hidden unit over the ball ∩ box by the dual's search, as the margins are,
-        rather than by the better of the ball's and the box's bounds: a few percent larger radii, at
-        about four times the cost.
+        rather than by the cheaper bounds the module docstring describes: larger radii, at several
+        times the cost.
     Returns:
-      [B] radii in the images' dtype: sound lower bounds of the minimal adversarial L2 distance.
+      `Certificates` of [B] radii in the images' dtype, each a sound lower bound of the minimal
+      adversarial L2 distance; neither is the better on every model (a ReLU layer's relaxation can lose
+      to its global Lipschitz constant).
     """
     fn, images, labels, lower, upper = _check(model, params, images, labels, lower, upper)
     _check_count("steps", steps)
@@ -72,8 +110,11 @@ def certified_radius(model, images, labels=None, *, params=None, lower=0.0, uppe
             raise ValueError("max_radius is required when the box [lower, upper] is unbounded")
     elif not (isinstance(max_radius, (int, float, np.floating)) and 0 < max_radius < math.inf):
         raise ValueError(f"max_radius must be a positive finite number, got {max_radius!r}")
-    return _certify(fn, images, labels, lower, upper, jnp.asarray(max_radius, images.dtype), int(steps),
-                    int(chunk_size), int(max_rows), bool(exact_hidden))
+    max_radius = jnp.asarray(max_radius, images.dtype)
+    crown_radii = _certify(fn, images, labels, lower, upper, max_radius, int(steps), int(chunk_size),
+                           int(max_rows), bool(exact_hidden))
+    pairwise = _pairwise_radius(fn, images, labels, max_radius)
+    return Certificates(jnp.maximum(crown_radii, pairwise), crown_radii, pairwise)
 
 
 def margin_lower_bounds(model, images, eps, labels=None, *, params=None, lower=0.0, upper=1.0,
@@ -136,19 +177,50 @@ def _check(model, params, images, labels, lower, upper):
     return fn, x, jnp.asarray(labels, jnp.int32), lo, up
 
 
+def _pairwise_radius(fn, images, labels, max_radius):
+    """The pairwise Lipschitz radius of each image's label (0 where the model has no dense head, or the
+    Lipschitz bounds have no rule for one of its operators)."""
+    try:
+        bounds = operator_bounds(fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
+    except ValueError:
+        return jnp.zeros(images.shape[:1], images.dtype)
+    if bounds.head_weights is None or not math.isfinite(bounds.features_bound):
+        return jnp.zeros(images.shape[:1], images.dtype)
+    return _pairwise(fn, images, labels, jnp.asarray(bounds.head_weights, images.dtype),
+                     jnp.asarray(bounds.features_bound, images.dtype), max_radius)
+
+
+@jax.jit
+def _pairwise(fn, images, labels, head_weights, features_bound, max_radius):
+    logits = jax.lax.map(lambda x: fn(x[None])[0], images, batch_size=256)
+    chosen = jnp.take_along_axis(logits, labels[:, None], axis=1)
+    pair_table = jax.lax.map(lambda column: jnp.linalg.norm(head_weights - column[:, None], axis=0), head_weights.T)
+    norms = pair_table[labels]                                                              # ‖w_y − w_j‖: [B, K]
+    radii = jnp.where(norms > 0, (chosen - logits) / (jnp.where(norms > 0, norms, 1.0) * features_bound), jnp.inf)
+    radii = jnp.where(jnp.arange(logits.shape[1]) == labels[:, None], jnp.inf, radii)
+    return jnp.clip(radii.min(axis=1), 0.0, max_radius)
+
+
 # -- the minimum of a linear function over the ball ∩ box -------------------------------------
 
 def minimum_over_set(coefficients, offsets, center, eps, lower, upper, steps: int = _DUAL_STEPS):
     """Lower bounds of min coefficients[s] · x + offsets[s] over {‖x − center‖ ≤ eps} ∩ [lower, upper].
 
     coefficients [S, n], offsets [S], center/lower/upper [n]. The dual function g(λ) (module docstring) is
-    concave, with g′(λ) = ‖x(λ) − center‖² − eps²: a bisection on log λ over [λ₀ 2^−30, λ₀], λ₀ = ‖a‖/(2 eps),
-    keeps the best value it meets, each one a sound bound, as is λ = 0 (the box alone). steps = 0: λ₀ and 0 only.
+    concave, with g′(λ) = ‖x(λ) − center‖² − eps² ≤ 0 at λ₀ = ‖a_free‖/(2 eps) (a without the coordinates
+    that a face of the box stops): a bisection on log λ over [λ₀ 2^−30, λ₀] keeps the best value it meets,
+    each one a sound bound, as is λ = 0 (the box alone). steps = 0: λ₀ only.
     """
     tiny = jnp.finfo(center.dtype).tiny
-    norms = jnp.linalg.norm(coefficients, axis=1)
-    box = jnp.where(coefficients > 0, coefficients * lower, jnp.where(coefficients < 0, coefficients * upper, 0))
-    best = offsets + box.sum(axis=1)
+    # Coordinates on a face of the box that the ball's minimiser would push outward stay put: the dual at
+    # λ₀ = ‖a_free‖/(2 eps) is at least a·x − eps‖a_free‖ + b, the minimum over the ball ∩ those faces.
+    outward = ((coefficients > 0) & (center <= lower)) | ((coefficients < 0) & (center >= upper))
+    norms = jnp.sqrt(jnp.where(outward, 0, coefficients ** 2).sum(axis=1))
+    if steps:
+        box = jnp.where(coefficients > 0, coefficients * lower, jnp.where(coefficients < 0, coefficients * upper, 0))
+        best = offsets + box.sum(axis=1)
+    else:
+        best = jnp.full(offsets.shape, -jnp.inf, offsets.dtype)
 
     def dual(log_lam):
         lam = jnp.maximum(jnp.exp(log_lam), tiny)[:, None]
@@ -167,6 +239,20 @@ def minimum_over_set(coefficients, offsets, center, eps, lower, upper, steps: in
     return jax.lax.fori_loop(0, steps, halve, (high - 30 * math.log(2), high, best))[2]
 
 
+def minimum_over_ball_and_faces(coefficients, offsets, center, eps, lower, upper):
+    """Lower bounds a·center + b − eps‖a_free‖ of min a·x + b over the ball ∩ box, in one pass over a.
+
+    a_free leaves out the coordinates at a face of the box that the ball's minimiser would push outward; the
+    bound is the minimum over the ball ∩ those faces, a superset of the set. Written as matrix-vector
+    products, so that coefficients shared by every image (layers fed by affine operators alone) cost one
+    matrix product for a batch of images.
+    """
+    free_up = (center < upper).astype(coefficients.dtype)        # may move up
+    free_down = (center > lower).astype(coefficients.dtype)      # may move down
+    squares = jnp.maximum(coefficients, 0) ** 2 @ free_down + jnp.minimum(coefficients, 0) ** 2 @ free_up
+    return coefficients @ center + offsets - eps * jnp.sqrt(squares)
+
+
 # -- per image ------------------------------------------------------------------------------
 
 @jax.jit
@@ -179,18 +265,55 @@ def _spec(label, classes: int, dtype):
     return (jax.nn.one_hot(label, classes, dtype=dtype)[None] - jnp.eye(classes, dtype=dtype))[:, None]
 
 
-def _image_bounds(graph, image, label, eps, lower, upper, max_rows: int, exact_hidden: bool):
+def _prefix_gram(graph, dtype):
+    """(index, A, a, A Aᵀ) of the graph's affine prefix A x + a where it has fewer units than the input, else None:
+    the ball's bound of any later unit, from its coefficients on the prefix, costs n_prefix² instead of the
+    n_prefix · n_input of carrying them to the input."""
+    index = affine_prefix(graph)
+    if index is None or np.prod(graph.nodes[index].shape) > np.prod(graph.nodes[0].shape):
+        return None
+    size = int(np.prod(graph.nodes[index].shape))
+    unit = jnp.eye(size, dtype=dtype).reshape((size,) + graph.nodes[index].shape)
+    jacobian, constant = backward(graph, {}, index, unit)                # exact: only affine nodes lie before it
+    jacobian = jacobian.reshape(size, -1)
+    return index, jacobian, constant, jacobian @ jacobian.T
+
+
+def _image_bounds(graph, image, label, eps, lower, upper, max_rows: int, exact_hidden: bool, gram=None):
     """(coefficients [K, n], offsets [K], set minimum [K]) of the margins on the ball of radius eps ∩ box."""
+    coefficients, offsets = _linear_bounds(graph, image, label, eps, lower, upper, max_rows, exact_hidden, gram)
+    x = image.reshape(-1)
+    def flat(bound):
+        return jnp.broadcast_to(bound, image.shape).reshape(-1)
+    return coefficients, offsets, minimum_over_set(coefficients, offsets, x, eps, flat(lower), flat(upper))
+
+
+def _linear_bounds(graph, image, label, eps, lower, upper, max_rows: int, exact_hidden: bool, gram=None):
+    """(coefficients [K, n], offsets [K]): margin_j(x′) ≥ coefficients_j · x′ + offsets_j on the ball of radius
+    eps ∩ box. gram: `_prefix_gram`'s, to bound the units past the affine prefix on the ball alone, from their
+    coefficients on it (unless exact_hidden)."""
     x = image[None]
     lower, upper = jnp.broadcast_to(lower, x.shape), jnp.broadcast_to(upper, x.shape)
-    flat = lambda a: a.reshape(-1)
-    minimum = lambda c, o, steps=_DUAL_STEPS: minimum_over_set(c, o, flat(x), eps, flat(lower), flat(upper), steps)
-    input_bounds = lambda: (jnp.maximum(lower, x - eps), jnp.minimum(upper, x + eps))
+    def flat(a):
+        return a.reshape(-1)
+    if exact_hidden:
+        def minimum(c, o):
+            return minimum_over_set(c, o, flat(x), eps, flat(lower), flat(upper))
+    else:
+        def minimum(c, o):
+            return minimum_over_ball_and_faces(c, o, flat(x), eps, flat(lower), flat(upper))
+    prefix = None
+    if gram is not None and not exact_hidden:
+        index, jacobian, constant, product = gram
+        value = jacobian @ flat(x) + constant                       # the prefix at the image
+        def squares(c):
+            return jnp.maximum(((c @ product) * c).sum(axis=1), 0)
+        prefix = (index, lambda c, o: c @ value + o - eps * jnp.sqrt(squares(c)))
+    def input_bounds():
+        return (jnp.maximum(lower, x - eps), jnp.minimum(upper, x + eps))
     classes = graph.nodes[graph.output].shape[-1]
-    coefficients, offsets = crown(graph, _spec(label, classes, x.dtype), input_bounds,
-                                  lambda c, o: minimum(c, o, _DUAL_STEPS if exact_hidden else 0), max_rows)
-    coefficients = coefficients.reshape(classes, -1)
-    return coefficients, offsets, minimum(coefficients, offsets)
+    coefficients, offsets = crown(graph, _spec(label, classes, x.dtype), input_bounds, minimum, max_rows, prefix)
+    return coefficients.reshape(classes, -1), offsets
 
 
 def _graph(fn, images):
@@ -200,36 +323,83 @@ def _graph(fn, images):
 @functools.partial(jax.jit, static_argnames=("max_rows", "exact_hidden", "chunk_size"))
 def _margins(fn, images, labels, lower, upper, eps, max_rows: int, exact_hidden: bool, chunk_size: int):
     graph = _graph(fn, images)
+    gram = _prefix_gram(graph, images.dtype)
 
     def one(image, label, radius):
-        margins = _image_bounds(graph, image, label, radius, lower, upper, max_rows, exact_hidden)[2]
+        margins = _image_bounds(graph, image, label, radius, lower, upper, max_rows, exact_hidden, gram)[2]
         return jnp.where(jnp.arange(margins.shape[0]) == label, jnp.inf, margins)
     return jax.lax.map(lambda args: one(*args), (images, labels, eps), batch_size=chunk_size)
 
 
-def _search(graph, image, label, lower, upper, max_radius, steps: int, max_rows: int, exact_hidden: bool):
-    """The largest ε certified among `steps` CROWN passes, each placed between the certified and failed ones."""
+def _first_order_reach(fn, image, label):
+    """min_j margin_j / ‖∇ margin_j‖ at the image: where the linearised model changes label (a starting guess)."""
+    logits, pullback = jax.vjp(lambda v: fn(v[None])[0], image)
+    gradients = jax.vmap(pullback)(jnp.eye(logits.shape[0], dtype=logits.dtype))[0]
+    margins = logits[label] - logits
+    norms = jnp.linalg.norm((gradients[label] - gradients).reshape(logits.shape[0], -1), axis=1)
+    reach = jnp.where(norms > 0, margins / jnp.where(norms > 0, norms, 1.0), jnp.where(margins > 0, jnp.inf, 0.0))
+    return jnp.maximum(jnp.min(jnp.where(jnp.arange(logits.shape[0]) == label, jnp.inf, reach)), 0.0)
+
+
+def _reach(coefficients, offsets, center, lower, upper, label, steps: int = 24):
+    """The largest radius around center within which no point of the box takes a margin's linear bound below 0.
+
+    Per row, the nearest point of {c·x + o ≤ 0} ∩ box is x(μ) = clip(center − μc) at the multiplier μ* where
+    c·x(μ*) + o = 0, and ‖x(μ) − center‖ grows with μ: a bisection on log μ keeps the largest μ known below μ*
+    (c·x(μ) + o > 0), whose distance is a sound lower bound (as is the ball's own, μ₀ = value/‖c‖² ≤ μ*).
+    """
+    tiny = jnp.finfo(center.dtype).tiny
+    squared = (coefficients ** 2).sum(axis=1)
+    values = coefficients @ center + offsets
+    ball = values / jnp.sqrt(jnp.maximum(squared, tiny))
+
+    def point(log_mu):
+        x = jnp.clip(center - jnp.exp(log_mu)[:, None] * coefficients, lower, upper)
+        return (coefficients * x).sum(axis=1) + offsets, jnp.linalg.norm(x - center, axis=1)
+
+    def halve(_, state):
+        low, high = state
+        middle = (low + high) / 2
+        outside = point(middle)[0] > 0
+        return jnp.where(outside, middle, low), jnp.where(outside, high, middle)
+
+    start = jnp.log(jnp.maximum(values / jnp.maximum(squared, tiny), tiny))
+    low = jax.lax.fori_loop(0, steps, halve, (start, start + 30 * math.log(2)))[0]
+    reach = jnp.maximum(ball, jnp.where(point(low)[0] > 0, point(low)[1], 0.0))
+    reach = jnp.where(squared > 0, reach, jnp.where(values > 0, jnp.inf, 0.0))
+    reach = jnp.where(values > 0, reach, 0.0)
+    return jnp.min(jnp.where(jnp.arange(values.shape[0]) != label, reach, jnp.inf))
+
+
+def _search(fn, graph, gram, image, label, lower, upper, max_radius, steps: int, max_rows: int, exact_hidden: bool):
+    """The largest ε certified among `steps` CROWN passes, a safeguarded secant on ε ↦ reach(ε) − ε.
+
+    A pass at ε yields linear bounds valid on every ball up to ε; `reach` is the radius at which they stop
+    proving. reach(ε) shrinks as ε grows (looser relaxations), so the best radius ε* = reach(ε*) lies
+    between ε and reach(ε): each pass narrows a bracket [low, high] (halved in log ε while wider than a
+    factor 2) and certifies min(ε, reach).
+    """
     center = image.reshape(-1)
+    def flat(bound):
+        return jnp.broadcast_to(bound, image.shape).reshape(-1)
+    start = _first_order_reach(fn, image, label)
 
     def step(_, state):
-        certified, failed, eps = state
-        coefficients, offsets, minima = _image_bounds(graph, image, label, eps, lower, upper, max_rows, exact_hidden)
-        others = jnp.arange(minima.shape[0]) != label
-        proved = jnp.all(jnp.where(others, minima >= 0, True))
-        # The same linear bounds hold on every smaller ball: the ball's closed form gives a radius.
-        norms = jnp.linalg.norm(coefficients, axis=1)
-        values = coefficients @ center + offsets
-        reach = jnp.where(norms > 0, values / jnp.where(norms > 0, norms, 1.0), jnp.where(values >= 0, jnp.inf, 0.0))
-        reach = jnp.clip(jnp.min(jnp.where(others, reach, jnp.inf)), 0.0, eps)
-        certified = jnp.maximum(certified, jnp.where(proved, eps, reach))
-        failed = jnp.where(proved, failed, eps)
-        far = failed > 4 * certified
-        eps = jnp.where(certified > 0, jnp.where(far, jnp.sqrt(certified * failed), (certified + failed) / 2),
-                        failed / 8)
-        return certified, failed, eps
+        certified, low, high, eps, last_eps, last_gap = state
+        coefficients, offsets = _linear_bounds(graph, image, label, eps, lower, upper, max_rows, exact_hidden, gram)
+        reach = _reach(coefficients, offsets, center, flat(lower), flat(upper), label)
+        certified = jnp.maximum(certified, jnp.minimum(eps, reach))
+        low, high = jnp.maximum(low, jnp.minimum(eps, reach)), jnp.minimum(high, jnp.maximum(eps, reach))
+        gap = reach - eps
+        secant = eps - gap * (eps - last_eps) / jnp.where(gap != last_gap, gap - last_gap, 1.0)
+        margin = 0.05 * (high - low)
+        guess = jnp.where(jnp.isfinite(secant) & (gap != last_gap), secant, (low + high) / 2)
+        # A bracket wider than a factor 2 (reach falling steeply, as on a deep ReLU net) is halved in log ε.
+        guess = jnp.where((high > 2 * low) & (low > 0), jnp.sqrt(low * high), guess)
+        return certified, low, high, jnp.clip(guess, low + margin, high - margin), eps, gap
 
     zero = jnp.zeros((), image.dtype)
-    state = (zero, max_radius * 1.0000001, max_radius)
+    state = (zero, zero, max_radius, jnp.minimum(start / 2, max_radius), zero, jnp.minimum(start, max_radius))
     return jax.lax.fori_loop(0, steps, step, state)[0]
 
 
@@ -237,5 +407,7 @@ def _search(graph, image, label, lower, upper, max_radius, steps: int, max_rows:
 def _certify(fn, images, labels, lower, upper, max_radius, steps: int, chunk_size: int, max_rows: int,
              exact_hidden: bool):
     graph = _graph(fn, images)
-    one = lambda args: _search(graph, *args, lower, upper, max_radius, steps, max_rows, exact_hidden)
+    gram = _prefix_gram(graph, images.dtype)
+    def one(args):
+        return _search(fn, graph, gram, *args, lower, upper, max_radius, steps, max_rows, exact_hidden)
     return jax.lax.map(one, (images, labels), batch_size=chunk_size)

@@ -16,16 +16,7 @@ input's path is refused by name (`jaxadv.graph.Walker`). To add one, write
 rule(walker, eqn, inputs) -> [output] returning `walker.graph.add(Node(...))`
 of an existing kind, and put it in `RULES` under the primitive's name.
 
-Relaxations (Zhang et al. 2018, "Efficient neural network robustness
-certification with general activation functions"): a piecewise-linear unit
-with one kink (ReLU, leaky ReLU, max(x, c)) gets the secant on its convex
-side and the line through the kink with CROWN's adaptive slope on the other;
-sigmoid and tanh get, among ten slopes (the secant, the tangents at nine
-points of [l, u]), the line of each direction tightest at the midpoint, its
-offset exact for that slope (the extremes of f(x) − kx are at l, u or where
-f′ = k); a maximum over a window is at least its candidate with the largest
-lower bound, and at most that candidate where it dominates, else the largest
-upper bound (DeepPoly's rule).
+Relaxations: `jaxadv.relaxations`.
 """
 from __future__ import annotations
 
@@ -38,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadv.graph import Walker, bind_with, trace
+from jaxadv.relaxations import output_bounds, relaxation
 
-__all__ = ["Node", "Graph", "RULES", "build_graph", "crown", "relaxation"]
+__all__ = ["Node", "Graph", "RULES", "build_graph", "crown", "relaxation", "affine_prefix", "backward"]
 
 NONLINEAR = ("piecewise", "smooth", "max")
 
@@ -124,7 +116,8 @@ def _linear(walker, eqn, inputs):
     if eqn.primitive.name == "convert_element_type" and not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
         raise ValueError(f"'convert_element_type' to {eqn.params['new_dtype']} on the input's path rounds: "
                          "no linear-bound rule")
-    fn = lambda *values: bind_with(eqn, inputs, dict(zip(positions, values)))
+    def fn(*values):
+        return bind_with(eqn, inputs, dict(zip(positions, values)))
     shape, dtype = _out(eqn)
     scale = -1.0 if eqn.primitive.name == "neg" else None
     return [walker.graph.add(Node("affine", tuple(inputs[i].index for i in positions), shape, dtype, fn,
@@ -274,82 +267,6 @@ RULES: dict[str, Callable] = {
 }
 
 
-# -- relaxations ------------------------------------------------------------------------
-
-def _kinked_relaxation(params, lower, upper):
-    """(α_l, β_l, α_u, β_u): α_l x + β_l ≤ y ≤ α_u x + β_u on [lower, upper] for a one-kink unit."""
-    kink, value, below, above = (jnp.asarray(params[k], lower.dtype) for k in ("kink", "value", "below", "above"))
-    t_low, t_up = lower - kink, upper - kink
-    mixed = (t_low < 0) & (t_up > 0)
-    width = jnp.where(mixed, t_up - t_low, 1.0)
-    secant = (above * t_up - below * t_low) / width                       # through both ends
-    secant_offset = value + below * t_low - secant * lower
-    adaptive = jnp.where(t_up >= -t_low, above, below)                    # CROWN: the side that covers more
-    adaptive_offset = value - adaptive * kink
-    convex = below <= above
-    fixed = jnp.where(t_up <= 0, below, above)                             # one linear piece: exact
-    fixed_offset = value - fixed * kink
-    alpha_l = jnp.where(mixed, jnp.where(convex, adaptive, secant), fixed)
-    beta_l = jnp.where(mixed, jnp.where(convex, adaptive_offset, secant_offset), fixed_offset)
-    alpha_u = jnp.where(mixed, jnp.where(convex, secant, adaptive), fixed)
-    beta_u = jnp.where(mixed, jnp.where(convex, secant_offset, adaptive_offset), fixed_offset)
-    shape = jnp.broadcast_shapes(lower.shape, alpha_l.shape)
-    return tuple(jnp.broadcast_to(a, shape) for a in (alpha_l, beta_l, alpha_u, beta_u))
-
-
-def _sigmoid_critical(k):
-    return 2 * jnp.arctanh(jnp.sqrt(jnp.clip(1 - 4 * k, 0.0, 1.0)))     # σ′(x) = k at x = ±this
-
-
-def _tanh_critical(k):
-    return jnp.arctanh(jnp.sqrt(jnp.clip(1 - k, 0.0, 1.0)))               # tanh′(x) = k at x = ±this
-
-
-_SMOOTH = {
-    "logistic": (jax.nn.sigmoid, lambda x: jax.nn.sigmoid(x) * (1 - jax.nn.sigmoid(x)), _sigmoid_critical),
-    "tanh": (jnp.tanh, lambda x: 1 - jnp.tanh(x) ** 2, _tanh_critical),
-}
-
-
-def _smooth_relaxation(params, lower, upper, points: int = 9):
-    """Lines below and above an S-shaped f on [lower, upper], each with its slope's exact offset."""
-    f, derivative, critical = _SMOOTH[params["name"]]
-    width = upper - lower
-    middle = lower + width / 2
-    secant = jnp.where(width > 0, (f(upper) - f(lower)) / jnp.where(width > 0, width, 1.0), derivative(middle))
-    grid = lower + width * jnp.linspace(0.0, 1.0, points, dtype=lower.dtype).reshape((-1,) + (1,) * lower.ndim)
-    slopes = jnp.concatenate([secant[None], derivative(grid)])            # [S, *shape]
-    turn = critical(slopes)
-    where = jnp.stack([jnp.broadcast_to(lower, slopes.shape), jnp.broadcast_to(upper, slopes.shape),
-                       jnp.clip(turn, lower, upper), jnp.clip(-turn, lower, upper)])
-    gaps = f(where) - slopes * where                                       # f(x) − kx at every extreme candidate
-    offset_l, offset_u = gaps.min(axis=0), gaps.max(axis=0)
-    best_l = jnp.argmax(slopes * middle + offset_l, axis=0)[None]
-    best_u = jnp.argmin(slopes * middle + offset_u, axis=0)[None]
-    pick = lambda a, i: jnp.take_along_axis(a, i, axis=0)[0]
-    return pick(slopes, best_l), pick(offset_l, best_l), pick(slopes, best_u), pick(offset_u, best_u)
-
-
-def _max_relaxation(node, lower, upper):
-    """(one-hot lower choice, one-hot upper choice, constant upper) over a max node's K candidates."""
-    low, up = node.fn(lower, -jnp.inf), node.fn(upper, -jnp.inf)          # [K, *shape]
-    best = jnp.argmax(low, axis=0)
-    choice = jax.nn.one_hot(best, low.shape[0], axis=0, dtype=lower.dtype)
-    others = jnp.where(choice > 0, -jnp.inf, up).max(axis=0)
-    dominant = (low * choice).sum(axis=0) >= others
-    top = up.max(axis=0)
-    return choice, choice * dominant, jnp.where(dominant, 0.0, top).astype(lower.dtype)
-
-
-def relaxation(node: Node, lower, upper):
-    """The linear relaxation of a nonlinear node whose input lies in [lower, upper]."""
-    if node.kind == "piecewise":
-        return _kinked_relaxation(node.params, lower, upper)
-    if node.kind == "smooth":
-        return _smooth_relaxation(node.params, lower, upper)
-    return _max_relaxation(node, lower, upper)
-
-
 # -- backward propagation --------------------------------------------------------------------
 
 def _sum_rest(a):
@@ -374,10 +291,13 @@ def _step(graph: Graph, node: Node, relaxed, lam):
     return (positive * alpha_l + negative * alpha_u,), _sum_rest(positive * beta_l + negative * beta_u)
 
 
-def backward(graph: Graph, relaxed: dict, start: int, lam):
-    """(coefficients on the input [S, *input], offsets [S]): lam · node_start ≥ coefficients · x + offsets."""
+def backward(graph: Graph, relaxed: dict, start: int, lam, stop: int = 0):
+    """(coefficients on node `stop` [S, *stop], offsets [S]): lam · node_start ≥ coefficients · node_stop + offsets.
+
+    stop: the input (0), or a node every path from the input to `start` passes through.
+    """
     pending, offsets = {start: lam}, jnp.zeros(lam.shape[0], lam.dtype)
-    for index in range(start, 0, -1):
+    for index in range(start, stop, -1):
         lam = pending.pop(index, None)
         if lam is None:
             continue
@@ -386,16 +306,30 @@ def backward(graph: Graph, relaxed: dict, start: int, lam):
         offsets = offsets + offset
         for i, c in zip(node.inputs, coefficients):
             pending[i] = pending[i] + c if i in pending else c
-    first = graph.nodes[0]
-    return pending.get(0, jnp.zeros((lam.shape[0],) + first.shape, lam.dtype)), offsets
+    last = graph.nodes[stop]
+    return pending.get(stop, jnp.zeros((lam.shape[0],) + last.shape, lam.dtype)), offsets
 
 
-def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_rows: int = 512):
+def affine_prefix(graph: Graph) -> int | None:
+    """The node that feeds the first nonlinearity when only affine nodes lie before it and no later node reads
+    them: every path from the input to a nonlinearity passes through it (a first dense or convolution layer)."""
+    first = next((node for node in graph.nodes if node.kind in NONLINEAR), None)
+    if first is None or first.inputs[0] == 0:
+        return None
+    prefix = first.inputs[0]
+    if any(i < prefix for node in graph.nodes[prefix + 1:] for i in node.inputs):
+        return None
+    return prefix
+
+
+def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_rows: int = 512, prefix=None):
     """Lower bounds of spec · output [S]: intermediate bounds by CROWN, node by node, then the spec's.
 
     input_bounds() -> (lower, upper) of the input; minimum(coefficients [S, n], offsets [S]) -> [S], the
     minimum of coefficients · x + offsets over the input set. An intermediate node's bounds are computed
     `max_rows` rows (units, each from below and from above) at a time, to bound the memory.
+    prefix: None, or (index of an `affine_prefix`, minimum over the set of coefficients on that node
+    [S, n_prefix] and offsets): the nodes past it are bounded from their coefficients on it.
     """
     bounds, relaxed = {0: input_bounds()}, {}
     for node in graph.nodes:
@@ -403,13 +337,16 @@ def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_row
             continue
         source = node.inputs[0]
         if source not in bounds:
-            bounds[source] = _intermediate_bounds(graph, relaxed, source, minimum, spec.dtype, max_rows)
+            stop, at_stop = (0, minimum) if prefix is None or source <= prefix[0] else prefix
+            bounds[source] = _intermediate_bounds(graph, relaxed, source, stop, at_stop, spec.dtype, max_rows)
         relaxed[node.index] = relaxation(node, *bounds[source])
+        bounds[node.index] = output_bounds(node, *bounds[source])   # what a backward pass from it would give, or better
     coefficients, offsets = backward(graph, relaxed, graph.output, spec)
     return coefficients, offsets
 
 
-def _intermediate_bounds(graph: Graph, relaxed: dict, source: int, minimum: Callable, dtype, max_rows: int):
+def _intermediate_bounds(graph: Graph, relaxed: dict, source: int, stop: int, minimum: Callable, dtype,
+                         max_rows: int):
     """(lower, upper) of a node's value over the input set: a backward pass from ± each of its units."""
     shape = graph.nodes[source].shape
     size = int(np.prod(shape))
@@ -419,7 +356,7 @@ def _intermediate_bounds(graph: Graph, relaxed: dict, source: int, minimum: Call
     def bound(start):
         index = start + jnp.arange(chunk)                     # rows past the end repeat earlier ones: dropped
         unit = jax.nn.one_hot(index % size, size, dtype=dtype) * jnp.where(index % rows < size, 1, -1)[:, None]
-        coefficients, offsets = backward(graph, relaxed, source, unit.reshape((chunk,) + shape))
+        coefficients, offsets = backward(graph, relaxed, source, unit.reshape((chunk,) + shape), stop)
         return minimum(coefficients.reshape(chunk, -1), offsets)
     starts = jnp.arange(-(-rows // chunk)) * chunk
     low = jax.lax.map(bound, starts).reshape(-1)[:rows]

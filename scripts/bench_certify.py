@@ -40,7 +40,7 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=1000)
     parser.add_argument("--workdir", default="runs/fashion_mnist")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args(argv)
     if args.num_images < 1 or args.steps < 1:
         parser.exit(2, "bench_certify: --num-images and --steps must be >= 1\n")
@@ -50,8 +50,10 @@ def main(argv=None):
     predicted = np.argmax(np.asarray(jax.jit(fn)(jnp.asarray(test.images[:4 * args.num_images]))), -1)
     index = np.where(predicted == test.labels[:4 * args.num_images])[0][:args.num_images]
     images, labels = jnp.asarray(test.images[index]), jnp.asarray(test.labels[index])
-    certify = lambda: certified_radius(fn, images, labels, steps=args.steps)
-    attack = lambda: lbfgs_attack_untargeted(fn, images, labels)
+    def certify():
+        return certified_radius(fn, images, labels, steps=args.steps)
+    def attack():
+        return lbfgs_attack_untargeted(fn, images, labels)
     print(f"{args.model}, {len(index)} images on {jax.devices()[0].platform}", flush=True)
     radii, certify_first = _timed(certify)
     print(f"certify: {certify_first:.1f} s", flush=True)

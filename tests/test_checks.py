@@ -187,6 +187,8 @@ PUBLIC = [
         ATTACK, model_name="model", produced=adversarial),
     Public("certify.certified_radius", lambda m, p, x, y, lo, up: certify.certified_radius(
         m, x, y, params=p, lower=lo, upper=up, steps=2), ATTACK, model_name="model"),
+    Public("certify.certificates", lambda m, p, x, y, lo, up: certify.certificates(
+        m, x, y, params=p, lower=lo, upper=up, steps=2).radius, ATTACK, model_name="model"),
     Public("certify.margin_lower_bounds", lambda m, p, x, y, lo, up: certify.margin_lower_bounds(
         m, x, 0.1, y, params=p, lower=lo, upper=up), ATTACK, model_name="model"),
     Public("optim.minimize_box", lambda m, p, x, y, lo, up: minimize_box(
