@@ -248,7 +248,7 @@ def test_kept_memory_is_the_memory_of_the_new_c_computed_densely():
     fresh = opt._replace(rho=jnp.zeros_like(opt.rho), gamma=jnp.ones(lanes))
     delta_c = np.array([0.5, -0.2, 0.0], np.float32)
     keep = jnp.array([True, True, False])
-    fresh, moved = _keep_memory(fresh, opt, jnp.asarray(delta_c), keep)
+    fresh, moved = jax.vmap(_keep_memory)(fresh, opt, jnp.asarray(delta_c), keep)
     y_new = y_vecs + 2 * delta_c[:, None, None] * s_vecs
     np.testing.assert_allclose(np.asarray(moved.pairs[:, 1]), y_new, rtol=1e-5, atol=1e-6)
     expected_gram = np.stack([dots(s_vecs, s_vecs), dots(s_vecs, y_new), dots(y_new, y_new)], axis=1)

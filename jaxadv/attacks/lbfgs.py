@@ -10,18 +10,18 @@ comes from the *largest* c that still succeeds; that is the reading we keep
 (as DeepRobust does; CleverHans, advertorch and Foolbox put the constant on
 the loss and look for the smallest one, which is the same thing).
 
-Everything for a whole batch runs as ONE lax.while_loop. Each step evaluates
-the objective and its gradient once for every image (one batched
-vmap(value_and_grad)) and advances each image's own box-constrained L-BFGS
-(one update of the optax transformation `jaxadv.optim.box_lbfgs`, vmapped).
-When an image's L-BFGS run ends, its c search records the run (success, and the best successful image so far), moves its c
+The c search of one image is written as pure per-image functions
+(`search_lanes`: init/step/done on a `SearchState`) and run on the lane loop
+of `jaxadv.attacks.lanes`, as is the refinement that follows it
+(`boundary.refine_lanes`). Each step evaluates the objective and its gradient
+once (one batched vmap(value_and_grad) over the lanes) and advances the
+image's own box-constrained L-BFGS (one update of the optax transformation
+`jaxadv.optim.box_lbfgs`). When an image's L-BFGS run ends, its c search
+records the run (success, and the best successful image so far), moves its c
 bracket and restarts L-BFGS with the new c from a warm start (by default the
-best successful point so far, keeping the L-BFGS memory moved to the new c),
-all under jnp.where masks.
-Images whose search has ended freeze; the loop ends when every search has.
+best successful point so far, keeping the L-BFGS memory moved to the new c).
 No image's arithmetic depends on another's, so the result for an image is the
-same alone or in any batch of the same size (up to XLA's shape-dependent
-rounding across batch sizes).
+same alone or in any batch (at a fixed lane count).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ import numpy as np
 
 from jaxadv import checks, optim
 from jaxadv.attacks import boundary, box_lbfgs
+from jaxadv.attacks.lanes import LaneAttack, run_lanes
 
 PENALTIES = ("l2", "l2_squared")
 WARM_STARTS = ("none", "best", "last")
@@ -213,35 +214,40 @@ _RESTART_FIELDS = ("x", "trial", "step", "line_search_steps", "iterations", "eva
                    "accepted", "steepest", "done", "status", "rho", "gamma")
 
 
-class _Outputs(NamedTuple):
-    best: jax.Array         # [N, n]
-    c: jax.Array
-    iterations: jax.Array
-    evaluations: jax.Array
-    success: jax.Array      # the search found an adversarial point
-
-
-class _SearchState(NamedTuple):
-    """One row per lane; a lane attacks image `image` (N: idle, the queue is empty)."""
-    opt: box_lbfgs.BoxLBFGSState
-    image: jax.Array
-    x0: jax.Array           # [lanes, n] the lane's original image
+class SearchInputs(NamedTuple):
+    """One image's problem for the c search, flat: origin [n], target, first c, and the box ([] or [n])."""
+    origin: jax.Array
     target: jax.Array
+    first_c: jax.Array
+    lower: jax.Array
+    upper: jax.Array
+
+
+class SearchState(NamedTuple):
+    """The c search of one image: its L-BFGS run at the current c and the bracket around the largest c that succeeds."""
+    problem: SearchInputs
+    opt: box_lbfgs.BoxLBFGSState
     c: jax.Array            # c of the current run
     lo: jax.Array           # largest c that succeeded (0: none yet)
     hi: jax.Array           # smallest c that failed (inf: none yet)
     bracket_steps: jax.Array
     bisections: jax.Array
     x_is_adversarial: jax.Array   # prediction at opt.x == target (from the evaluation that produced opt.x)
-    best: jax.Array         # [lanes, n] best successful point so far (else the last run's point)
+    best: jax.Array         # [n] best successful point so far (else the last run's point)
     best_l2: jax.Array      # inf until a run succeeds
     best_c: jax.Array
     iterations: jax.Array
     evaluations: jax.Array
     searching: jax.Array
-    next_image: jax.Array   # first image not yet handed to a lane
-    out: _Outputs
-    step: jax.Array
+
+
+class SearchOutput(NamedTuple):
+    """What the search keeps of an image: its best point, the c that gave it, its cost, and whether it succeeded."""
+    best: jax.Array
+    c: jax.Array
+    iterations: jax.Array
+    evaluations: jax.Array
+    success: jax.Array
 
 
 def _penalty(r, kind):
@@ -261,6 +267,92 @@ def _not_label_loss(logits, label):
     return jax.nn.logsumexp(logits) - jax.nn.logsumexp(boundary.without_class(logits, label))
 
 
+def search_lanes(logits_one, config: AttackConfig, untargeted: bool) -> LaneAttack:
+    """The c search of one image as pure `init`/`step`/`done` functions (`jaxadv.attacks.lanes`).
+
+    logits_one: the model on one flat image, [n] -> [classes]. Each step is
+    one value and gradient of c·penalty(r) + loss(x + r) and one L-BFGS
+    update; when a run ends, the step records it (success, the best
+    successful point), moves the c bracket and restarts L-BFGS at the next c
+    from the warm start (see `AttackConfig`), or ends the search.
+    """
+    loss_fn = _not_label_loss if untargeted else _cross_entropy
+    lbfgs_config = config.lbfgs_config()
+
+    def objective(x, origin, c, anchor):
+        logits = logits_one(x)
+        return c * _penalty(x - origin, config.penalty) + loss_fn(logits, anchor), logits
+
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+    def solver(problem: SearchInputs):
+        return optim.box_lbfgs(problem.lower, problem.upper, **lbfgs_config._asdict())    # the image's own box
+
+    def init(problem: SearchInputs) -> SearchState:
+        dtype, zero = problem.origin.dtype, jnp.zeros((), jnp.int32)
+        return SearchState(problem, solver(problem).init(problem.origin), c=problem.first_c, lo=jnp.zeros((), dtype),
+                           hi=jnp.asarray(jnp.inf, dtype), bracket_steps=zero, bisections=zero,
+                           x_is_adversarial=jnp.zeros((), bool), best=problem.origin,
+                           best_l2=jnp.asarray(jnp.inf, dtype), best_c=problem.first_c, iterations=zero,
+                           evaluations=zero, searching=jnp.ones((), bool))
+
+    def step(s: SearchState) -> SearchState:
+        problem = s.problem
+        # 1. one value and gradient at the trial point, one L-BFGS update (the optax update; the next
+        #    trial is read from the state, exact, where params + updates would round)
+        (value, logits), grad = value_and_grad(s.opt.trial, problem.origin, s.c, problem.target)
+        opt = solver(problem).update(grad, s.opt, s.opt.trial, value=value)[1]
+        x_is_adversarial = jnp.where(opt.accepted, boundary.is_adversarial(logits, problem.target, untargeted),
+                                     s.x_is_adversarial)
+        # 2. a run that just ended: record it (until one succeeds, keep the last run's point: the smallest
+        #    c tried so far) and move the c bracket
+        ended = s.searching & opt.done
+        success, failure = ended & x_is_adversarial, ended & ~x_is_adversarial
+        l2 = jnp.linalg.norm(opt.x - problem.origin)
+        better = success & (l2 < s.best_l2)
+        take = better | (ended & ~jnp.isfinite(s.best_l2))
+        lo = jnp.where(success, jnp.maximum(s.lo, s.c), s.lo)
+        hi = jnp.where(failure, jnp.minimum(s.hi, s.c), s.hi)
+        was_bracketed, bracketed = (s.lo > 0) & jnp.isfinite(s.hi), (lo > 0) & jnp.isfinite(hi)
+        bisections = s.bisections + (ended & was_bracketed)
+        bracket_steps = s.bracket_steps + (ended & ~bracketed)
+        next_c = jnp.where(bracketed, jnp.sqrt(lo * hi),
+                           jnp.where(jnp.isfinite(hi), s.c / config.growth, s.c * config.growth))
+        finished = ended & ((bracketed & (bisections >= config.bisection_steps))
+                            | (~bracketed & (bracket_steps > config.max_bracket_steps)))
+        again = ended & ~finished
+        delta_c = jnp.where(again, next_c - s.c, 0.0)
+        s = s._replace(
+            opt=opt, c=jnp.where(again, next_c, s.c), lo=lo, hi=hi, bracket_steps=bracket_steps,
+            bisections=bisections, x_is_adversarial=x_is_adversarial & ~again,
+            best=jnp.where(take, opt.x, s.best), best_l2=jnp.where(better, l2, s.best_l2),
+            best_c=jnp.where(take, s.c, s.best_c), iterations=s.iterations + (opt.iterations - s.opt.iterations),
+            evaluations=s.evaluations + s.searching.astype(jnp.int32), searching=s.searching & ~finished)
+        # 3. the next run at the new c restarts L-BFGS from the warm start
+        return s._replace(opt=_next_run(s, again, delta_c, config))
+
+    def done(s: SearchState):
+        return ~s.searching
+
+    def output(s: SearchState) -> SearchOutput:
+        return SearchOutput(s.best, s.best_c, s.iterations, s.evaluations, jnp.isfinite(s.best_l2))
+
+    return LaneAttack(init, step, done, output)
+
+
+def _next_run(s: SearchState, again, delta_c, config: AttackConfig) -> box_lbfgs.BoxLBFGSState:
+    """The L-BFGS state of the search's next run where `again`, else `s.opt` (delta_c: the move of c, 0 if not)."""
+    problem = s.problem
+    start = {"best": jnp.where(again, s.best, problem.origin), "last": jnp.where(again, s.opt.x, problem.origin),
+             "none": problem.origin}[config.warm_start]
+    fresh = box_lbfgs.restart(s.opt, start, problem.lower, problem.upper)   # a new c: the search's own move
+    opt = s.opt
+    if config.keep_memory and config.penalty == "l2_squared":
+        # (delta_c is 0 outside `again`: those pairs and Gram matrices stay bit for bit.)
+        fresh, opt = _keep_memory(fresh, s.opt, delta_c, again)
+    return opt._replace(**{f: jnp.where(again, getattr(fresh, f), getattr(opt, f)) for f in _RESTART_FIELDS})
+
+
 @functools.partial(jax.jit, static_argnames=("config", "untargeted"))
 def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
                       config: AttackConfig = AttackConfig(), untargeted: bool = False) -> AttackResult:
@@ -273,168 +365,40 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
       initial_c: None (config.initial_c) or [N] per-image first c.
     Safe to call inside jit / shard_map / lax.map (static shapes only).
 
-    `config.lanes` images are attacked at a time (all N if None); when an
-    image's c search ends, its lane takes the next image waiting, so the
-    batched gradient stays busy until the queue runs dry instead of idling
-    until the slowest image of the batch is done.
+    `config.lanes` images are searched at a time (all N if None), then
+    refined at a time, each on `jaxadv.attacks.lanes.run_lanes`: a lane
+    whose image is done takes the next one waiting.
     """
     num_images, shape = images.shape[0], images.shape[1:]
-    n = math.prod(shape)
-    dtype = images.dtype
+    n, dtype = math.prod(shape), images.dtype
     # A fixed lane count (idle lanes when N < lanes) keeps every step's shapes, and so XLA's
     # rounding, independent of N: an image gets the same bits alone or in any batch.
     lanes = num_images if config.lanes is None else config.lanes
-    pool = images.reshape(num_images, n)
-    targets = targets.astype(jnp.int32)
-    bounds = (lower, upper)
-    lower, lower_axis = _flat_bound(lower, images.shape, dtype)
-    upper, upper_axis = _flat_bound(upper, images.shape, dtype)
-    lcfg = config.lbfgs_config()
+    pool, targets = images.reshape(num_images, n), targets.astype(jnp.int32)
     first_c = (jnp.full((num_images,), config.initial_c, dtype) if initial_c is None
                else jnp.broadcast_to(jnp.asarray(initial_c, dtype), (num_images,)))
-
-    loss_fn = _not_label_loss if untargeted else _cross_entropy
-
-    def objective(x, origin, c, anchor):
-        logits = logits_fn(x.reshape((1,) + shape))[0]
-        return c * _penalty(x - origin, config.penalty) + loss_fn(logits, anchor), logits
-
-    value_and_grad = jax.vmap(jax.value_and_grad(objective, has_aux=True))
-    solver = lambda lower, upper: optim.box_lbfgs(lower, upper, **lcfg._asdict())   # each lane's own box
-
-    def tell_one(opt, value, grad, lower, upper):
-        # The optax update at the trial point; the next trial is read from the state, exact, where
-        # params + updates would round (the updates are unused, and XLA drops them).
-        return solver(lower, upper).update(grad, opt, opt.trial, value=value)[1]
-
-    tell = jax.vmap(tell_one, in_axes=(0, 0, 0, lower_axis, upper_axis))
-    init = jax.vmap(lambda x0, lower, upper: solver(lower, upper).init(x0), in_axes=(0, lower_axis, upper_axis))
-    # A new c of the same image: the c search's own move, outside optax's contract (see _keep_memory).
-    restart = jax.vmap(box_lbfgs.restart, in_axes=(0, 0, lower_axis, upper_axis))
-    is_adversarial = jax.vmap(functools.partial(boundary.is_adversarial, union=untargeted))
-
-    def lane_bounds(image):
-        pick = lambda bound, axis: bound if axis is None else bound[jnp.minimum(image, num_images - 1)]
-        return pick(lower, lower_axis), pick(upper, upper_axis)
-
-    def fresh_search(image, x0):
-        zeros_f, zeros_i = jnp.zeros((lanes,), dtype), jnp.zeros((lanes,), jnp.int32)
-        c = first_c[jnp.minimum(image, num_images - 1)]
-        return dict(c=c, lo=zeros_f, hi=jnp.full((lanes,), jnp.inf, dtype),
-                    bracket_steps=zeros_i, bisections=zeros_i, x_is_adversarial=jnp.zeros((lanes,), bool),
-                    best=x0, best_l2=jnp.full((lanes,), jnp.inf, dtype), best_c=c,
-                    iterations=zeros_i, evaluations=zeros_i, searching=image < num_images)
-
-    def step(s: _SearchState) -> _SearchState:
-        lo_b, up_b = lane_bounds(s.image)
-        (value, logits), grad = value_and_grad(s.opt.trial, s.x0, s.c, s.target)
-        opt = tell(s.opt, value, grad, lo_b, up_b)
-        x_is_adversarial = jnp.where(opt.accepted, is_adversarial(logits, s.target), s.x_is_adversarial)
-
-        # Runs that just ended: record them and move the c bracket.
-        ended = s.searching & opt.done
-        success = ended & x_is_adversarial
-        failure = ended & ~x_is_adversarial
-        l2 = jnp.linalg.norm(opt.x - s.x0, axis=-1)
-        better = success & (l2 < s.best_l2)
-        # Until a run succeeds, keep the last run's point (the smallest c tried so far).
-        take = better | (ended & ~jnp.isfinite(s.best_l2))
-        best = jnp.where(take[:, None], opt.x, s.best)
-        best_l2 = jnp.where(better, l2, s.best_l2)
-        best_c = jnp.where(take, s.c, s.best_c)
-        lo = jnp.where(success, jnp.maximum(s.lo, s.c), s.lo)
-        hi = jnp.where(failure, jnp.minimum(s.hi, s.c), s.hi)
-        was_bracketed = (s.lo > 0) & jnp.isfinite(s.hi)
-        bracketed = (lo > 0) & jnp.isfinite(hi)
-        bisections = s.bisections + (ended & was_bracketed)
-        bracket_steps = s.bracket_steps + (ended & ~bracketed)
-        next_c = jnp.where(bracketed, jnp.sqrt(lo * hi),
-                           jnp.where(jnp.isfinite(hi), s.c / config.growth, s.c * config.growth))
-        finished = ended & ((bracketed & (bisections >= config.bisection_steps))
-                            | (~bracketed & (bracket_steps > config.max_bracket_steps)))
-        again = ended & ~finished
-        delta_c = jnp.where(again, next_c - s.c, 0.0)
-        s = s._replace(
-            opt=opt, c=jnp.where(again, next_c, s.c), lo=lo, hi=hi, bracket_steps=bracket_steps,
-            bisections=bisections, x_is_adversarial=x_is_adversarial & ~again,
-            best=best, best_l2=best_l2, best_c=best_c,
-            iterations=s.iterations + (opt.iterations - s.opt.iterations),
-            evaluations=s.evaluations + s.searching.astype(jnp.int32),
-            searching=s.searching & ~finished, step=s.step + 1)
-        s = jax.lax.cond(jnp.any(finished), _retire_and_refill, lambda s, f: s, s, finished)
-        # Restart L-BFGS (fresh memory) for every new run: a new image starts from itself, a new c
-        # of the same image from the warm-start point.
-        new_run = again | (finished & s.searching)
-        if config.warm_start == "best":
-            start = jnp.where(again[:, None], s.best, s.x0)
-        elif config.warm_start == "last":
-            start = jnp.where(again[:, None], s.opt.x, s.x0)
-        else:
-            start = s.x0
-        lo_b, up_b = lane_bounds(s.image)
-        fresh = restart(s.opt, start, lo_b, up_b)
-        opt = s.opt
-        if config.keep_memory and config.penalty == "l2_squared":
-            # (delta_c is 0 outside `again`: those lanes' pairs and Gram matrices stay bit for bit.)
-            fresh, opt = _keep_memory(fresh, s.opt, delta_c, again)
-        opt = opt._replace(**{f: _where(new_run, getattr(fresh, f), getattr(opt, f)) for f in _RESTART_FIELDS})
-        return s._replace(opt=opt)
-
-    def _retire_and_refill(s: _SearchState, finished) -> _SearchState:
-        # Write the finished lanes' results to their images' rows (idle rows index past the end: dropped).
-        rows = jnp.where(finished, s.image, num_images)
-        out = s.out._replace(
-            best=s.out.best.at[rows].set(s.best, mode="drop"), c=s.out.c.at[rows].set(s.best_c, mode="drop"),
-            iterations=s.out.iterations.at[rows].set(s.iterations, mode="drop"),
-            evaluations=s.out.evaluations.at[rows].set(s.evaluations, mode="drop"),
-            success=s.out.success.at[rows].set(jnp.isfinite(s.best_l2), mode="drop"))
-        # Hand the next waiting images to the finished lanes, in lane order.
-        image = jnp.where(finished, s.next_image + jnp.cumsum(finished, dtype=jnp.int32) - 1, s.image)
-        image = jnp.where(finished & (image >= num_images), num_images, image)
-        reload = finished & (image < num_images)
-        x0 = jnp.where(reload[:, None], pool[jnp.minimum(image, num_images - 1)], s.x0)
-        target = jnp.where(reload, targets[jnp.minimum(image, num_images - 1)], s.target)
-        fresh = fresh_search(image, x0)
-        fields = {k: _where(finished, v, getattr(s, k)) for k, v in fresh.items()}
-        # A new image gets a wholly new L-BFGS state, ring buffer included: `restart` keeps the slot
-        # order (`newest`) and the stale pairs, and the memory's sums run in slot order, so an image
-        # inheriting its lane's previous history would round differently in another lane or batch.
-        opt = _where(finished, init(x0, *lane_bounds(image)), s.opt)
-        return s._replace(opt=opt, out=out, image=image, x0=x0, target=target,
-                          next_image=s.next_image + jnp.sum(finished, dtype=jnp.int32), **fields)
-
-    image = jnp.arange(lanes, dtype=jnp.int32)
-    x0 = pool[jnp.minimum(image, num_images - 1)]
-    opt = init(x0, *lane_bounds(image))
-    target0 = targets[jnp.minimum(image, num_images - 1)]
-    out = _Outputs(best=pool, c=jnp.zeros((num_images,), dtype),
-                   iterations=jnp.zeros((num_images,), jnp.int32), evaluations=jnp.zeros((num_images,), jnp.int32),
-                   success=jnp.zeros((num_images,), bool))
-    state = _SearchState(opt=opt, image=image, x0=x0, target=target0, next_image=jnp.asarray(lanes, jnp.int32),
-                         out=out, step=jnp.zeros((), jnp.int32), **fresh_search(image, x0))
-    cap = config.step_cap() * (-(-num_images // lanes))
-    state = jax.lax.while_loop(lambda s: jnp.any(s.searching) & (s.step < cap), step, state)
-    # Lanes still searching at the step cap: keep what they have.
-    state = _retire_and_refill(state, state.searching & (state.image < num_images))
-    out = state.out
+    lower_flat, upper_flat = _per_image_bound(lower, images.shape, dtype), _per_image_bound(upper, images.shape, dtype)
+    out = run_lanes(search_lanes(lambda x: logits_fn(x.reshape((1,) + shape))[0], config, untargeted),
+                    SearchInputs(pool, targets, first_c, lower_flat, upper_flat), lanes,
+                    max_steps=config.step_cap() * (-(-num_images // lanes)))
 
     scale = jnp.sqrt(jnp.asarray(n, dtype))
     search_l2 = jnp.where(out.success, jnp.linalg.norm(out.best - pool, axis=-1), jnp.inf)
     best, evaluations = out.best, out.evaluations
     if config.refine_steps > 0:
         # Its own lane loop: the search's steps stay as cheap as without it, and its lanes do nothing else.
-        refined = boundary.refine_core(logits_fn, pool, best, targets, out.success, lower, upper,
+        refined = boundary.refine_core(logits_fn, pool, best, targets, out.success, lower_flat, upper_flat,
                                        config=config.refine_config(untargeted), lanes=lanes, shape=shape)
         best, evaluations = refined.best, evaluations + refined.evaluations
     adversarial = best.reshape(images.shape)
     logits = logits_fn(adversarial)
-    success = is_adversarial(logits, targets)
+    success = jax.vmap(functools.partial(boundary.is_adversarial, union=untargeted))(logits, targets)
     l2 = jnp.linalg.norm(best - pool, axis=-1)
     result = AttackResult(adversarial=adversarial, success=success, l2=l2, distortion=l2 / scale,
                           c=out.c, iterations=out.iterations, evaluations=evaluations,
                           search_distortion=search_l2 / scale)
     if untargeted and config.runner_ups > 0:
-        result = _with_runner_ups(logits_fn, images, targets, bounds, initial_c, config, result,
+        result = _with_runner_ups(logits_fn, images, targets, (lower, upper), initial_c, config, result,
                                   found=jnp.argmax(logits, axis=-1))
     return result
 
@@ -491,29 +455,27 @@ def _linear_distances(logits_fn, images, labels, lanes):
 
 
 def _keep_memory(fresh: box_lbfgs.BoxLBFGSState, old: box_lbfgs.BoxLBFGSState, delta_c, keep):
-    """(`fresh` with `old`'s memory for the lanes in `keep`, `old` with its memory moved to the new c).
+    """(`fresh` with `old`'s memory if `keep`, `old` with its memory moved to the new c), for one image.
 
     The penalty c·‖r‖² has Hessian 2c·I, so a new c changes every curvature
     pair exactly: y_j -> y_j + 2Δc·s_j (the loss part is unchanged). The Gram
     matrices follow in closed form; a pair whose s·y is no longer positive is
     dropped (rho = 0), as `tell` would not have stored it.
     """
-    d = delta_c[:, None, None]
-    pairs = old.pairs.at[:, 1].add(2.0 * d * old.pairs[:, 0])
-    ss, sy, yy = old.gram[:, 0], old.gram[:, 1], old.gram[:, 2]
-    sy_new = sy + 2.0 * d * ss
-    yy_new = yy + 2.0 * d * (sy + jnp.swapaxes(sy, 1, 2)) + 4.0 * d * d * ss
+    pairs = old.pairs.at[1].add(2.0 * delta_c * old.pairs[0])
+    ss, sy, yy = old.gram[0], old.gram[1], old.gram[2]
+    sy_new = sy + 2.0 * delta_c * ss
+    yy_new = yy + 2.0 * delta_c * (sy + sy.T) + 4.0 * delta_c * delta_c * ss
     eye = jnp.eye(ss.shape[-1], dtype=ss.dtype)
     s_dot_y = jnp.sum(sy_new * eye, axis=-1)          # diagonals, as one fused multiply-reduce
     y_dot_y = jnp.sum(yy_new * eye, axis=-1)
     valid = (old.rho != 0) & (s_dot_y > jnp.finfo(s_dot_y.dtype).eps * y_dot_y) & (y_dot_y > 0)
     rho = jnp.where(valid, 1.0 / jnp.where(valid, s_dot_y, 1.0), 0.0)
-    newest = jnp.arange(ss.shape[-1]) == old.newest[:, None]
-    newest_valid = jnp.any(newest & valid, axis=-1)
-    gamma = jnp.where(newest_valid, jnp.sum(jnp.where(newest & valid, s_dot_y / jnp.where(valid, y_dot_y, 1.0), 0.0), -1),
+    newest = (jnp.arange(ss.shape[-1]) == old.newest) & valid
+    gamma = jnp.where(jnp.any(newest), jnp.sum(jnp.where(newest, s_dot_y / jnp.where(valid, y_dot_y, 1.0), 0.0)),
                       old.gamma)
-    moved = old._replace(pairs=pairs, gram=jnp.stack([ss, sy_new, yy_new], axis=1))
-    return fresh._replace(rho=jnp.where(keep[:, None], rho, fresh.rho), gamma=jnp.where(keep, gamma, fresh.gamma)), moved
+    moved = old._replace(pairs=pairs, gram=jnp.stack([ss, sy_new, yy_new]))
+    return fresh._replace(rho=jnp.where(keep, rho, fresh.rho), gamma=jnp.where(keep, gamma, fresh.gamma)), moved
 
 
 def _where(mask, a, b):
@@ -521,12 +483,12 @@ def _where(mask, a, b):
     return jax.tree.map(lambda u, v: jnp.where(mask.reshape(mask.shape + (1,) * (u.ndim - 1)), u, v), a, b)
 
 
-def _flat_bound(bound, images_shape, dtype):
-    """A bound as a scalar (vmap axis None) or a [B, n] array (vmap axis 0)."""
+def _per_image_bound(bound, images_shape, dtype):
+    """A bound per image: [N] (one scalar each) or [N, n] (flat)."""
     bound = jnp.asarray(bound, dtype)
     if bound.ndim == 0:
-        return bound, None
-    return jnp.broadcast_to(bound, images_shape).reshape(images_shape[0], -1), 0
+        return jnp.broadcast_to(bound, images_shape[:1])
+    return jnp.broadcast_to(bound, images_shape).reshape(images_shape[0], -1)
 
 
 def lbfgs_attack(logits_fn: Callable, images, targets, config: AttackConfig = AttackConfig(),
