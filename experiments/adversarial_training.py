@@ -38,7 +38,7 @@ import numpy as np
 from experiments.common import (ArgumentParser, add_common_args, fixed, int_in, markdown_table, output_dir, parse_args,
                                 percent, run_main, save_figure_atomic, write_json_atomic, write_text_atomic)
 from jaxadv.adversarial_training import INPUT, AdversarialTrainingConfig, adversarial_train, logits_above
-from jaxadv.attacks import UNTARGETED, AttackConfig, attack_dataset, lbfgs_attack, random_wrong_targets
+from jaxadv.attacks import ATTACK_LBFGS, UNTARGETED, AttackConfig, SearchConfig, attack_dataset, lbfgs_attack, random_wrong_targets
 from jaxadv.sweep import function_fingerprint
 from jaxadv.data import NUM_EXAMPLES, load_dataset
 from jaxadv.functional import hidden_layers
@@ -50,7 +50,8 @@ MODEL = "FC100-100-10"
 NUM_CLASSES = 10
 DROPOUT_RATE = 0.2
 #: Cheap attack for pool refreshes: 3 bracket moves of c, 2 bisections, 30 L-BFGS iterations per c.
-POOL_ATTACK = AttackConfig(max_bracket_steps=3, bisection_steps=2, max_iterations=30)
+POOL_ATTACK = AttackConfig(search=SearchConfig(max_bracket_steps=3, bisection_steps=2),
+                           lbfgs=ATTACK_LBFGS._replace(max_iterations=30))
 #: The full attack (the library's defaults) for the final distortion of each model.
 EVAL_ATTACK = UNTARGETED
 BASE = AdversarialTrainingConfig(epochs=40, batch_size=128, learning_rate=1e-3, pool_size=2000,
