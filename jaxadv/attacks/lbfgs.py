@@ -401,9 +401,10 @@ def _keep_memory(fresh: box_lbfgs.BoxLBFGSState, old: box_lbfgs.BoxLBFGSState, d
     matrices follow in closed form; a pair whose s·y is no longer positive is
     dropped (rho = 0), as `tell` would not have stored it.
     """
-    # (stacked anew rather than added in place: the in-place add forced a copy of the whole memory,
+    # (selected into a new array, not added in place: the in-place add made XLA copy the whole memory,
     #  which the step's direction still reads, at every step)
-    pairs = jnp.stack([old.pairs[0], old.pairs[1] + 2.0 * delta_c * old.pairs[0]])
+    is_y = (jnp.arange(2) == 1)[:, None, None]
+    pairs = jnp.where(is_y, old.pairs + 2.0 * delta_c * old.pairs[0], old.pairs)
     ss, sy, yy = old.gram[0], old.gram[1], old.gram[2]
     sy_new = sy + 2.0 * delta_c * ss
     yy_new = yy + 2.0 * delta_c * (sy + sy.T) + 4.0 * delta_c * delta_c * ss
