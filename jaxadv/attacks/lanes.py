@@ -51,11 +51,6 @@ class _Queue(NamedTuple):
     steps: jax.Array     # loop iterations so far
 
 
-def _where(mask, new, old):
-    """Per lane: `new` where mask, else `old` (the mask broadcast over each leaf's trailing axes)."""
-    return jax.tree.map(lambda u, v: jnp.where(mask.reshape(mask.shape + (1,) * (u.ndim - 1)), u, v), new, old)
-
-
 def run_lanes(attack: LaneAttack, inputs, lanes: int, max_steps: int | None = None):
     """Runs `attack` on every image of `inputs`, `lanes` images at a time; returns the final outputs.
 
@@ -98,7 +93,10 @@ def run_lanes(attack: LaneAttack, inputs, lanes: int, max_steps: int | None = No
         # 2. hand the next images, in lane order, to the ended lanes
         image = queue.next_image + jnp.cumsum(ended) - 1
         image = jnp.where(image < num_images, image, num_images)
-        states = _where(ended, init(take(image)), queue.states)
+        # (a scatter into the ended lanes, not a select over all: it updates the states in place, so the
+        #  loop carries them through the `cond` without a copy on the iterations that refill nothing)
+        lane = jnp.where(ended, jnp.arange(lanes), lanes)
+        states = jax.tree.map(lambda old, new: old.at[lane].set(new, mode="drop"), queue.states, init(take(image)))
         return _Queue(states, jnp.where(ended, image, queue.image), queue.next_image + jnp.sum(ended), finished,
                       queue.steps)
 
