@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from experiments.common import ArgumentParser, add_common_args, int_in, output_dir, parse_args, run_main
 from jaxadv.adversarial_training import INPUT, AdversarialTrainingConfig, adversarial_train, logits_above
-from jaxadv.attacks import UNTARGETED, AttackConfig, lbfgs_attack, random_wrong_targets
+from jaxadv.attacks import ATTACK_LBFGS, UNTARGETED, AttackConfig, SearchConfig, lbfgs_attack, random_wrong_targets
 from jaxadv.data import NUM_EXAMPLES, load_dataset
 from jaxadv.functional import hidden_layers
 from jaxadv.metrics import untargeted_distortion
@@ -43,7 +43,8 @@ MODEL = "FC100-100-10"
 NUM_CLASSES = 10
 DROPOUT_RATE = 0.2
 #: Cheap attack for pool refreshes: 3 bracket moves of c, 2 bisections, 30 L-BFGS iterations per c.
-POOL_ATTACK = AttackConfig(max_bracket_steps=3, bisection_steps=2, max_iterations=30)
+POOL_ATTACK = AttackConfig(search=SearchConfig(max_bracket_steps=3, bisection_steps=2),
+                           lbfgs=ATTACK_LBFGS._replace(max_iterations=30))
 #: The full attack (the library's defaults) for the final distortion of each model.
 EVAL_ATTACK = UNTARGETED
 BASE = AdversarialTrainingConfig(epochs=40, batch_size=128, learning_rate=1e-3, pool_size=2000,
@@ -139,7 +140,7 @@ def main(argv=None):
         "experiment": NAME, "dataset": args.dataset, "quick": args.quick, "seed": args.seed, "model": MODEL,
         "num_train_images": int(len(train_y)), "num_eval_images": int(eval_x.shape[0]),
         "curve_test_images": int(len(curve_y)),
-        "pool_attack": POOL_ATTACK._asdict(), "eval_attack": EVAL_ATTACK._asdict(), "dropout_rate": DROPOUT_RATE,
+        "pool_attack": POOL_ATTACK.settings(), "eval_attack": EVAL_ATTACK.settings(), "dropout_rate": DROPOUT_RATE,
         "paper_mnist_test_error": ADVERSARIAL_TRAINING_TEST_ERROR, "variants": records}
     table = adversarial_training_markdown(records, MODEL, args.dataset, int(eval_x.shape[0]),
                                           ADVERSARIAL_TRAINING_TEST_ERROR, hidden_layers(zoo_model.module))

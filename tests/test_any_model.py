@@ -14,7 +14,7 @@ import pytest
 
 from jaxadv import logits_function
 from jaxadv.adversarial_training import INPUT, AdversarialTrainingConfig, adversarial_train
-from jaxadv.attacks import AttackConfig, attack_dataset, lbfgs_attack, lbfgs_attack_untargeted, random_wrong_targets
+from jaxadv.attacks import ATTACK_LBFGS, AttackConfig, SearchConfig, attack_dataset, lbfgs_attack, lbfgs_attack_untargeted, random_wrong_targets
 from jaxadv.functional import LastDenseInput
 from jaxadv.lipschitz import operator_bounds
 from jaxadv.spectral import certified_radius
@@ -22,7 +22,8 @@ from jaxadv.transfer import error_rate_matrix
 from jaxadv.units import layer_features, natural_basis, top_k_images
 
 #: A cheaper attack than the default (the minimality of the attack is tested elsewhere).
-QUICK = AttackConfig(max_bracket_steps=4, bisection_steps=2, max_iterations=40)
+QUICK = AttackConfig(search=SearchConfig(max_bracket_steps=4, bisection_steps=2),
+                     lbfgs=ATTACK_LBFGS._replace(max_iterations=40))
 
 
 class UserCNN(nn.Module):

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from jaxadv import sweep
-from jaxadv.attacks import AttackConfig, attack_dataset, attack_sizes, dataset, lbfgs_attack
+from jaxadv.attacks import ATTACK_LBFGS, AttackConfig, RefineConfig, SearchConfig, attack_dataset, attack_sizes, dataset, lbfgs_attack
 
 #: Short searches: the properties under test do not need the default's precision.
-QUICK = AttackConfig(max_bracket_steps=3, bisection_steps=2, max_iterations=20, refine_steps=5)
+QUICK = AttackConfig(search=SearchConfig(max_bracket_steps=3, bisection_steps=2),
+                     lbfgs=ATTACK_LBFGS._replace(max_iterations=20), refine=RefineConfig(steps=5))
 SHAPE = (6, 6, 1)
 CLASSES = 4
 
@@ -134,7 +135,7 @@ def test_a_folder_refuses_other_weights_and_other_architectures_and_resumes_the_
         run(lambda x: mlp(weights, x) * 2.0, images, targets, folder)     # the same weights, another function
     with pytest.raises(sweep.SweepMismatch, match="attack"):
         attack_dataset(jax.tree_util.Partial(mlp, mlp_params(0)), images, targets, str(folder),
-                       QUICK._replace(max_iterations=21), progress=False)
+                       QUICK._replace(lbfgs=QUICK.lbfgs._replace(max_iterations=21)), progress=False)
     with pytest.raises(sweep.SweepMismatch, match="untargeted"):
         run(jax.tree_util.Partial(mlp, mlp_params(0)), images, targets, folder, untargeted=True)
 

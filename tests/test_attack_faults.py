@@ -64,7 +64,7 @@ def test_initial_c_must_be_finite_and_positive_in_the_images_dtype(where, value)
     # out 8x too far (0).
     with pytest.raises(ValueError, match="initial_c"):
         if where == "config":
-            lbfgs_attack(LOGITS, _images(0), TARGETS, FAST._replace(initial_c=value))
+            lbfgs_attack(LOGITS, _images(0), TARGETS, _with(FAST, "search.initial_c", value))
         else:
             lbfgs_attack(LOGITS, _images(0), TARGETS, FAST, initial_c=value)
 
@@ -97,8 +97,9 @@ def test_float16_images_are_attacked_in_float16(penalty):
     # 1e-12 (the l2 penalty's smoothing) is 0 in float16: the gradient at r = 0 was NaN and every
     # image failed, silently. The refinement's small solve has no half-precision LAPACK kernel.
     x = _images(0)
-    half = lbfgs_attack(LOGITS, x.astype(np.float16), TARGETS, FAST._replace(penalty=penalty))
-    full = lbfgs_attack(LOGITS, x, TARGETS, FAST._replace(penalty=penalty))
+    config = _with(FAST, "search.penalty", penalty)
+    half = lbfgs_attack(LOGITS, x.astype(np.float16), TARGETS, config)
+    full = lbfgs_attack(LOGITS, x, TARGETS, config)
     assert half.adversarial.dtype == jnp.float16
     np.testing.assert_array_equal(np.asarray(half.success), np.asarray(full.success))
     found = np.asarray(full.success)
@@ -121,13 +122,23 @@ def test_all_targets_tries_every_class_of_the_model():
 
 
 @pytest.mark.parametrize("field,value,error", [
-    ("lanes", 2.5, TypeError), ("max_steps", -5, ValueError), ("max_steps", 0, ValueError),
-    ("walk_steps", 1.5, TypeError), ("memory_size", True, TypeError), ("growth", float("inf"), ValueError),
-    ("refine_margin", "1e-4", TypeError), ("runner_ups", -1, ValueError),
+    ("lanes", 2.5, TypeError), ("search.max_steps", -5, ValueError), ("search.max_steps", 0, ValueError),
+    ("refine.walk_steps", 1.5, TypeError), ("lbfgs.memory_size", True, TypeError),
+    ("search.growth", float("inf"), ValueError), ("refine.margin", "1e-4", TypeError),
+    ("search.runner_ups", -1, ValueError), ("lbfgs.armijo", 1.0, ValueError), ("refine.patience", 0, ValueError),
+    ("search", {"initial_c": 1.0}, TypeError), ("refine", None, TypeError),
 ])
 def test_config_values_are_checked_and_named(field, value, error):
-    with pytest.raises(error, match=f"config.{field}"):
-        lbfgs_attack(LOGITS, _images(0), TARGETS, FAST._replace(**{field: value}))
+    with pytest.raises(error, match=f"config.{field}:"):
+        lbfgs_attack(LOGITS, _images(0), TARGETS, _with(FAST, field, value))
+
+
+def _with(config, path, value):
+    """config with the setting at `path` ("part.field" or "field") set to value."""
+    part, _, field = path.rpartition(".")
+    if not part:
+        return config._replace(**{field: value})
+    return config._replace(**{part: getattr(config, part)._replace(**{field: value})})
 
 
 def test_labels_must_be_integers():

@@ -8,7 +8,7 @@ import pytest
 import scipy.optimize
 from hypothesis import given, settings, strategies as st
 
-from jaxadv.attacks import (AttackConfig, all_wrong_targets, lbfgs_attack, lbfgs_attack_all_targets,
+from jaxadv.attacks import (ATTACK_LBFGS, AttackConfig, RefineConfig, SearchConfig, all_wrong_targets, lbfgs_attack, lbfgs_attack_all_targets,
                             random_wrong_targets, runner_up_targets)
 from jaxadv.models import get_model
 
@@ -16,7 +16,8 @@ from jaxadv.models import get_model
 
 SHAPE = (4, 4, 1)
 BATCH = 4
-FAST = AttackConfig(max_iterations=30, bisection_steps=3, max_bracket_steps=4, memory_size=5)
+FAST = AttackConfig(search=SearchConfig(bisection_steps=3, max_bracket_steps=4),
+                    lbfgs=ATTACK_LBFGS._replace(max_iterations=30, memory_size=5))
 
 
 def _tiny_logits_fn(seed=0):
@@ -70,7 +71,8 @@ def test_fixed_c_objective_matches_scipy_lbfgsb(trained_fc100):
     images, labels = test_set.images[:40], test_set.labels[:40]
     targets = np.asarray(random_wrong_targets(jax.random.PRNGKey(1), labels))
     c = 0.1
-    config = AttackConfig(initial_c=c, max_bracket_steps=0, bisection_steps=0, refine_steps=0)  # the minimiser itself
+    config = AttackConfig(search=SearchConfig(initial_c=c, max_bracket_steps=0, bisection_steps=0),
+                          refine=RefineConfig(steps=0))  # the minimiser itself
     result = lbfgs_attack(jax.tree_util.Partial(model.apply, params), images, targets, config)
     adversarial = np.asarray(result.adversarial)
     assert np.all((adversarial >= 0) & (adversarial <= 1))
@@ -106,7 +108,8 @@ def test_l2_penalty_runs_and_stays_in_box(trained_fc100):
     images, labels = test_set.images[:8], test_set.labels[:8]
     targets = np.asarray(random_wrong_targets(jax.random.PRNGKey(2), labels))
     result = lbfgs_attack(jax.tree_util.Partial(model.apply, params), images, targets,
-                          AttackConfig(penalty="l2", max_iterations=50, bisection_steps=3))
+                          AttackConfig(search=SearchConfig(penalty="l2", bisection_steps=3),
+                                       lbfgs=ATTACK_LBFGS._replace(max_iterations=50)))
     adversarial = np.asarray(result.adversarial)
     assert np.all((adversarial >= 0) & (adversarial <= 1))
     predicted = np.argmax(np.asarray(model.apply(params, adversarial)), -1)
@@ -195,7 +198,7 @@ def test_keeps_the_largest_successful_c_on_a_linear_model():
     found = np.asarray(result.success)
     assert found.sum() >= 2
     # One run at a fixed c per image: the chosen c succeeds, 1.5x that c fails.
-    fixed = FAST._replace(max_bracket_steps=0, bisection_steps=0)
+    fixed = FAST._replace(search=FAST.search._replace(max_bracket_steps=0, bisection_steps=0))
     c = np.asarray(result.c)
     at_c = lbfgs_attack(logits_fn, x, targets, fixed, initial_c=c)
     above = lbfgs_attack(logits_fn, x, targets, fixed, initial_c=1.5 * c)
@@ -248,7 +251,7 @@ def test_kept_memory_is_the_memory_of_the_new_c_computed_densely():
     fresh = opt._replace(rho=jnp.zeros_like(opt.rho), gamma=jnp.ones(lanes))
     delta_c = np.array([0.5, -0.2, 0.0], np.float32)
     keep = jnp.array([True, True, False])
-    fresh, moved = _keep_memory(fresh, opt, jnp.asarray(delta_c), keep)
+    fresh, moved = jax.vmap(_keep_memory)(fresh, opt, jnp.asarray(delta_c), keep)
     y_new = y_vecs + 2 * delta_c[:, None, None] * s_vecs
     np.testing.assert_allclose(np.asarray(moved.pairs[:, 1]), y_new, rtol=1e-5, atol=1e-6)
     expected_gram = np.stack([dots(s_vecs, s_vecs), dots(s_vecs, y_new), dots(y_new, y_new)], axis=1)
@@ -273,7 +276,7 @@ def test_warm_starts_and_kept_memory_do_not_lose_distortion():
     labels = np.asarray(jnp.argmax(LOGITS(jnp.asarray(x)), -1))
     targets = np.asarray(random_wrong_targets(jax.random.PRNGKey(8), labels))
     warm = lbfgs_attack(LOGITS, x, targets, FAST)
-    cold = lbfgs_attack(LOGITS, x, targets, FAST._replace(warm_start="none", keep_memory=False))
+    cold = lbfgs_attack(LOGITS, x, targets, FAST._replace(search=FAST.search._replace(warm_start="none", keep_memory=False)))
     both = np.asarray(warm.success) & np.asarray(cold.success)
     assert both.sum() >= 12
     assert np.mean(np.asarray(warm.distortion)[both]) <= 1.02 * np.mean(np.asarray(cold.distortion)[both])
@@ -328,9 +331,9 @@ def test_all_targets_minimum_is_the_minimum_over_single_target_attacks():
     (dict(labels=np.array([1, 0, 0, 0], np.int32)), ValueError, "targets"),
     (dict(lower=np.zeros(3)), ValueError, "lower"),
     (dict(lower=0.6, upper=0.4), ValueError, "lower"),
-    (dict(config=AttackConfig(penalty="l1")), ValueError, "config.penalty"),
-    (dict(config=AttackConfig(memory_size=0)), ValueError, "config.memory_size"),
-    (dict(config=AttackConfig(warm_start="previous")), ValueError, "config.warm_start"),
+    (dict(config=AttackConfig(search=SearchConfig(penalty="l1"))), ValueError, "config.search.penalty"),
+    (dict(config=AttackConfig(lbfgs=ATTACK_LBFGS._replace(memory_size=0))), ValueError, "config.lbfgs.memory_size"),
+    (dict(config=AttackConfig(search=SearchConfig(warm_start="previous"))), ValueError, "config.search.warm_start"),
     (dict(logits_fn="model"), TypeError, "logits_fn"),
 ])
 def test_bad_input_is_rejected_before_compiling(change, error, name):
@@ -362,7 +365,8 @@ def test_functools_partial_params_do_not_recompile():
     x = np.random.default_rng(0).uniform(0, 1, (2, 28, 28, 1)).astype(np.float32)
     targets = np.array([3, 4], np.int32)
     from jaxadv.attacks.lbfgs import lbfgs_attack_core
-    config = FAST._replace(max_iterations=5, bisection_steps=1, max_bracket_steps=1)
+    config = FAST._replace(search=FAST.search._replace(bisection_steps=1, max_bracket_steps=1),
+                           lbfgs=FAST.lbfgs._replace(max_iterations=5))
     lbfgs_attack(functools.partial(model.apply, model.init(jax.random.PRNGKey(0))), x, targets, config)
     before = lbfgs_attack_core._cache_size()
     lbfgs_attack(functools.partial(model.apply, model.init(jax.random.PRNGKey(1))), x, targets, config)

@@ -14,7 +14,7 @@ import pytest
 import scipy.optimize
 from hypothesis import given, settings, strategies as st
 
-from jaxadv.attacks import (UNTARGETED, AttackConfig, lbfgs_attack, lbfgs_attack_all_targets,
+from jaxadv.attacks import (ATTACK_LBFGS, UNTARGETED, AttackConfig, RefineConfig, SearchConfig, lbfgs_attack, lbfgs_attack_all_targets,
                             lbfgs_attack_untargeted, project_onto_cuts, random_wrong_targets)
 from jaxadv.attacks.exact import exact_linear_minimum
 from conftest import exact_relu_untargeted_minimum, small_relu_net, train_on_fashion_mnist
@@ -79,7 +79,7 @@ def test_refined_attack_is_the_exact_minimum_on_softmax_regression(real_softmax)
     w, b = np.asarray(params["params"]["layers_1"]["kernel"]), np.asarray(params["params"]["layers_1"]["bias"])
     exact = np.array([exact_linear_minimum(w, b, x.reshape(-1), int(t))[1] for x, t in zip(images, targets)])
     refined = lbfgs_attack(logits_fn, images, targets)
-    paper = lbfgs_attack(logits_fn, images, targets, AttackConfig(refine_steps=0))
+    paper = lbfgs_attack(logits_fn, images, targets, AttackConfig(refine=RefineConfig(steps=0)))
     assert np.all(np.asarray(refined.success))
     ratio = np.asarray(refined.l2, np.float64) / exact
     assert np.all(ratio >= 1 - 1e-4), ratio.min()                      # nothing beats the true minimum
@@ -110,8 +110,16 @@ def trained_mlp(data_dir):
     return logits_fn, test
 
 
+def _untargeted(**changes):
+    """UNTARGETED with some of its search or refinement settings changed, each by its own name."""
+    search = {k: v for k, v in changes.items() if k in UNTARGETED.search._fields}
+    refine = {k: v for k, v in changes.items() if k not in search}
+    return UNTARGETED._replace(search=UNTARGETED.search._replace(**search), refine=UNTARGETED.refine._replace(**refine))
+
+
 LANES = 8
-SMALL = AttackConfig(lanes=LANES, max_iterations=40, bisection_steps=3, refine_steps=8)
+SMALL = AttackConfig(search=SearchConfig(bisection_steps=3), lbfgs=ATTACK_LBFGS._replace(max_iterations=40),
+                     refine=RefineConfig(steps=8), lanes=LANES)
 
 
 @settings(max_examples=3, deadline=None)
@@ -130,7 +138,8 @@ def test_an_image_gets_the_same_bits_under_rotations_and_shuffles(trained_mlp, s
             np.testing.assert_array_equal(np.asarray(getattr(base, field))[order], np.asarray(getattr(moved, field)),
                                           err_msg=field)
     # The untargeted mode with every stage: its runner-up run, and a walk where the short SQP stalls.
-    small_untargeted = SMALL._replace(bisection_steps=0, refine_steps=4, walk_steps=6)
+    small_untargeted = SMALL._replace(search=SMALL.search._replace(bisection_steps=0),
+                                      refine=SMALL.refine._replace(steps=4, walk_steps=6))
     untargeted = lbfgs_attack_untargeted(logits_fn, images, labels, small_untargeted)
     order = rng.permutation(len(index))
     moved = lbfgs_attack_untargeted(logits_fn, images[order], labels[order], small_untargeted)
@@ -159,7 +168,7 @@ def test_untargeted_is_no_worse_than_the_all_targets_minimum_on_most_images(trai
 def test_runner_up_runs_only_ever_shorten_the_untargeted_result(trained_mlp):
     logits_fn, test = trained_mlp
     images, labels = test.images[40:64], test.labels[40:64]
-    alone = lbfgs_attack_untargeted(logits_fn, images, labels, UNTARGETED._replace(runner_ups=0))
+    alone = lbfgs_attack_untargeted(logits_fn, images, labels, _untargeted(runner_ups=0))
     with_runner_up = lbfgs_attack_untargeted(logits_fn, images, labels)
     assert np.all(np.asarray(with_runner_up.success))
     assert np.all(np.asarray(with_runner_up.l2) <= np.asarray(alone.l2))
@@ -168,12 +177,12 @@ def test_runner_up_runs_only_ever_shorten_the_untargeted_result(trained_mlp):
     assert np.all(predicted != labels)
 
 
-@pytest.mark.parametrize("field, value", [("runner_ups", -1), ("walk_steps", -1), ("walk_step", 0.0)])
+@pytest.mark.parametrize("field, value", [("search.runner_ups", -1), ("refine.walk_steps", -1), ("refine.walk_step", 0.0)])
 def test_untargeted_settings_out_of_range_are_refused_naming_the_field(field, value):
     logits_fn = lambda x: x.reshape(len(x), -1)[:, :10]
     images = jnp.full((2, 12), 0.5)
     with pytest.raises(ValueError, match=f"config.{field}"):
-        lbfgs_attack_untargeted(logits_fn, images, jnp.array([0, 1]), UNTARGETED._replace(**{field: value}))
+        lbfgs_attack_untargeted(logits_fn, images, jnp.array([0, 1]), _untargeted(**{field.split('.')[1]: value}))
 
 
 # -- a piecewise-linear model: the boundary walk, against the exact minimum --------------------------
@@ -189,9 +198,9 @@ def test_untargeted_attack_with_the_walk_finds_the_exact_minimum_of_a_relu_net()
     assert np.all(ratio >= 1 - 1e-4), ratio.min()                        # nothing beats the true minimum
     assert np.median(ratio) <= 1.005 and np.mean(ratio <= 1.01) >= 0.85, np.sort(ratio)
     # The walk starts from the SQP's best point and keeps the best it sees: never farther, image by image.
-    walked = lbfgs_attack_untargeted(logits_fn, images, labels, UNTARGETED._replace(runner_ups=0, refine_steps=3))
+    walked = lbfgs_attack_untargeted(logits_fn, images, labels, _untargeted(runner_ups=0, steps=3))
     stopped = lbfgs_attack_untargeted(logits_fn, images, labels,
-                                      UNTARGETED._replace(runner_ups=0, refine_steps=3, walk_steps=0))
+                                      _untargeted(runner_ups=0, steps=3, walk_steps=0))
     both = np.asarray(walked.success) & np.asarray(stopped.success)
     assert both.mean() >= 0.8
     assert np.all(np.asarray(walked.l2)[both] <= np.asarray(stopped.l2)[both])
@@ -216,7 +225,7 @@ def test_untargeted_defaults_serve_a_binary_classifier():
     logits_fn, _ = small_relu_net(4, inputs=6, classes=2)
     images = jnp.asarray(np.random.default_rng(5).uniform(0, 1, (10, 6)), jnp.float32)
     labels = jnp.argmax(logits_fn(images), -1)
-    alone = lbfgs_attack_untargeted(logits_fn, images, labels, UNTARGETED._replace(runner_ups=0))
+    alone = lbfgs_attack_untargeted(logits_fn, images, labels, _untargeted(runner_ups=0))
     result = lbfgs_attack_untargeted(logits_fn, images, labels)
     np.testing.assert_array_equal(np.asarray(result.l2), np.asarray(alone.l2))
     assert np.all(np.asarray(result.success) <= (np.argmax(np.asarray(logits_fn(result.adversarial)), -1) != labels))

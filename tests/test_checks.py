@@ -23,7 +23,8 @@ from jaxadv import certify, checks, lipschitz, transfer, units
 from jaxadv.adversarial_training import AdversarialTrainingConfig, adversarial_train
 from jaxadv.blind_spots import measure_blind_spots
 from jaxadv.metrics import untargeted_distortion
-from jaxadv.attacks import (AttackConfig, alma, attack_dataset, attack_sizes, ddn, deepfool, fast_gradient_direction,
+from jaxadv.attacks import (ATTACK_LBFGS, AttackConfig, RefineConfig, SearchConfig, alma, attack_dataset, attack_sizes,
+                            ddn, deepfool, fast_gradient_direction,
                             fgm, fgsm, fmn, lbfgs_attack, lbfgs_attack_all_targets, lbfgs_attack_untargeted,
                             min_pixels_attack, minimal_fast_gradient, minimal_perturbation, pgd, single_pixel_attack,
                             success_along_direction, superdeepfool)
@@ -32,8 +33,9 @@ from jaxadv.train import error_rate
 
 SHAPE, CLASSES, BATCH = (4, 4, 1), 3, 4
 LOWER, UPPER = 0.7, 1.0           # 0.7 is not a float32: rounded to nearest it lies below 0.7
-SMALL = AttackConfig(max_iterations=5, max_bracket_steps=1, bisection_steps=1, refine_steps=0, lanes=4,
-                     runner_ups=0)     # no refinement: half the compile time; the checks run before either
+# No refinement: half the compile time; the checks run before either.
+SMALL = AttackConfig(search=SearchConfig(max_bracket_steps=1, bisection_steps=1, runner_ups=0),
+                     lbfgs=ATTACK_LBFGS._replace(max_iterations=5), refine=RefineConfig(steps=0), lanes=4)
 EXECUTIONS = [0]
 
 
@@ -347,7 +349,7 @@ def test_initial_c_of_float64_images_is_checked_in_float32(where, value):
         pytest.skip("float64 images work in float64 under x64")
     m, p, x, y, lo, up = good_inputs()
     EXECUTIONS[0] = 0
-    config = SMALL._replace(initial_c=value) if where == "config" else SMALL
+    config = SMALL._replace(search=SMALL.search._replace(initial_c=value)) if where == "config" else SMALL
     with pytest.raises(ValueError, match="initial_c.*float32"):
         lbfgs_attack(counted(m), x, y, config, lo, up, params=p, initial_c=value if where == "call" else None)
     assert EXECUTIONS[0] == 0

@@ -9,14 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxadv.attacks import AttackConfig, lbfgs_attack
+from jaxadv.attacks import ATTACK_LBFGS, AttackConfig, RefineConfig, SearchConfig, lbfgs_attack
 from jaxadv.attacks.lbfgs import lbfgs_attack_core
 from jaxadv.functional import (INPUT, check_logits_call, hidden_layers, logits_function, representation_bounds,
                                split_sequential)
 from jaxadv.models import flatten, get_model
 
 #: A cheap attack: the tests here are about calls and compilations, not minimality.
-QUICK = AttackConfig(max_bracket_steps=2, bisection_steps=1, max_iterations=10, refine_steps=0, lanes=8)
+QUICK = AttackConfig(search=SearchConfig(max_bracket_steps=2, bisection_steps=1),
+                     lbfgs=ATTACK_LBFGS._replace(max_iterations=10), refine=RefineConfig(steps=0), lanes=8)
 
 
 class SmallNet(nn.Module):

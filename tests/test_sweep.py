@@ -480,7 +480,7 @@ _FOUR_DEVICES = textwrap.dedent("""
 def _attack_fn():
     """(images, targets, attack): the real attack, small and quick, on a random model, if it exists yet."""
     try:
-        from jaxadv.attacks.lbfgs import AttackConfig, lbfgs_attack_core
+        from jaxadv.attacks.lbfgs import ATTACK_LBFGS, AttackConfig, SearchConfig, lbfgs_attack_core
     except ImportError:
         return None
     from jaxadv.models import get_model
@@ -490,7 +490,8 @@ def _attack_fn():
     images = rng.rand(10, 28, 28, 1).astype(np.float32)
     targets = rng.randint(0, 10, 10).astype(np.int32)
     # Small and quick; 2 lanes for 3-image blocks exercises the attack's image queue.
-    config = AttackConfig(max_iterations=10, max_bracket_steps=2, bisection_steps=2, lanes=2)
+    config = AttackConfig(search=SearchConfig(max_bracket_steps=2, bisection_steps=2),
+                          lbfgs=ATTACK_LBFGS._replace(max_iterations=10), lanes=2)
 
     def attack(x, t):
         r = lbfgs_attack_core(logits_fn, x, t, 0.0, 1.0, config=config)

@@ -20,8 +20,8 @@
 """
 from jaxadv.attacks.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState
 from jaxadv.attacks.boundary import RefineConfig, RefineResult, project_onto_cuts, refine_core
-from jaxadv.attacks.lbfgs import (PENALTIES, UNTARGETED, AttackConfig, AttackResult, lbfgs_attack,
-                                  lbfgs_attack_core, lbfgs_attack_untargeted)
+from jaxadv.attacks.lbfgs import (ATTACK_LBFGS, PENALTIES, UNTARGETED, AttackConfig, AttackResult, SearchConfig,
+                                  lbfgs_attack, lbfgs_attack_core, lbfgs_attack_untargeted)
 from jaxadv.attacks.dataset import (LBFGS_SOURCES, RESULT_FIELDS, AttackSizes, attack_dataset, attack_sizes,
                                     attack_source_fingerprint, select_images)
 from jaxadv.attacks.fast import (FastResult, fast_gradient_direction, fgm, fgsm, minimal_fast_gradient, pgd,
@@ -38,7 +38,7 @@ from jaxadv.attacks.minimal import (DEFAULT_ATTACKS, MinimalResult, minimal_pert
 from jaxadv.attacks.targets import (AllTargetsResult, all_wrong_targets, lbfgs_attack_all_targets,
                                     random_wrong_targets, runner_up_targets)
 
-__all__ = ["AttackConfig", "AttackResult", "AllTargetsResult", "BoxLBFGSConfig", "BoxLBFGSState", "PENALTIES", "UNTARGETED",
+__all__ = ["AttackConfig", "SearchConfig", "ATTACK_LBFGS", "AttackResult", "AllTargetsResult", "BoxLBFGSConfig", "BoxLBFGSState", "PENALTIES", "UNTARGETED",
            "all_wrong_targets", "lbfgs_attack", "lbfgs_attack_all_targets", "lbfgs_attack_core",
            "lbfgs_attack_untargeted", "project_onto_cuts", "RefineConfig", "RefineResult", "refine_core",
            "random_wrong_targets", "runner_up_targets",

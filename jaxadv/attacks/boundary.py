@@ -51,16 +51,17 @@ untargeted default (96.6% against 97.2% of 500 test images within 1% of the
 best known), while FC100-100-10's converging SQPs are rarely cut short
 (150 instead of 130).
 
-Each `tell` consumes one logits vector and one gradient, so a batch vmaps in
-lock step with the L-BFGS lanes of `jaxadv.attacks.lbfgs`.
+Each `tell` consumes one logits vector and one gradient; `refine_lanes` wraps
+it as pure per-image functions for the lane loop (`jaxadv.attacks.lanes`).
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jaxadv.attacks.lanes import LaneAttack, run_lanes
 
 
 class RefineConfig(NamedTuple):
@@ -369,13 +370,42 @@ class RefineResult(NamedTuple):
     evaluations: jax.Array   # [N] gradients spent on the image
 
 
-class _Lanes(NamedTuple):
-    image: jax.Array         # [lanes] the image each lane refines (N: idle)
-    ref: RefineState
-    next_image: jax.Array
-    best: jax.Array          # [N, n]
-    evaluations: jax.Array   # [N]
-    step: jax.Array
+class RefineInputs(NamedTuple):
+    """One image's refinement problem, flat: x, its adversarial start, anchor, success, and the box ([] or [n])."""
+    origin: jax.Array
+    start: jax.Array
+    anchor: jax.Array
+    success: jax.Array
+    lower: jax.Array
+    upper: jax.Array
+
+
+def refine_lanes(logits_one, num_classes: int, config: RefineConfig) -> LaneAttack:
+    """The refinement of one image as pure `init`/`step`/`done` functions (`jaxadv.attacks.lanes`).
+
+    The state is a (`RefineInputs`, `RefineState`) pair; each step evaluates
+    the model and one constraint's gradient at the trial point and `tell`s
+    them. logits_one: the model on one flat image, [n] -> [classes].
+    """
+    def start(problem: RefineInputs):
+        return problem, init(problem.origin, problem.start, problem.anchor, num_classes, config,
+                             success=problem.success)
+
+    def step(lane):
+        problem, state = lane
+        logits, pullback = jax.vjp(logits_one, state.trial)
+        j = linearise_class(state, logits)
+        (grad,) = pullback(constraint_cotangent(state.anchor, j, num_classes, config.union, logits.dtype))
+        dtype = state.trial.dtype           # a model may promote (x64): work in the images' dtype
+        return problem, tell(state, logits.astype(dtype), grad, j, problem.lower, problem.upper, config)
+
+    def done(lane):
+        return lane[1].done
+
+    def output(lane):
+        return lane[1].best, lane[1].steps
+
+    return LaneAttack(start, step, done, output)
 
 
 def refine_core(logits_fn, origins, starts, anchors, success, lower=0.0, upper=1.0, *,
@@ -385,63 +415,20 @@ def refine_core(logits_fn, origins, starts, anchors, success, lower=0.0, upper=1
     origins, starts: [N, n] flat images and their adversarial points; anchors:
     [N] targets (or true labels with config.union); success: [N] whether
     starts[i] is adversarial (images without one are passed through);
-    lower, upper: scalars or [N, n]; shape: one image's shape for logits_fn.
-    As in the search, a lane whose image is done takes the next one, and every
-    image starts from a wholly new state, so its result does not depend on
-    its lane or on the rest of the batch.
+    lower, upper: scalars, [N] (one per image) or [N, n]; shape: one image's
+    shape for logits_fn. A lane whose image is done takes the next one
+    (`jaxadv.attacks.lanes.run_lanes`), so an image's result does not depend
+    on its lane or on the rest of the batch.
     """
     num_images, n = origins.shape
     shape = (n,) if shape is None else tuple(shape)
     lanes = num_images if lanes is None else lanes
     dtype = origins.dtype
     num_classes = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((1,) + shape, dtype)).shape[-1]
-    lower, upper = jnp.asarray(lower, dtype), jnp.asarray(upper, dtype)
-    lower_axis, upper_axis = (None if lower.ndim == 0 else 0), (None if upper.ndim == 0 else 0)
-
-    def evaluate(z, state):
-        logits, pullback = jax.vjp(lambda v: logits_fn(v.reshape((1,) + shape))[0], z)
-        j = linearise_class(state, logits)
-        (grad,) = pullback(constraint_cotangent(state.anchor, j, num_classes, config.union, logits.dtype))
-        return logits.astype(dtype), grad, j      # a model may promote (x64): work in the images' dtype
-
-    evaluate = jax.vmap(evaluate)
-    tell_lanes = jax.vmap(functools.partial(tell, config=config), in_axes=(0, 0, 0, 0, lower_axis, upper_axis))
-    init_lanes = jax.vmap(functools.partial(init, num_classes=num_classes, config=config))
-
-    def pick(array, image):
-        return array[jnp.minimum(image, num_images - 1)]
-
-    def bounds(image):
-        return (lower if lower_axis is None else pick(lower, image)), (upper if upper_axis is None else pick(upper, image))
-
-    def load(image):
-        return init_lanes(pick(origins, image), pick(starts, image), pick(anchors, image),
-                          success=pick(success, image) & (image < num_images))
-
-    def retire_and_refill(s: _Lanes, finished):
-        rows = jnp.where(finished, s.image, num_images)
-        best = s.best.at[rows].set(s.ref.best, mode="drop")
-        evaluations = s.evaluations.at[rows].set(s.ref.steps, mode="drop")
-        image = jnp.where(finished, s.next_image + jnp.cumsum(finished, dtype=jnp.int32) - 1, s.image)
-        image = jnp.where(finished & (image >= num_images), num_images, image)
-        ref = jax.tree.map(lambda new, old: jnp.where(finished.reshape((-1,) + (1,) * (old.ndim - 1)), new, old),
-                           load(image), s.ref)
-        return s._replace(image=image, ref=ref, best=best, evaluations=evaluations,
-                          next_image=s.next_image + jnp.sum(finished, dtype=jnp.int32))
-
-    def step(s: _Lanes) -> _Lanes:
-        logits, grad, j = evaluate(s.ref.trial, s.ref)
-        s = s._replace(ref=tell_lanes(s.ref, logits, grad, j, *bounds(s.image)), step=s.step + 1)
-        finished = s.ref.done & (s.image < num_images)
-        return jax.lax.cond(jnp.any(finished), retire_and_refill, lambda s, f: s, s, finished)
-
-    image = jnp.arange(lanes, dtype=jnp.int32)
-    state = _Lanes(image=image, ref=load(image), next_image=jnp.asarray(lanes, jnp.int32), best=starts,
-                   evaluations=jnp.zeros((num_images,), jnp.int32), step=jnp.zeros((), jnp.int32))
-    # Lanes whose image needs no refinement (no adversarial start) hand it back before any evaluation.
-    state = retire_and_refill(state, state.ref.done & (state.image < num_images))
-    cap = (-(-num_images // lanes) + 1) * (config.steps + config.walk_steps + 1)
-    state = jax.lax.while_loop(lambda s: jnp.any(s.image < num_images) & (s.step < cap), step, state)
-    state = retire_and_refill(state, state.image < num_images)
-    return RefineResult(best=state.best, l2=jnp.linalg.norm(state.best - origins, axis=-1),
-                        evaluations=state.evaluations)
+    attack = refine_lanes(lambda x: logits_fn(x.reshape((1,) + shape))[0], num_classes, config)
+    problems = RefineInputs(origins, starts, anchors.astype(jnp.int32), jnp.asarray(success, bool),
+                            *(jnp.broadcast_to(jnp.asarray(b, dtype), (num_images,) + jnp.shape(b)[1:])
+                              for b in (lower, upper)))
+    best, evaluations = run_lanes(attack, problems, lanes,
+                                  max_steps=(-(-num_images // lanes) + 1) * (config.steps + config.walk_steps + 1))
+    return RefineResult(best=best, l2=jnp.linalg.norm(best - origins, axis=-1), evaluations=evaluations)

@@ -116,7 +116,7 @@ def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.Pat
                                 block_size=sizes.block_size, replicated=1)
     # What the results depend on, and nothing else: not the block or chunk size (an image's result is the same in
     # any block and chunk: tests/test_attack_dataset.py), so a rerun with other sizes resumes.
-    identity = {**function_fingerprint(logits_fn, image), "attack": config._asdict(), "untargeted": untargeted,
+    identity = {**function_fingerprint(logits_fn, image), "attack": config.settings(), "untargeted": untargeted,
                 "box": [float(lower), float(upper)], "attack_source": attack_source_fingerprint(),
                 "jax": jax.__version__}
     return run_sweep(lambda chunk: attack_on_devices(logits_fn, chunk["images"], chunk["targets"]),
@@ -211,7 +211,7 @@ def _bytes_per_lane(logits_fn, image: jax.ShapeDtypeStruct, config: AttackConfig
     """One lane's working state: the (s, y) history 2·m·n, ~10 image-sized vectors (iterate, trial, gradient,
     direction, origin, best) and 3x the intermediate values of one forward pass (forward and backward)."""
     n, itemsize = math.prod(image.shape[1:]), np.dtype(image.dtype).itemsize
-    return itemsize * (2 * config.memory_size * n + 10 * n) + 3 * intermediate_bytes(logits_fn, image)
+    return itemsize * (2 * config.lbfgs.memory_size * n + 10 * n) + 3 * intermediate_bytes(logits_fn, image)
 
 
 def _bytes_per_image(bytes_per_lane: int, image: jax.ShapeDtypeStruct, lanes: int, block: int) -> int:

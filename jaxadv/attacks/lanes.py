@@ -31,60 +31,85 @@ import jax.numpy as jnp
 
 
 class LaneAttack(NamedTuple):
-    """The three pure per-image functions of an attack (see the module docstring)."""
+    """The pure per-image functions of an attack (see the module docstring).
+
+    output: what `run_lanes` keeps of a finished image's state (None: the
+      whole state); a small output spares the [num_images, ...] store the
+      state's big working arrays (an L-BFGS memory, say).
+    """
     init: Callable[[Any], Any]
     step: Callable[[Any], Any]
     done: Callable[[Any], jax.Array]
+    output: Callable[[Any], Any] | None = None
 
 
 class _Queue(NamedTuple):
     states: Any          # [lanes, ...] the lanes' current states
     image: jax.Array     # [lanes] which image each lane serves (num_images: idle)
     next_image: jax.Array  # the first image not yet started
-    finished: Any        # [num_images, ...] the stored final states
+    finished: Any        # [num_images, ...] the stored outputs of the final states
+    steps: jax.Array     # loop iterations so far
 
 
-def _where(mask, new, old):
-    """Per lane: `new` where mask, else `old` (the mask broadcast over each leaf's trailing axes)."""
-    return jax.tree.map(lambda u, v: jnp.where(mask.reshape(mask.shape + (1,) * (u.ndim - 1)), u, v), new, old)
-
-
-def run_lanes(attack: LaneAttack, inputs, lanes: int):
-    """Runs `attack` on every image of `inputs`, `lanes` images at a time; returns the final states.
+def run_lanes(attack: LaneAttack, inputs, lanes: int, max_steps: int | None = None):
+    """Runs `attack` on every image of `inputs`, `lanes` images at a time; returns the final outputs.
 
     attack: a `LaneAttack`. inputs: a pytree of arrays with a leading image axis
       [num_images, ...] (e.g. the images, labels and bounds); lanes: a static
       int >= 1, the number of images stepped together (more than num_images is
       allowed: the extra lanes idle on copies of the first image).
-    Returns the pytree of final states with a leading axis [num_images], in
-    input order. Safe under jit (static shapes only).
+    max_steps: a cap on the loop's iterations (None: none); at the cap the
+      running images keep the output of their current state, and images never
+      started that of their initial state.
+    Returns the pytree of final outputs (`attack.output` of each final state,
+    or the state) with a leading axis [num_images], in input order. Safe
+    under jit (static shapes only).
     """
     num_images = jax.tree.leaves(inputs)[0].shape[0]
+    output = attack.output or (lambda state: state)
     init, step, done = jax.vmap(attack.init), jax.vmap(attack.step), jax.vmap(attack.done)
+    output_lanes = jax.vmap(output)
 
     def take(index):
         return jax.tree.map(lambda a: a[jnp.minimum(index, num_images - 1)], inputs)
 
     first = jnp.arange(lanes)
     states = init(take(first))
-    finished = jax.tree.map(lambda a: jnp.zeros((num_images,) + a.shape[1:], a.dtype), states)
+    if max_steps is None:
+        finished = jax.tree.map(lambda a: jnp.zeros((num_images,) + a.shape[1:], a.dtype), output_lanes(states))
+    else:
+        finished = jax.vmap(lambda one: output(attack.init(one)))(inputs)
     queue = _Queue(states, jnp.where(first < num_images, first, num_images), jnp.asarray(min(lanes, num_images)),
-                   finished)
+                   finished, jnp.zeros((), jnp.int32))
+
+    def store(queue, ended):
+        # the ended lanes' outputs at their images (idle lanes write out of range: dropped)
+        slot = jnp.where(ended, queue.image, num_images)
+        return jax.tree.map(lambda f, s: f.at[slot].set(s, mode="drop"), queue.finished, output_lanes(queue.states))
 
     def refill(queue, ended):
-        # 1. store the ended lanes' states at their images (idle lanes write out of range: dropped)
-        slot = jnp.where(ended, queue.image, num_images)
-        finished = jax.tree.map(lambda f, s: f.at[slot].set(s, mode="drop"), queue.finished, queue.states)
+        # 1. store the ended lanes' outputs
+        finished = store(queue, ended)
         # 2. hand the next images, in lane order, to the ended lanes
         image = queue.next_image + jnp.cumsum(ended) - 1
         image = jnp.where(image < num_images, image, num_images)
-        states = _where(ended, init(take(image)), queue.states)
-        return _Queue(states, jnp.where(ended, image, queue.image), queue.next_image + jnp.sum(ended), finished)
+        # (a scatter into the ended lanes, not a select over all: it updates the states in place, so the
+        #  loop carries them through the `cond` without a copy on the iterations that refill nothing)
+        lane = jnp.where(ended, jnp.arange(lanes), lanes)
+        states = jax.tree.map(lambda old, new: old.at[lane].set(new, mode="drop"), queue.states, init(take(image)))
+        return _Queue(states, jnp.where(ended, image, queue.image), queue.next_image + jnp.sum(ended), finished,
+                      queue.steps)
 
     def body(queue):
-        queue = queue._replace(states=step(queue.states))
+        queue = queue._replace(states=step(queue.states), steps=queue.steps + 1)
         ended = done(queue.states) & (queue.image < num_images)
         return jax.lax.cond(jnp.any(ended), refill, lambda q, _: q, queue, ended)
 
-    queue = jax.lax.while_loop(lambda q: jnp.any(q.image < num_images), body, queue)
-    return queue.finished
+    def running(queue):
+        busy = jnp.any(queue.image < num_images)
+        return busy if max_steps is None else busy & (queue.steps < max_steps)
+
+    queue = jax.lax.while_loop(running, body, queue)
+    if max_steps is None:
+        return queue.finished
+    return store(queue, queue.image < num_images)     # the images still running at the cap

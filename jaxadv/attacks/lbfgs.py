@@ -10,18 +10,18 @@ comes from the *largest* c that still succeeds; that is the reading we keep
 (as DeepRobust does; CleverHans, advertorch and Foolbox put the constant on
 the loss and look for the smallest one, which is the same thing).
 
-Everything for a whole batch runs as ONE lax.while_loop. Each step evaluates
-the objective and its gradient once for every image (one batched
-vmap(value_and_grad)) and advances each image's own box-constrained L-BFGS
-(one update of the optax transformation `jaxadv.optim.box_lbfgs`, vmapped).
-When an image's L-BFGS run ends, its c search records the run (success, and the best successful image so far), moves its c
+The c search of one image is written as pure per-image functions
+(`search_lanes`: init/step/done on a `SearchState`) and run on the lane loop
+of `jaxadv.attacks.lanes`, as is the refinement that follows it
+(`boundary.refine_lanes`). Each step evaluates the objective and its gradient
+once (one batched vmap(value_and_grad) over the lanes) and advances the
+image's own box-constrained L-BFGS (one update of the optax transformation
+`jaxadv.optim.box_lbfgs`). When an image's L-BFGS run ends, its c search
+records the run (success, and the best successful image so far), moves its c
 bracket and restarts L-BFGS with the new c from a warm start (by default the
-best successful point so far, keeping the L-BFGS memory moved to the new c),
-all under jnp.where masks.
-Images whose search has ended freeze; the loop ends when every search has.
+best successful point so far, keeping the L-BFGS memory moved to the new c).
 No image's arithmetic depends on another's, so the result for an image is the
-same alone or in any batch of the same size (up to XLA's shape-dependent
-rounding across batch sizes).
+same alone or in any batch (at a fixed lane count).
 """
 from __future__ import annotations
 
@@ -35,150 +35,90 @@ import numpy as np
 
 from jaxadv import checks, optim
 from jaxadv.attacks import boundary, box_lbfgs
+from jaxadv.attacks.lanes import LaneAttack, run_lanes
 
 PENALTIES = ("l2", "l2_squared")
 WARM_STARTS = ("none", "best", "last")
 _L2_SMOOTHING = 1e-12  # |r| = sqrt(Σr² + 1e-12): differentiable at r = 0, below float32 resolution elsewhere
 
 
-class AttackConfig(NamedTuple):
-    """Settings of `lbfgs_attack` (static: a new config compiles a new program).
+class SearchConfig(NamedTuple):
+    """The c search of `lbfgs_attack` (static).
 
-    penalty: 'l2' is the paper's |r| = ‖r‖₂ (the exact problem's norm);
-      'l2_squared' is ‖r‖₂², what CleverHans/advertorch/Foolbox minimise.
-    initial_c, growth: the c schedule. The first run uses initial_c; until a
-      run has succeeded and another has failed, c is multiplied by `growth`
-      after a success and divided by it after a failure (at most
-      `max_bracket_steps` such moves), then `bisection_steps` geometric
-      bisections sqrt(lo · hi) refine the largest successful c.
-    memory_size, max_iterations, max_line_search_steps, gtol, ftol,
-      steepest_before_stop: the L-BFGS run at each c (see
-      `box_lbfgs.BoxLBFGSConfig`).
+    penalty: 'l2_squared' (‖r‖₂², as CleverHans/advertorch/Foolbox; the
+      default: its pull grows with ‖r‖ and stops near the boundary) or 'l2'
+      (the paper's |r| = ‖r‖₂, whose constant pull runs past it).
+    initial_c, growth: the first run uses initial_c; until a run has
+      succeeded and another has failed, c is multiplied by `growth` after a
+      success and divided by it after a failure (at most `max_bracket_steps`
+      such moves), then `bisection_steps` geometric bisections sqrt(lo · hi)
+      refine the largest successful c.
     warm_start: where each run after the first starts: 'best' (the best
       successful point so far, else the last run's end point), 'last' (the
       last run's end point) or 'none' (x itself, a cold start).
     keep_memory: with penalty 'l2_squared', carry the L-BFGS memory from one
       c to the next (each stored y_j moved by 2Δc·s_j: exact, the penalty's
-      Hessian is 2c·I); otherwise every run starts with an empty memory.
-    max_steps: a global cap on loop steps (one batched gradient each);
-      None derives a cap that no complete search can exceed.
-
-    lanes: images attacked at once (None: all); see `lbfgs_attack_core`.
-    refine_steps, refine_cuts, refine_margin, refine_rtol: the refinement to
-      the nearest boundary point after the search (`boundary.RefineConfig`);
-      refine_steps = 0 is the paper's method.
-    walk_steps, walk_step: the boundary walk that takes over where the
-      refinement stalls (piecewise-linear models; `boundary.tell`). Off in
-      the targeted default: on FC100-100-10 (sigmoid) 60 walk steps cost 27%
-      more evaluations per image (123 against 97) for 0.2% less mean
-      distortion (0.0318 against 0.0319; with the refinement's earlier 4
-      cuts); `UNTARGETED` turns it on. For a
-      targeted attack on a ReLU / max-pooling model, set walk_steps=60.
+      Hessian is 2c·I); consecutive c are close, so warm runs end in a few steps.
+    max_steps: a global cap on loop steps (one batched gradient each); None
+      derives a cap that no complete search can exceed.
     runner_ups: untargeted mode only: after the untargeted run, targeted runs
-      toward this many other classes (at most all but the label and the class
-      found), those nearest by the linear estimate at x (see
-      `lbfgs_attack_untargeted`).
-
-    Why these defaults (measured on FC100-100-10, Fashion-MNIST test images,
-    random wrong targets, this 2-core CPU; details in scripts/bench_attack.py):
-    * penalty 'l2_squared': mean distortion 0.0929 against 0.1023 for 'l2' on
-      the same 100 images (a dev model). With the non-squared norm the
-      penalty's pull c·r/‖r‖ has constant size, so once c is small enough
-      to leave r = 0 the minimiser runs past the decision boundary until the
-      loss's gradient falls to c, deep inside the target class; the squared
-      norm's pull grows with ‖r‖ and can stop near the boundary.
-    * growth 10, 6 bisections, ftol 1e-4: within 0.6% of the distortion of a
-      much longer search (10 bisections, ftol 1e-7, gtol 1e-6, 500
-      iterations: 0.0924 vs 0.0929) at a quarter of its evaluations.
-    * warm_start 'best' + keep_memory: consecutive c values are close, so
-      a run from the last solution converges in a few steps. Evaluations
-      per image on 300 images (memory 10): 395 cold, 216 warm ('best');
-      with the direction masking the active gradient (box_lbfgs) 192 cold,
-      103 warm, 93 warm with scipy's stopping rule, 82 with the memory
-      kept; mean distortion 0.0330-0.0331 throughout. 'last' took 5% more
-      evaluations than 'best'. The scipy baseline takes the same warm
-      starts (it cannot keep its memory): 174 -> 90 evaluations. Keeping
-      the memory also made the distortion ratio to scipy 0.9993 instead of
-      1.0012 on the first 100 images.
-    * steepest_before_stop off: with the masked direction (see box_lbfgs)
-      the steepest-descent retry cost 12% more evaluations and gave no
-      smaller distortion.
-    * memory 3: 83 evaluations per image against 82 with memory 10, the
-      same distortion, but the memory is the main traffic of each step, so
-      a step is much cheaper: 1600 against 750 images/s at 32 lanes.
-    * lanes 32: 1450-1600 images/s on 1000 images, at 54-60% of the raw
-      batched gradient's evaluations/s at that batch; 64 lanes gave 2100
-      images/s at 45% of the (much faster) raw value at 64, 128 no more
-      than 64. On an accelerator use many more (or None). XLA's two CPU
-      threads make this bimodal: when another process holds a core, the
-      same run takes 1.8x as long (880 images/s); pinned to one core with
-      XLA's single-threaded runtime it ran at 1670 images/s.
-    * refine_cuts 6, refine_margin 1e-4 (logits): against the exact QP on
-      100 test images of each softmax model, random targets, the worst
-      ratios were 1.009 / 1.020 / 1.162 for FC10(1e-4) / FC10(1e-2) / FC10(1)
-      with 4 cuts and a margin of 1e-3, and 1.0001 / 1.0007 / 1.016 with 6
-      cuts and 1e-4 (9 cuts: the same). FC10(1e-2)'s worst image needs more
-      than 4 classes tight at once; FC10(1)'s lies 0.015 from the boundary,
-      where a logit margin of 1e-3 alone is 12% of the distance.
-      refine_rtol 1e-3 rather than 1e-4: the same worst ratios, and the
-      default attack kept 77% of the search's images/s instead of 73%
-      (bench_attack: 888 against 1,155 images/s, FC100-100-10; with the
-      projection's Cholesky solve, 76-78% on a quiet machine).
-    * initial_c 1 is not tuned to a model: on FC100-100-10 the final c has
-      median 7 (5%-95%: 1 to 34) and initial_c 3 or 10 saves 9% of the
-      evaluations at the same distortion.
+      toward this many other classes, those nearest by the linear estimate at
+      x (see `lbfgs_attack_untargeted`).
     """
     penalty: str = "l2_squared"
     initial_c: float = 1.0
     growth: float = 10.0
     max_bracket_steps: int = 6
     bisection_steps: int = 6
-    memory_size: int = 3
-    max_iterations: int = 100
-    max_line_search_steps: int = 20
-    gtol: float = 1e-5
-    ftol: float = 1e-4
-    max_steps: int | None = None
-    lanes: int | None = 32
     warm_start: str = "best"
-    steepest_before_stop: bool = False
     keep_memory: bool = True
-    refine_steps: int = 20
-    refine_cuts: int = 6
-    refine_margin: float = 1e-4
-    refine_rtol: float = 1e-3
-    walk_steps: int = 0
-    walk_step: float = 2.0
+    max_steps: int | None = None
     runner_ups: int = 1
 
-    def lbfgs_config(self) -> box_lbfgs.BoxLBFGSConfig:
-        return box_lbfgs.BoxLBFGSConfig(memory_size=self.memory_size, max_iterations=self.max_iterations,
-                                        max_line_search_steps=self.max_line_search_steps,
-                                        gtol=self.gtol, ftol=self.ftol,
-                                        steepest_before_stop=self.steepest_before_stop)
+
+#: The L-BFGS run at each c: a short memory (3: the memory is each step's main traffic) and a loose ftol.
+ATTACK_LBFGS = box_lbfgs.BoxLBFGSConfig(memory_size=3, ftol=1e-4)
+
+
+class AttackConfig(NamedTuple):
+    """Settings of `lbfgs_attack` (static: a new config compiles a new program).
+
+    search: the c search (`SearchConfig`).
+    lbfgs: the box-constrained L-BFGS run at each c (`box_lbfgs.BoxLBFGSConfig`;
+      default `ATTACK_LBFGS`).
+    refine: the refinement to the nearest boundary point after the search
+      (`boundary.RefineConfig`; steps=0 is the paper's method; its `union` is
+      set by the mode, targeted or untargeted). Its boundary walk
+      (walk_steps) is off in the targeted default: set walk_steps=60 for a
+      targeted attack on a ReLU / max-pooling model.
+    lanes: images attacked at once (None: all); see `lbfgs_attack_core`.
+    """
+    search: SearchConfig = SearchConfig()
+    lbfgs: box_lbfgs.BoxLBFGSConfig = ATTACK_LBFGS
+    refine: boundary.RefineConfig = boundary.RefineConfig()
+    lanes: int | None = 32
+
+    def settings(self) -> dict:
+        """Nested dicts of every setting by name (what a sweep records as its identity)."""
+        return {name: value._asdict() if hasattr(value, "_asdict") else value for name, value in self._asdict().items()}
 
     def refine_config(self, untargeted: bool = False) -> boundary.RefineConfig:
-        return boundary.RefineConfig(steps=self.refine_steps, cuts=self.refine_cuts, margin=self.refine_margin,
-                                     rtol=self.refine_rtol, union=untargeted, walk_steps=self.walk_steps,
-                                     walk_step=self.walk_step)
+        return self.refine._replace(union=untargeted)
 
     def max_runs(self) -> int:
-        return 1 + self.max_bracket_steps + self.bisection_steps
+        return 1 + self.search.max_bracket_steps + self.search.bisection_steps
 
     def step_cap(self) -> int:
-        if self.max_steps is not None:
-            return self.max_steps
-        per_run = self.max_iterations * (self.max_line_search_steps + 1) + 1
+        if self.search.max_steps is not None:
+            return self.search.max_steps
+        per_run = self.lbfgs.max_iterations * (self.lbfgs.max_line_search_steps + 1) + 1
         return self.max_runs() * per_run
 
 
-#: The untargeted mode's defaults: a coarse c search (stops once c is bracketed, ftol 1e-3), then the
-#: refinement, a 100-step walk where it stalls and the runner-up run do the work. Against the smaller of
-#: DDN (1,000 steps) and nine refined targeted runs, on 500 test images each, within 1%: ConvNet 96.6%
-#: at 287 gradients per image (ftol 1e-4 and a 60-step walk: 94.4% at 287; a 100-step walk: 97.2% at
-#: 312), FC100-100-10 97.2% at 150 (before: 97.4% at 131). Most misses on the ConvNet are the class:
-#: the nearest lies neither where the untargeted run settled nor first by the linear estimate at x.
-UNTARGETED = AttackConfig(bisection_steps=0, ftol=1e-3, walk_steps=100, refine_cuts=4)
+#: The untargeted mode's defaults: a coarse c search (stops once c is bracketed, ftol 1e-3); the refinement,
+#: a 100-step walk where it stalls and the runner-up run do the work.
+UNTARGETED = AttackConfig(search=SearchConfig(bisection_steps=0), lbfgs=ATTACK_LBFGS._replace(ftol=1e-3),
+                          refine=boundary.RefineConfig(cuts=4, walk_steps=100))
 
 
 class AttackResult(NamedTuple):
@@ -213,35 +153,40 @@ _RESTART_FIELDS = ("x", "trial", "step", "line_search_steps", "iterations", "eva
                    "accepted", "steepest", "done", "status", "rho", "gamma")
 
 
-class _Outputs(NamedTuple):
-    best: jax.Array         # [N, n]
-    c: jax.Array
-    iterations: jax.Array
-    evaluations: jax.Array
-    success: jax.Array      # the search found an adversarial point
-
-
-class _SearchState(NamedTuple):
-    """One row per lane; a lane attacks image `image` (N: idle, the queue is empty)."""
-    opt: box_lbfgs.BoxLBFGSState
-    image: jax.Array
-    x0: jax.Array           # [lanes, n] the lane's original image
+class SearchInputs(NamedTuple):
+    """One image's problem for the c search, flat: origin [n], target, first c, and the box ([] or [n])."""
+    origin: jax.Array
     target: jax.Array
+    first_c: jax.Array
+    lower: jax.Array
+    upper: jax.Array
+
+
+class SearchState(NamedTuple):
+    """The c search of one image: its L-BFGS run at the current c and the bracket around the largest c that succeeds."""
+    problem: SearchInputs
+    opt: box_lbfgs.BoxLBFGSState
     c: jax.Array            # c of the current run
     lo: jax.Array           # largest c that succeeded (0: none yet)
     hi: jax.Array           # smallest c that failed (inf: none yet)
     bracket_steps: jax.Array
     bisections: jax.Array
     x_is_adversarial: jax.Array   # prediction at opt.x == target (from the evaluation that produced opt.x)
-    best: jax.Array         # [lanes, n] best successful point so far (else the last run's point)
+    best: jax.Array         # [n] best successful point so far (else the last run's point)
     best_l2: jax.Array      # inf until a run succeeds
     best_c: jax.Array
     iterations: jax.Array
     evaluations: jax.Array
     searching: jax.Array
-    next_image: jax.Array   # first image not yet handed to a lane
-    out: _Outputs
-    step: jax.Array
+
+
+class SearchOutput(NamedTuple):
+    """What the search keeps of an image: its best point, the c that gave it, its cost, and whether it succeeded."""
+    best: jax.Array
+    c: jax.Array
+    iterations: jax.Array
+    evaluations: jax.Array
+    success: jax.Array
 
 
 def _penalty(r, kind):
@@ -261,6 +206,92 @@ def _not_label_loss(logits, label):
     return jax.nn.logsumexp(logits) - jax.nn.logsumexp(boundary.without_class(logits, label))
 
 
+def search_lanes(logits_one, config: AttackConfig, untargeted: bool) -> LaneAttack:
+    """The c search of one image as pure `init`/`step`/`done` functions (`jaxadv.attacks.lanes`).
+
+    logits_one: the model on one flat image, [n] -> [classes]. Each step is
+    one value and gradient of c·penalty(r) + loss(x + r) and one L-BFGS
+    update; when a run ends, the step records it (success, the best
+    successful point), moves the c bracket and restarts L-BFGS at the next c
+    from the warm start (see `AttackConfig`), or ends the search.
+    """
+    loss_fn = _not_label_loss if untargeted else _cross_entropy
+    lbfgs_config = config.lbfgs
+
+    def objective(x, origin, c, anchor):
+        logits = logits_one(x)
+        return c * _penalty(x - origin, config.search.penalty) + loss_fn(logits, anchor), logits
+
+    value_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+    def solver(problem: SearchInputs):
+        return optim.box_lbfgs(problem.lower, problem.upper, **lbfgs_config._asdict())    # the image's own box
+
+    def init(problem: SearchInputs) -> SearchState:
+        dtype, zero = problem.origin.dtype, jnp.zeros((), jnp.int32)
+        return SearchState(problem, solver(problem).init(problem.origin), c=problem.first_c, lo=jnp.zeros((), dtype),
+                           hi=jnp.asarray(jnp.inf, dtype), bracket_steps=zero, bisections=zero,
+                           x_is_adversarial=jnp.zeros((), bool), best=problem.origin,
+                           best_l2=jnp.asarray(jnp.inf, dtype), best_c=problem.first_c, iterations=zero,
+                           evaluations=zero, searching=jnp.ones((), bool))
+
+    def step(s: SearchState) -> SearchState:
+        problem = s.problem
+        # 1. one value and gradient at the trial point, one L-BFGS update (the optax update; the next
+        #    trial is read from the state, exact, where params + updates would round)
+        (value, logits), grad = value_and_grad(s.opt.trial, problem.origin, s.c, problem.target)
+        opt = solver(problem).update(grad, s.opt, s.opt.trial, value=value)[1]
+        x_is_adversarial = jnp.where(opt.accepted, boundary.is_adversarial(logits, problem.target, untargeted),
+                                     s.x_is_adversarial)
+        # 2. a run that just ended: record it (until one succeeds, keep the last run's point: the smallest
+        #    c tried so far) and move the c bracket
+        ended = s.searching & opt.done
+        success, failure = ended & x_is_adversarial, ended & ~x_is_adversarial
+        l2 = jnp.linalg.norm(opt.x - problem.origin)
+        better = success & (l2 < s.best_l2)
+        take = better | (ended & ~jnp.isfinite(s.best_l2))
+        lo = jnp.where(success, jnp.maximum(s.lo, s.c), s.lo)
+        hi = jnp.where(failure, jnp.minimum(s.hi, s.c), s.hi)
+        was_bracketed, bracketed = (s.lo > 0) & jnp.isfinite(s.hi), (lo > 0) & jnp.isfinite(hi)
+        bisections = s.bisections + (ended & was_bracketed)
+        bracket_steps = s.bracket_steps + (ended & ~bracketed)
+        next_c = jnp.where(bracketed, jnp.sqrt(lo * hi),
+                           jnp.where(jnp.isfinite(hi), s.c / config.search.growth, s.c * config.search.growth))
+        finished = ended & ((bracketed & (bisections >= config.search.bisection_steps))
+                            | (~bracketed & (bracket_steps > config.search.max_bracket_steps)))
+        again = ended & ~finished
+        delta_c = jnp.where(again, next_c - s.c, 0.0)
+        s = s._replace(
+            opt=opt, c=jnp.where(again, next_c, s.c), lo=lo, hi=hi, bracket_steps=bracket_steps,
+            bisections=bisections, x_is_adversarial=x_is_adversarial & ~again,
+            best=jnp.where(take, opt.x, s.best), best_l2=jnp.where(better, l2, s.best_l2),
+            best_c=jnp.where(take, s.c, s.best_c), iterations=s.iterations + (opt.iterations - s.opt.iterations),
+            evaluations=s.evaluations + s.searching.astype(jnp.int32), searching=s.searching & ~finished)
+        # 3. the next run at the new c restarts L-BFGS from the warm start
+        return s._replace(opt=_next_run(s, again, delta_c, config))
+
+    def done(s: SearchState):
+        return ~s.searching
+
+    def output(s: SearchState) -> SearchOutput:
+        return SearchOutput(s.best, s.best_c, s.iterations, s.evaluations, jnp.isfinite(s.best_l2))
+
+    return LaneAttack(init, step, done, output)
+
+
+def _next_run(s: SearchState, again, delta_c, config: AttackConfig) -> box_lbfgs.BoxLBFGSState:
+    """The L-BFGS state of the search's next run where `again`, else `s.opt` (delta_c: the move of c, 0 if not)."""
+    problem = s.problem
+    start = {"best": jnp.where(again, s.best, problem.origin), "last": jnp.where(again, s.opt.x, problem.origin),
+             "none": problem.origin}[config.search.warm_start]
+    fresh = box_lbfgs.restart(s.opt, start, problem.lower, problem.upper)   # a new c: the search's own move
+    opt = s.opt
+    if config.search.keep_memory and config.search.penalty == "l2_squared":
+        # (delta_c is 0 outside `again`: those pairs and Gram matrices stay bit for bit.)
+        fresh, opt = _keep_memory(fresh, s.opt, delta_c, again)
+    return opt._replace(**{f: jnp.where(again, getattr(fresh, f), getattr(opt, f)) for f in _RESTART_FIELDS})
+
+
 @functools.partial(jax.jit, static_argnames=("config", "untargeted"))
 def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
                       config: AttackConfig = AttackConfig(), untargeted: bool = False) -> AttackResult:
@@ -270,171 +301,43 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
       parameters reuse the compilation) or any hashable callable; it maps
       [B, *shape] -> [B, classes]. images: [N, *shape] float; targets: [N]
       int32; lower, upper: scalars or arrays of shape [N, *shape];
-      initial_c: None (config.initial_c) or [N] per-image first c.
+      initial_c: None (config.search.initial_c) or [N] per-image first c.
     Safe to call inside jit / shard_map / lax.map (static shapes only).
 
-    `config.lanes` images are attacked at a time (all N if None); when an
-    image's c search ends, its lane takes the next image waiting, so the
-    batched gradient stays busy until the queue runs dry instead of idling
-    until the slowest image of the batch is done.
+    `config.lanes` images are searched at a time (all N if None), then
+    refined at a time, each on `jaxadv.attacks.lanes.run_lanes`: a lane
+    whose image is done takes the next one waiting.
     """
     num_images, shape = images.shape[0], images.shape[1:]
-    n = math.prod(shape)
-    dtype = images.dtype
+    n, dtype = math.prod(shape), images.dtype
     # A fixed lane count (idle lanes when N < lanes) keeps every step's shapes, and so XLA's
     # rounding, independent of N: an image gets the same bits alone or in any batch.
     lanes = num_images if config.lanes is None else config.lanes
-    pool = images.reshape(num_images, n)
-    targets = targets.astype(jnp.int32)
-    bounds = (lower, upper)
-    lower, lower_axis = _flat_bound(lower, images.shape, dtype)
-    upper, upper_axis = _flat_bound(upper, images.shape, dtype)
-    lcfg = config.lbfgs_config()
-    first_c = (jnp.full((num_images,), config.initial_c, dtype) if initial_c is None
+    pool, targets = images.reshape(num_images, n), targets.astype(jnp.int32)
+    first_c = (jnp.full((num_images,), config.search.initial_c, dtype) if initial_c is None
                else jnp.broadcast_to(jnp.asarray(initial_c, dtype), (num_images,)))
-
-    loss_fn = _not_label_loss if untargeted else _cross_entropy
-
-    def objective(x, origin, c, anchor):
-        logits = logits_fn(x.reshape((1,) + shape))[0]
-        return c * _penalty(x - origin, config.penalty) + loss_fn(logits, anchor), logits
-
-    value_and_grad = jax.vmap(jax.value_and_grad(objective, has_aux=True))
-    solver = lambda lower, upper: optim.box_lbfgs(lower, upper, **lcfg._asdict())   # each lane's own box
-
-    def tell_one(opt, value, grad, lower, upper):
-        # The optax update at the trial point; the next trial is read from the state, exact, where
-        # params + updates would round (the updates are unused, and XLA drops them).
-        return solver(lower, upper).update(grad, opt, opt.trial, value=value)[1]
-
-    tell = jax.vmap(tell_one, in_axes=(0, 0, 0, lower_axis, upper_axis))
-    init = jax.vmap(lambda x0, lower, upper: solver(lower, upper).init(x0), in_axes=(0, lower_axis, upper_axis))
-    # A new c of the same image: the c search's own move, outside optax's contract (see _keep_memory).
-    restart = jax.vmap(box_lbfgs.restart, in_axes=(0, 0, lower_axis, upper_axis))
-    is_adversarial = jax.vmap(functools.partial(boundary.is_adversarial, union=untargeted))
-
-    def lane_bounds(image):
-        pick = lambda bound, axis: bound if axis is None else bound[jnp.minimum(image, num_images - 1)]
-        return pick(lower, lower_axis), pick(upper, upper_axis)
-
-    def fresh_search(image, x0):
-        zeros_f, zeros_i = jnp.zeros((lanes,), dtype), jnp.zeros((lanes,), jnp.int32)
-        c = first_c[jnp.minimum(image, num_images - 1)]
-        return dict(c=c, lo=zeros_f, hi=jnp.full((lanes,), jnp.inf, dtype),
-                    bracket_steps=zeros_i, bisections=zeros_i, x_is_adversarial=jnp.zeros((lanes,), bool),
-                    best=x0, best_l2=jnp.full((lanes,), jnp.inf, dtype), best_c=c,
-                    iterations=zeros_i, evaluations=zeros_i, searching=image < num_images)
-
-    def step(s: _SearchState) -> _SearchState:
-        lo_b, up_b = lane_bounds(s.image)
-        (value, logits), grad = value_and_grad(s.opt.trial, s.x0, s.c, s.target)
-        opt = tell(s.opt, value, grad, lo_b, up_b)
-        x_is_adversarial = jnp.where(opt.accepted, is_adversarial(logits, s.target), s.x_is_adversarial)
-
-        # Runs that just ended: record them and move the c bracket.
-        ended = s.searching & opt.done
-        success = ended & x_is_adversarial
-        failure = ended & ~x_is_adversarial
-        l2 = jnp.linalg.norm(opt.x - s.x0, axis=-1)
-        better = success & (l2 < s.best_l2)
-        # Until a run succeeds, keep the last run's point (the smallest c tried so far).
-        take = better | (ended & ~jnp.isfinite(s.best_l2))
-        best = jnp.where(take[:, None], opt.x, s.best)
-        best_l2 = jnp.where(better, l2, s.best_l2)
-        best_c = jnp.where(take, s.c, s.best_c)
-        lo = jnp.where(success, jnp.maximum(s.lo, s.c), s.lo)
-        hi = jnp.where(failure, jnp.minimum(s.hi, s.c), s.hi)
-        was_bracketed = (s.lo > 0) & jnp.isfinite(s.hi)
-        bracketed = (lo > 0) & jnp.isfinite(hi)
-        bisections = s.bisections + (ended & was_bracketed)
-        bracket_steps = s.bracket_steps + (ended & ~bracketed)
-        next_c = jnp.where(bracketed, jnp.sqrt(lo * hi),
-                           jnp.where(jnp.isfinite(hi), s.c / config.growth, s.c * config.growth))
-        finished = ended & ((bracketed & (bisections >= config.bisection_steps))
-                            | (~bracketed & (bracket_steps > config.max_bracket_steps)))
-        again = ended & ~finished
-        delta_c = jnp.where(again, next_c - s.c, 0.0)
-        s = s._replace(
-            opt=opt, c=jnp.where(again, next_c, s.c), lo=lo, hi=hi, bracket_steps=bracket_steps,
-            bisections=bisections, x_is_adversarial=x_is_adversarial & ~again,
-            best=best, best_l2=best_l2, best_c=best_c,
-            iterations=s.iterations + (opt.iterations - s.opt.iterations),
-            evaluations=s.evaluations + s.searching.astype(jnp.int32),
-            searching=s.searching & ~finished, step=s.step + 1)
-        s = jax.lax.cond(jnp.any(finished), _retire_and_refill, lambda s, f: s, s, finished)
-        # Restart L-BFGS (fresh memory) for every new run: a new image starts from itself, a new c
-        # of the same image from the warm-start point.
-        new_run = again | (finished & s.searching)
-        if config.warm_start == "best":
-            start = jnp.where(again[:, None], s.best, s.x0)
-        elif config.warm_start == "last":
-            start = jnp.where(again[:, None], s.opt.x, s.x0)
-        else:
-            start = s.x0
-        lo_b, up_b = lane_bounds(s.image)
-        fresh = restart(s.opt, start, lo_b, up_b)
-        opt = s.opt
-        if config.keep_memory and config.penalty == "l2_squared":
-            # (delta_c is 0 outside `again`: those lanes' pairs and Gram matrices stay bit for bit.)
-            fresh, opt = _keep_memory(fresh, s.opt, delta_c, again)
-        opt = opt._replace(**{f: _where(new_run, getattr(fresh, f), getattr(opt, f)) for f in _RESTART_FIELDS})
-        return s._replace(opt=opt)
-
-    def _retire_and_refill(s: _SearchState, finished) -> _SearchState:
-        # Write the finished lanes' results to their images' rows (idle rows index past the end: dropped).
-        rows = jnp.where(finished, s.image, num_images)
-        out = s.out._replace(
-            best=s.out.best.at[rows].set(s.best, mode="drop"), c=s.out.c.at[rows].set(s.best_c, mode="drop"),
-            iterations=s.out.iterations.at[rows].set(s.iterations, mode="drop"),
-            evaluations=s.out.evaluations.at[rows].set(s.evaluations, mode="drop"),
-            success=s.out.success.at[rows].set(jnp.isfinite(s.best_l2), mode="drop"))
-        # Hand the next waiting images to the finished lanes, in lane order.
-        image = jnp.where(finished, s.next_image + jnp.cumsum(finished, dtype=jnp.int32) - 1, s.image)
-        image = jnp.where(finished & (image >= num_images), num_images, image)
-        reload = finished & (image < num_images)
-        x0 = jnp.where(reload[:, None], pool[jnp.minimum(image, num_images - 1)], s.x0)
-        target = jnp.where(reload, targets[jnp.minimum(image, num_images - 1)], s.target)
-        fresh = fresh_search(image, x0)
-        fields = {k: _where(finished, v, getattr(s, k)) for k, v in fresh.items()}
-        # A new image gets a wholly new L-BFGS state, ring buffer included: `restart` keeps the slot
-        # order (`newest`) and the stale pairs, and the memory's sums run in slot order, so an image
-        # inheriting its lane's previous history would round differently in another lane or batch.
-        opt = _where(finished, init(x0, *lane_bounds(image)), s.opt)
-        return s._replace(opt=opt, out=out, image=image, x0=x0, target=target,
-                          next_image=s.next_image + jnp.sum(finished, dtype=jnp.int32), **fields)
-
-    image = jnp.arange(lanes, dtype=jnp.int32)
-    x0 = pool[jnp.minimum(image, num_images - 1)]
-    opt = init(x0, *lane_bounds(image))
-    target0 = targets[jnp.minimum(image, num_images - 1)]
-    out = _Outputs(best=pool, c=jnp.zeros((num_images,), dtype),
-                   iterations=jnp.zeros((num_images,), jnp.int32), evaluations=jnp.zeros((num_images,), jnp.int32),
-                   success=jnp.zeros((num_images,), bool))
-    state = _SearchState(opt=opt, image=image, x0=x0, target=target0, next_image=jnp.asarray(lanes, jnp.int32),
-                         out=out, step=jnp.zeros((), jnp.int32), **fresh_search(image, x0))
-    cap = config.step_cap() * (-(-num_images // lanes))
-    state = jax.lax.while_loop(lambda s: jnp.any(s.searching) & (s.step < cap), step, state)
-    # Lanes still searching at the step cap: keep what they have.
-    state = _retire_and_refill(state, state.searching & (state.image < num_images))
-    out = state.out
+    lower_flat, upper_flat = _per_image_bound(lower, images.shape, dtype), _per_image_bound(upper, images.shape, dtype)
+    out = run_lanes(search_lanes(lambda x: logits_fn(x.reshape((1,) + shape))[0], config, untargeted),
+                    SearchInputs(pool, targets, first_c, lower_flat, upper_flat), lanes,
+                    max_steps=config.step_cap() * (-(-num_images // lanes)))
 
     scale = jnp.sqrt(jnp.asarray(n, dtype))
     search_l2 = jnp.where(out.success, jnp.linalg.norm(out.best - pool, axis=-1), jnp.inf)
     best, evaluations = out.best, out.evaluations
-    if config.refine_steps > 0:
+    if config.refine.steps > 0:
         # Its own lane loop: the search's steps stay as cheap as without it, and its lanes do nothing else.
-        refined = boundary.refine_core(logits_fn, pool, best, targets, out.success, lower, upper,
+        refined = boundary.refine_core(logits_fn, pool, best, targets, out.success, lower_flat, upper_flat,
                                        config=config.refine_config(untargeted), lanes=lanes, shape=shape)
         best, evaluations = refined.best, evaluations + refined.evaluations
     adversarial = best.reshape(images.shape)
     logits = logits_fn(adversarial)
-    success = is_adversarial(logits, targets)
+    success = jax.vmap(functools.partial(boundary.is_adversarial, union=untargeted))(logits, targets)
     l2 = jnp.linalg.norm(best - pool, axis=-1)
     result = AttackResult(adversarial=adversarial, success=success, l2=l2, distortion=l2 / scale,
                           c=out.c, iterations=out.iterations, evaluations=evaluations,
                           search_distortion=search_l2 / scale)
-    if untargeted and config.runner_ups > 0:
-        result = _with_runner_ups(logits_fn, images, targets, bounds, initial_c, config, result,
+    if untargeted and config.search.runner_ups > 0:
+        result = _with_runner_ups(logits_fn, images, targets, (lower, upper), initial_c, config, result,
                                   found=jnp.argmax(logits, axis=-1))
     return result
 
@@ -460,7 +363,7 @@ def _with_runner_ups(logits_fn, images, labels, bounds, initial_c, config, resul
     distance = jnp.where(classes == labels[:, None], jnp.inf, distance)
     order = jnp.argsort(distance, axis=-1, stable=True)
     iterations, evaluations = result.iterations, result.evaluations + distance.shape[-1]
-    for k in range(min(config.runner_ups, distance.shape[-1] - 2)):
+    for k in range(min(config.search.runner_ups, distance.shape[-1] - 2)):
         target = order[:, k]
         run = lbfgs_attack_core(logits_fn, images, target, *bounds, initial_c, config=config, untargeted=False)
         closer = run.success & (target != labels) & (~result.success | (run.l2 < result.l2))
@@ -491,29 +394,30 @@ def _linear_distances(logits_fn, images, labels, lanes):
 
 
 def _keep_memory(fresh: box_lbfgs.BoxLBFGSState, old: box_lbfgs.BoxLBFGSState, delta_c, keep):
-    """(`fresh` with `old`'s memory for the lanes in `keep`, `old` with its memory moved to the new c).
+    """(`fresh` with `old`'s memory if `keep`, `old` with its memory moved to the new c), for one image.
 
     The penalty c·‖r‖² has Hessian 2c·I, so a new c changes every curvature
     pair exactly: y_j -> y_j + 2Δc·s_j (the loss part is unchanged). The Gram
     matrices follow in closed form; a pair whose s·y is no longer positive is
     dropped (rho = 0), as `tell` would not have stored it.
     """
-    d = delta_c[:, None, None]
-    pairs = old.pairs.at[:, 1].add(2.0 * d * old.pairs[:, 0])
-    ss, sy, yy = old.gram[:, 0], old.gram[:, 1], old.gram[:, 2]
-    sy_new = sy + 2.0 * d * ss
-    yy_new = yy + 2.0 * d * (sy + jnp.swapaxes(sy, 1, 2)) + 4.0 * d * d * ss
+    # (selected into a new array, not added in place: the in-place add made XLA copy the whole memory,
+    #  which the step's direction still reads, at every step)
+    is_y = (jnp.arange(2) == 1)[:, None, None]
+    pairs = jnp.where(is_y, old.pairs + 2.0 * delta_c * old.pairs[0], old.pairs)
+    ss, sy, yy = old.gram[0], old.gram[1], old.gram[2]
+    sy_new = sy + 2.0 * delta_c * ss
+    yy_new = yy + 2.0 * delta_c * (sy + sy.T) + 4.0 * delta_c * delta_c * ss
     eye = jnp.eye(ss.shape[-1], dtype=ss.dtype)
     s_dot_y = jnp.sum(sy_new * eye, axis=-1)          # diagonals, as one fused multiply-reduce
     y_dot_y = jnp.sum(yy_new * eye, axis=-1)
     valid = (old.rho != 0) & (s_dot_y > jnp.finfo(s_dot_y.dtype).eps * y_dot_y) & (y_dot_y > 0)
     rho = jnp.where(valid, 1.0 / jnp.where(valid, s_dot_y, 1.0), 0.0)
-    newest = jnp.arange(ss.shape[-1]) == old.newest[:, None]
-    newest_valid = jnp.any(newest & valid, axis=-1)
-    gamma = jnp.where(newest_valid, jnp.sum(jnp.where(newest & valid, s_dot_y / jnp.where(valid, y_dot_y, 1.0), 0.0), -1),
+    newest = (jnp.arange(ss.shape[-1]) == old.newest) & valid
+    gamma = jnp.where(jnp.any(newest), jnp.sum(jnp.where(newest, s_dot_y / jnp.where(valid, y_dot_y, 1.0), 0.0)),
                       old.gamma)
-    moved = old._replace(pairs=pairs, gram=jnp.stack([ss, sy_new, yy_new], axis=1))
-    return fresh._replace(rho=jnp.where(keep[:, None], rho, fresh.rho), gamma=jnp.where(keep, gamma, fresh.gamma)), moved
+    moved = old._replace(pairs=pairs, gram=jnp.stack([ss, sy_new, yy_new]))
+    return fresh._replace(rho=jnp.where(keep, rho, fresh.rho), gamma=jnp.where(keep, gamma, fresh.gamma)), moved
 
 
 def _where(mask, a, b):
@@ -521,12 +425,12 @@ def _where(mask, a, b):
     return jax.tree.map(lambda u, v: jnp.where(mask.reshape(mask.shape + (1,) * (u.ndim - 1)), u, v), a, b)
 
 
-def _flat_bound(bound, images_shape, dtype):
-    """A bound as a scalar (vmap axis None) or a [B, n] array (vmap axis 0)."""
+def _per_image_bound(bound, images_shape, dtype):
+    """A bound per image: [N] (one scalar each) or [N, n] (flat)."""
     bound = jnp.asarray(bound, dtype)
     if bound.ndim == 0:
-        return bound, None
-    return jnp.broadcast_to(bound, images_shape).reshape(images_shape[0], -1), 0
+        return jnp.broadcast_to(bound, images_shape[:1])
+    return jnp.broadcast_to(bound, images_shape).reshape(images_shape[0], -1)
 
 
 def lbfgs_attack(logits_fn: Callable, images, targets, config: AttackConfig = AttackConfig(),
@@ -542,8 +446,8 @@ def lbfgs_attack(logits_fn: Callable, images, targets, config: AttackConfig = At
     lower, upper: scalars or arrays broadcastable to images (e.g. [0, inf)
       for a ReLU layer's output).
     initial_c: optional scalar or [B] per-image first c (overrides
-      config.initial_c without recompiling; with max_bracket_steps = 0 and
-      bisection_steps = 0 this solves the problem at a fixed c per image).
+      config.search.initial_c without recompiling; with max_bracket_steps = 0
+      and bisection_steps = 0 this solves the problem at a fixed c per image).
 
     Inputs are checked in NumPy before anything is compiled (ValueError or
     TypeError naming the argument). Inside jit/shard_map (traced inputs) only
@@ -564,7 +468,7 @@ def lbfgs_attack_untargeted(logits_fn: Callable, images, labels, config: AttackC
     classes at the found point, see `boundary`), walking along the boundary
     where the projections stall. That run settles in the basin of the class
     its path reaches first, which is not always the nearest, so
-    `config.runner_ups` targeted runs (default 1) then try the classes nearest
+    `config.search.runner_ups` targeted runs (default 1) then try the classes nearest
     by the linear estimate at x other than the one found, and each image keeps
     the closest success. Success means argmax ≠ label. The default config is
     `UNTARGETED` (the c search stops at its bracket). Measured cost and
@@ -588,7 +492,7 @@ def _attack(logits_fn, images, targets, config, lower, upper, labels, initial_c,
             same = true_labels == checked.labels
             raise ValueError(f"targets: equal to the true label for {int(np.sum(same))} image(s), "
                              f"e.g. index {int(np.argmax(same))}; an attack needs a wrong target")
-    checks.positive_finite(config.initial_c, dtype, "config.initial_c")
+    checks.positive_finite(config.search.initial_c, dtype, "config.search.initial_c")
     if initial_c is not None:
         initial_c = jnp.asarray(checks.positive_finite(initial_c, dtype, "initial_c", shape=(batch,)), dtype)
     checks.finite_logits(checked.logits_fn, checked.images)      # the one forward pass, after the cheap checks
@@ -604,47 +508,61 @@ def _bound_arg(bound, images_shape):
     return bound if bound.ndim == 0 else jnp.broadcast_to(bound, images_shape)
 
 
-_INT_FIELDS = ("max_bracket_steps", "bisection_steps", "memory_size", "max_iterations", "max_line_search_steps",
-               "max_steps", "lanes", "refine_steps", "refine_cuts", "walk_steps", "runner_ups")
-_FLOAT_FIELDS = ("initial_c", "growth", "gtol", "ftol", "refine_margin", "refine_rtol", "walk_step")
+def _finite(v):
+    return bool(np.isfinite(v))
+
+
+# (field path, "int" / "number" / "bool" / a tuple of choices, whether None is allowed, the range, its wording)
+_RULES = (
+    ("search.penalty", PENALTIES, False, None, ""),
+    ("search.warm_start", WARM_STARTS, False, None, ""),
+    ("search.keep_memory", "bool", False, None, ""),
+    ("search.initial_c", "number", False, lambda v: _finite(v) and v > 0, "finite and > 0"),
+    ("search.growth", "number", False, lambda v: _finite(v) and v > 1, "finite and > 1"),
+    ("search.max_bracket_steps", "int", False, lambda v: v >= 0, ">= 0"),
+    ("search.bisection_steps", "int", False, lambda v: v >= 0, ">= 0"),
+    ("search.max_steps", "int", True, lambda v: v >= 1, ">= 1 or None"),
+    ("search.runner_ups", "int", False, lambda v: v >= 0, ">= 0"),
+    ("lbfgs.memory_size", "int", False, lambda v: v >= 1, ">= 1"),
+    ("lbfgs.max_iterations", "int", False, lambda v: v >= 1, ">= 1"),
+    ("lbfgs.max_line_search_steps", "int", False, lambda v: v >= 1, ">= 1"),
+    ("lbfgs.gtol", "number", False, lambda v: v >= 0, ">= 0"),
+    ("lbfgs.ftol", "number", False, lambda v: v >= 0, ">= 0"),
+    ("lbfgs.armijo", "number", False, lambda v: 0 < v < 1, "in (0, 1)"),
+    ("lbfgs.steepest_before_stop", "bool", False, None, ""),
+    ("refine.steps", "int", False, lambda v: v >= 0, ">= 0"),
+    ("refine.cuts", "int", False, lambda v: v >= 1, ">= 1"),
+    ("refine.margin", "number", False, lambda v: v >= 0, ">= 0"),
+    ("refine.rtol", "number", False, lambda v: v >= 0, ">= 0"),
+    ("refine.dual_iterations", "int", False, lambda v: v >= 1, ">= 1"),
+    ("refine.overshoot", "number", False, lambda v: _finite(v) and v >= 0, "finite and >= 0"),
+    ("refine.walk_steps", "int", False, lambda v: v >= 0, ">= 0"),
+    ("refine.walk_step", "number", False, lambda v: _finite(v) and v > 0, "finite and > 0"),
+    ("refine.walk_gamma", "number", False, lambda v: _finite(v) and v >= 0, "finite and >= 0"),
+    ("refine.patience", "int", False, lambda v: v >= 1, ">= 1"),
+    ("lanes", "int", True, lambda v: v >= 1, ">= 1 or None"),
+)
+_KINDS = {"int": (int, np.integer), "number": (int, float, np.integer, np.floating), "bool": (bool, np.bool_)}
 
 
 def check_config(config):
-    """Refuse an `AttackConfig` whose fields have the wrong type or range, naming the field."""
+    """Refuse an `AttackConfig` whose parts or fields have the wrong type or range, naming the field."""
     if not isinstance(config, AttackConfig):
         raise TypeError(f"config: expected an AttackConfig, got {type(config).__name__}")
-    if config.penalty not in PENALTIES:
-        raise ValueError(f"config.penalty: expected one of {PENALTIES}, got {config.penalty!r}")
-    for name in _INT_FIELDS:
-        value = getattr(config, name)
-        if value is None and name in ("max_steps", "lanes"):
+    for part, kind in (("search", SearchConfig), ("lbfgs", box_lbfgs.BoxLBFGSConfig), ("refine", boundary.RefineConfig)):
+        if not isinstance(getattr(config, part), kind):
+            raise TypeError(f"config.{part}: expected a {kind.__name__}, got {type(getattr(config, part)).__name__}")
+    for path, kind, optional, valid, wording in _RULES:
+        value = config
+        for name in path.split("."):
+            value = getattr(value, name)
+        if value is None and optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"config.{name}: expected an int, got {value!r}")
-    for name in _FLOAT_FIELDS:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise TypeError(f"config.{name}: expected a number, got {value!r}")
-    if not (np.isfinite(config.initial_c) and config.initial_c > 0) or not (np.isfinite(config.growth) and config.growth > 1):
-        raise ValueError(f"config.initial_c must be finite and > 0 and config.growth finite and > 1; got "
-                         f"{config.initial_c}, {config.growth}")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise ValueError(f"config.max_steps: must be >= 1 or None, got {config.max_steps}")
-    for name in ("memory_size", "max_iterations", "max_line_search_steps"):
-        if int(getattr(config, name)) < 1:
-            raise ValueError(f"config.{name}: must be >= 1, got {getattr(config, name)}")
-    if config.bisection_steps < 0 or config.max_bracket_steps < 0:
-        raise ValueError("config.bisection_steps and config.max_bracket_steps must be >= 0")
-    if config.warm_start not in WARM_STARTS:
-        raise ValueError(f"config.warm_start: expected one of {WARM_STARTS}, got {config.warm_start!r}")
-    if config.refine_steps < 0 or config.refine_cuts < 1 or not config.refine_margin >= 0 or not config.refine_rtol >= 0:
-        raise ValueError("config.refine_steps must be >= 0, config.refine_cuts >= 1, and config.refine_margin and "
-                         f"config.refine_rtol >= 0; got {config.refine_steps}, {config.refine_cuts}, "
-                         f"{config.refine_margin}, {config.refine_rtol}")
-    if config.walk_steps < 0 or not config.walk_step > 0:
-        raise ValueError(f"config.walk_steps must be >= 0 and config.walk_step > 0; got {config.walk_steps}, "
-                         f"{config.walk_step}")
-    if config.runner_ups < 0:
-        raise ValueError(f"config.runner_ups: must be >= 0, got {config.runner_ups}")
-    if config.lanes is not None and config.lanes < 1:
-        raise ValueError(f"config.lanes: must be >= 1 or None, got {config.lanes}")
+        if isinstance(kind, tuple):
+            if value not in kind:
+                raise ValueError(f"config.{path}: expected one of {kind}, got {value!r}")
+            continue
+        if (kind != "bool" and isinstance(value, bool)) or not isinstance(value, _KINDS[kind]):
+            raise TypeError(f"config.{path}: expected {'an' if kind == 'int' else 'a'} {kind}, got {value!r}")
+        if valid is not None and not valid(value):
+            raise ValueError(f"config.{path}: must be {wording}, got {value!r}")
