@@ -264,9 +264,9 @@ def table5_markdown(results: dict) -> str:
                                      "Ratio max", "Certified > attained"], rows))
         parts.append("\n## The sandwich: CROWN's certified radius below, the attack's distortion above\n")
         parts.append("Per image the true minimal distortion lies in [certified, attained]; the ratio says how far "
-                     "the attack's \"minimal\" is from a proof (1: it is the minimum). Certified by "
-                     "`jaxadv.certify.certified_radius` (CROWN on {‖x′ − x‖₂ ≤ ε} ∩ [0, 1]); the pairwise "
-                     "Lipschitz ratio beside it.\n")
+                     "the attack's \"minimal\" is from a proof (1: it is the minimum). Certified by CROWN alone "
+                     "(`jaxadv.certify.certificates(...).crown`, on {‖x′ − x‖₂ ≤ ε} ∩ [0, 1]); the pairwise "
+                     "Lipschitz ratio beside it (`certified_radius` is the larger of the two).\n")
         rows = [[name, significant(s.get("median_attained_l2")), significant(s.get("median_certified_crown_l2")),
                  significant(s.get("ratio_crown_median")), significant(s.get("ratio_crown_p90")),
                  significant(s.get("ratio_pairwise_median")), str(len(s.get("violations_crown", [])))]
