@@ -212,9 +212,10 @@ def test_ctrl_c_during_a_long_chunk_acts_at_once_and_the_command_says_so_in_one_
         from experiments.common import run_main
 
         @jax.jit
-        def slow(x, steps):
+        def slow(x, steps):     # 2e9 steps over 2^16 copies of x: hours (a loop over x alone ends in seconds)
             body = lambda s: (s[0] + 1, s[1] * 1.0000001 + 1e-9)
-            return jax.lax.while_loop(lambda s: s[0] < steps, body, (0, x))[1]
+            wide = jnp.broadcast_to(x[..., None], x.shape + (65536,))
+            return jax.lax.while_loop(lambda s: s[0] < steps, body, (0, wide))[1][..., 0]
 
         def fn(chunk):
             steps = 10 if chunk["x"][0, 0] == 0 else 2_000_000_000   # the first chunk at once, then minutes
