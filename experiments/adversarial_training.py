@@ -25,9 +25,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.common import ArgumentParser, add_common_args, int_in, output_dir, parse_args, run_main
+from experiments.common import ArgumentParser, add_common_args, int_in, output_dir, parse_args
+from experiments.cli import run_main
 from jaxadv.adversarial_training import INPUT, AdversarialTrainingConfig, adversarial_train, logits_above
-from jaxadv.attacks import ATTACK_LBFGS, UNTARGETED, AttackConfig, SearchConfig, lbfgs_attack, random_wrong_targets
+from jaxadv.attacks import ATTACK_LBFGS, AttackConfig, SearchConfig, lbfgs_attack, random_wrong_targets
+from jaxadv.attacks.lbfgs import UNTARGETED
 from jaxadv.data import NUM_EXAMPLES, load_dataset
 from jaxadv.functional import hidden_layers
 from jaxadv.metrics import untargeted_distortion

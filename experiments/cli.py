@@ -16,7 +16,7 @@ from typing import Sequence
 from jaxadv.checkpoint import CheckpointError
 from jaxadv.data import DataError
 from jaxadv.io import NotWritable
-from jaxadv.sweep import SweepMismatch
+from jaxadv.chunk_folder import SweepMismatch
 from jaxadv.zoo import ConfigError, WorkdirMismatch
 
 #: Options that change no result (where things are, how the work is split): left out of run names.

@@ -21,12 +21,9 @@ from typing import Sequence
 
 import jax
 
-from experiments.cli import (USER_ERRORS, ArgumentParser, UsageError, int_in, positive_int,  # noqa: F401
-                             run_main)
+from experiments.cli import (ArgumentParser, int_in)
 from jaxadv.data import DATASETS
 from jaxadv.io import check_writable
-from jaxadv.report import (MISSING, fixed, markdown_table, percent, save_figure_atomic,  # noqa: F401
-                           significant, write_json_atomic, write_text_atomic)
 from jaxadv.zoo import QUICK_TRAIN_SIZE
 
 

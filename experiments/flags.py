@@ -25,7 +25,7 @@ from jaxadv.attacks import attack_dataset, attack_sizes
 from jaxadv.data import CLASS_NAMES
 from jaxadv.io import check_writable
 from jaxadv.models import ALL_MODELS
-from jaxadv.sweep import CPU_SIZES
+from jaxadv.attacks.sizes import CPU_SIZES
 from jaxadv.zoo import ConfigError, ModelsContext, load_models
 
 #: One image of every data set here (MNIST, Fashion-MNIST): what --models are checked on before any work.

@@ -24,9 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import ArgumentParser, add_common_args, int_in, output_dir, parse_args, run_main, save_figure_atomic
+from experiments.common import ArgumentParser, add_common_args, int_in, output_dir, parse_args
+from experiments.cli import run_main
+from jaxadv.report import save_figure_atomic
 from jaxadv import logits_function
-from jaxadv.attacks import UNTARGETED, attack_dataset, attack_source_fingerprint
+from jaxadv.attacks import attack_dataset
+from jaxadv.attacks.dataset import attack_source_fingerprint
+from jaxadv.attacks.lbfgs import UNTARGETED
 from jaxadv.blind_spots import blind_spot_summary, fine_single_pixel_scan, measure_blind_spots
 from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset
 from jaxadv.models import ZOO

@@ -25,10 +25,13 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import ArgumentParser, add_common_args, output_dir, parse_args, run_main, save_figure_atomic
+from experiments.common import ArgumentParser, add_common_args, output_dir, parse_args
+from experiments.cli import run_main
+from jaxadv.report import save_figure_atomic
 from experiments.flags import add_attack_args, add_models_arg, attack_models, check_attack_args, models_from_args
 from jaxadv import logits_function
-from jaxadv.attacks import AttackConfig, runner_up_targets, select_images
+from jaxadv.attacks import AttackConfig, runner_up_targets
+from jaxadv.attacks.dataset import select_images
 from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset
 from jaxadv.metrics import attack_summary
 from jaxadv.paper import TABLE1

@@ -21,9 +21,11 @@ import time
 import jax
 import numpy as np
 
-from experiments.common import ArgumentParser, add_common_args, output_dir, parse_args, run_main
+from experiments.common import ArgumentParser, add_common_args, output_dir, parse_args
+from experiments.cli import run_main
 from experiments.flags import add_attack_args, attack_models, check_attack_args
-from jaxadv.attacks import AttackConfig, select_images
+from jaxadv.attacks import AttackConfig
+from jaxadv.attacks.dataset import select_images
 from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset, training_halves
 from jaxadv.paper import TABLE3, TABLE4
 from jaxadv.plots import error_rate_heatmap_figure, transfer_triplets_figure

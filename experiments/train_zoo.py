@@ -11,8 +11,9 @@ from __future__ import annotations
 import sys
 import time
 
-from experiments.common import (ArgumentParser, add_common_args, markdown_table, output_dir, parse_args, percent,
-                                run_main, write_json_atomic, write_text_atomic)
+from experiments.common import ArgumentParser, add_common_args, output_dir, parse_args
+from jaxadv.report import markdown_table, percent, write_json_atomic, write_text_atomic
+from experiments.cli import run_main
 from jaxadv.data import load_dataset
 from jaxadv.models import ALL_MODELS
 from jaxadv.train import error_rate

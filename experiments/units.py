@@ -26,8 +26,9 @@ import time
 import flax.linen as nn
 import jax
 
-from experiments.common import (ArgumentParser, UsageError, add_common_args, int_in, output_dir, parse_args, run_main,
-                                save_figure_atomic)
+from experiments.common import ArgumentParser, add_common_args, int_in, output_dir, parse_args
+from experiments.cli import UsageError, run_main
+from jaxadv.report import save_figure_atomic
 from experiments.flags import add_models_arg, models_from_args
 from jaxadv.data import NUM_EXAMPLES, load_dataset
 from jaxadv.functional import LastDenseInput, hidden_layers, layer_kind, split_sequential

@@ -77,6 +77,7 @@ class AdversarialTrainingConfig(NamedTuple):
 
 
 class TrainState(NamedTuple):
+    """What adversarial training carries from step to step: the parameters, the optimiser's state, the step."""
     params: Params
     opt_state: optax.OptState
     step: jax.Array
@@ -202,6 +203,7 @@ def make_optimizer(config: AdversarialTrainingConfig, total_steps: int) -> optax
 
 
 def init_state(params: Params, config: AdversarialTrainingConfig, total_steps: int) -> TrainState:
+    """The state at step 0: `params` and a fresh optimiser for `total_steps` steps of `config`."""
     return TrainState(params, make_optimizer(config, total_steps).init(params), jnp.int32(0))
 
 
@@ -272,6 +274,7 @@ def fresh_adversarial_examples(model, params: Params, layer: int, images, labels
 
 
 def validate_config(model, config: AdversarialTrainingConfig) -> None:
+    """Refuse a `config` that `model` cannot train with (ValueError / TypeError naming the field), before any work."""
     for name in ("epochs", "batch_size", "pool_size", "pool_batch_size", "refresh_every"):
         if getattr(config, name) < 1:
             raise ValueError(f"config.{name} must be positive, got {getattr(config, name)}")

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.attacks import (fast_gradient_direction, fgm, fgsm, min_pixels_attack, minimal_fast_gradient,
-                            single_pixel_attack, success_along_direction)
+from jaxadv.attacks import fgm, fgsm, min_pixels_attack, minimal_fast_gradient, single_pixel_attack
+from jaxadv.attacks.fast import fast_gradient_direction, success_along_direction
 from jaxadv.attacks.sparse import margin
 
 

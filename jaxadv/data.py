@@ -61,6 +61,7 @@ CLASS_NAMES = {
 
 
 class Dataset(NamedTuple):
+    """A split of a data set: images float32 [N, 28, 28, 1] in [0, 1] and labels int32 [N]."""
     images: np.ndarray  # float32 [N, 28, 28, 1] in [0, 1]
     labels: np.ndarray  # int32 [N]
 

@@ -184,6 +184,7 @@ class LastDenseInput(_ModuleCallable, NamedTuple("LastDenseInput", [("module", n
 
 
 def check_sequential(module, argument: str = "module") -> nn.Sequential:
+    """`module` if it is a flax nn.Sequential, else TypeError naming `argument` (cutting at a layer needs one)."""
     if not isinstance(module, nn.Sequential):
         raise TypeError(f"{argument}: cutting a network at a hidden layer needs a flax nn.Sequential, got "
                         f"{type(module).__name__} (for another module, pass its features and head as functions)")

@@ -71,10 +71,12 @@ class Traced:
 
 
 def traced_inputs(inputs) -> list[int]:
+    """Positions of the operands that depend on the network's input (the others are constants)."""
     return [i for i, value in enumerate(inputs) if isinstance(value, Traced)]
 
 
 def the_traced_input(eqn, inputs, what: str = "") -> tuple[int, Traced]:
+    """(position, operand) of the one input-dependent operand of `eqn`; ValueError if not exactly one."""
     positions = traced_inputs(inputs)
     if len(positions) != 1:
         raise ValueError(f"{eqn.primitive.name!r} of {len(positions)} input-dependent operands has no global "
@@ -83,6 +85,7 @@ def the_traced_input(eqn, inputs, what: str = "") -> tuple[int, Traced]:
 
 
 def out_aval(eqn):
+    """The abstract value (shape, dtype) of `eqn`'s first output."""
     return eqn.outvars[0].aval
 
 
@@ -97,6 +100,7 @@ def unary(eqn, x: Traced, factor: float, kind: str, name: str | None = None, *, 
 
 
 def merge(eqn, parts: Sequence[Traced], bound: float) -> Traced:
+    """The output of an operator joining several input-dependent `parts`, with Lipschitz bound `bound`."""
     return Traced(out_aval(eqn), float(bound), tuple(parts))
 
 

@@ -18,11 +18,10 @@ Two independent pieces, both generic (nothing here knows about attacks):
   that config, whatever library built it.
 
 The attack over a data set (`jaxadv.attacks.attack_dataset`) is these two around
-the L-BFGS attack. Each job has its module, whose names are importable from here
-too: `jaxadv.sharding` (the mesh, `sharded`, multi-host arrays),
-`jaxadv.chunk_folder` (the manifest, signed chunk files, locks),
-`jaxadv.progress` (the bar) and `jaxadv.device_sizes` (how much one device takes
-at once); this module is the orchestration. Multi-host use (several processes,
+the L-BFGS attack. Each job has its module: `jaxadv.sharding` (the mesh,
+`sharded`, multi-host arrays), `jaxadv.chunk_folder` (the manifest, signed chunk
+files, locks) and `jaxadv.progress` (the bar); how much one device takes at once
+is the attack's (`jaxadv.attacks.sizes`); this module is the orchestration. Multi-host use (several processes,
 e.g. a pod): call `jax.distributed.initialize()` in every process before anything
 else touches JAX, then use these functions unchanged in every process, each with
 the same inputs (`jaxadv.sharding`); `run_sweep` writes files from process 0 only
@@ -45,14 +44,11 @@ import jax
 import numpy as np
 
 from jaxadv import chunk_files
-from jaxadv.chunk_folder import (FORMAT_VERSION, LOCK_PREFIX, MANIFEST, SIGNATURE_KEY, SweepMismatch,  # noqa: F401
-                                 check_or_write_manifest, chunk_path, chunk_rows, chunk_signature,
-                                 fingerprint_arrays, hash_json, jsonable, load_sweep, lock, read_chunk,
-                                 remove_temporaries, save_npz_atomic)
-from jaxadv.device_sizes import (ACCELERATOR_MAX_LANES, ACCELERATOR_MEMORY_FRACTION, CPU_SIZES,  # noqa: F401
-                                 DeviceSizes, chunk_size_for_memory, sizes_for_device)
+from jaxadv.chunk_folder import (FORMAT_VERSION, SIGNATURE_KEY, check_or_write_manifest, chunk_path, chunk_rows,
+                                 chunk_signature, fingerprint_arrays, hash_json, jsonable, load_sweep, lock,
+                                 read_chunk, remove_temporaries, save_npz_atomic)
 from jaxadv.progress import SweepProgress
-from jaxadv.sharding import BATCH_AXIS, batch_mesh, leading_batch_size, pad_to_multiple, sharded, to_host  # noqa: F401
+from jaxadv.sharding import leading_batch_size, pad_to_multiple, to_host
 
 
 class SweepInterrupted(RuntimeError):

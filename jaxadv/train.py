@@ -34,6 +34,7 @@ from jaxadv.models import ZooModel, weight_decay_penalty
 
 
 class TrainConfig(NamedTuple):
+    """How `train` fits a zoo model: epochs, batch, Adam's peak step, and the autoencoder's pretraining."""
     epochs: int = 20
     batch_size: int = 128
     learning_rate: float = 1e-3   # peak Adam step, cosine-decayed to 0 over the run

@@ -109,6 +109,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def model_dir(workdir: str | os.PathLike, name: str, tag: str | None = None) -> Path:
+    """Where model `name` (trained on `tag`'s set, if given) is stored under `workdir`."""
     return Path(workdir) / "models" / _stored_name(name, tag)
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.common import write_json_atomic  # noqa: E402
+from jaxadv.report import write_json_atomic  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402
 from scripts.bench_models import correctly_classified, reference_cnn, train_cnn  # noqa: E402
 

@@ -66,7 +66,7 @@ import scipy.optimize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.common import write_json_atomic  # noqa: E402
+from jaxadv.report import write_json_atomic  # noqa: E402
 from jaxadv.zoo import trained_models  # noqa: E402
 from jaxadv.attacks import (ATTACK_LBFGS, AttackConfig, SearchConfig, lbfgs_attack,  # noqa: E402
                             random_wrong_targets)

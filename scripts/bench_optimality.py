@@ -46,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxadv.attacks as attacks  # noqa: E402
-from experiments.common import markdown_table, save_figure_atomic, write_json_atomic, write_text_atomic  # noqa: E402
+from jaxadv.report import markdown_table, save_figure_atomic, write_json_atomic, write_text_atomic  # noqa: E402
 from jaxadv.attacks.alma import alma  # noqa: E402
 from jaxadv.attacks.ddn import ddn  # noqa: E402
 from jaxadv.attacks.deepfool import deepfool, superdeepfool  # noqa: E402

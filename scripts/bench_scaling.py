@@ -37,7 +37,7 @@ def worker(num_devices, batch_sizes, workload, model_name, repeats, block_size):
     import numpy as np
 
     from jaxadv.models import get_model
-    from jaxadv.sweep import batch_mesh, sharded
+    from jaxadv.sharding import batch_mesh, sharded
 
     if len(jax.devices()) < num_devices:
         return {"num_devices": num_devices, "skipped": f"only {len(jax.devices())} devices"}

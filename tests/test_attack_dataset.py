@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxadv import sweep
+from jaxadv import chunk_folder, sweep
 from jaxadv.attacks import ATTACK_LBFGS, AttackConfig, RefineConfig, SearchConfig, attack_dataset, attack_sizes, dataset, lbfgs_attack
 
 #: Short searches: the properties under test do not need the default's precision.
@@ -123,20 +123,20 @@ def test_a_folder_refuses_other_weights_and_other_architectures_and_resumes_the_
     assert "resuming: 1/1 chunks" in capsys.readouterr().err
     same(again, first, "resumed")
 
-    with pytest.raises(sweep.SweepMismatch, match="parameters") as other_weights:
+    with pytest.raises(chunk_folder.SweepMismatch, match="parameters") as other_weights:
         run(jax.tree_util.Partial(mlp, mlp_params(1)), images, targets, folder)
     assert str(folder) in str(other_weights.value) and "of attack MLP" in str(other_weights.value)
     assert "function:" not in str(other_weights.value)          # the architecture is the same
-    with pytest.raises(sweep.SweepMismatch, match="function") as other_architecture:
+    with pytest.raises(chunk_folder.SweepMismatch, match="function") as other_architecture:
         run(jax.tree_util.Partial(mlp, mlp_params(0, hidden=13)), images, targets, folder)
     assert str(folder) in str(other_architecture.value)
     weights = mlp_params(0)
-    with pytest.raises(sweep.SweepMismatch, match="function"):
+    with pytest.raises(chunk_folder.SweepMismatch, match="function"):
         run(lambda x: mlp(weights, x) * 2.0, images, targets, folder)     # the same weights, another function
-    with pytest.raises(sweep.SweepMismatch, match="attack"):
+    with pytest.raises(chunk_folder.SweepMismatch, match="attack"):
         attack_dataset(jax.tree_util.Partial(mlp, mlp_params(0)), images, targets, str(folder),
                        QUICK._replace(lbfgs=QUICK.lbfgs._replace(max_iterations=21)), progress=False)
-    with pytest.raises(sweep.SweepMismatch, match="untargeted"):
+    with pytest.raises(chunk_folder.SweepMismatch, match="untargeted"):
         run(jax.tree_util.Partial(mlp, mlp_params(0)), images, targets, folder, untargeted=True)
 
 
@@ -166,7 +166,7 @@ def test_a_rerun_with_other_sizes_or_settings_spelled_otherwise_resumes_and_a_re
                              block_size=2, lower=0.0, upper=1.0)
     assert "resuming: 1/3 chunks" in capsys.readouterr().err
     same(resumed, whole, "resumed with other sizes")
-    with pytest.raises(sweep.SweepMismatch, match="attack.lanes: the folder's 4, this call's 8"):
+    with pytest.raises(chunk_folder.SweepMismatch, match="attack.lanes: the folder's 4, this call's 8"):
         run(logits_fn, images, targets, tmp_path / "cut", lanes=8)
 
 

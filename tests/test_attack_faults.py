@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jaxadv.attacks import (UNTARGETED, lbfgs_attack, lbfgs_attack_all_targets,
-                            lbfgs_attack_core, lbfgs_attack_untargeted, runner_up_targets)
+from jaxadv.attacks import lbfgs_attack, lbfgs_attack_all_targets, lbfgs_attack_untargeted, runner_up_targets
+from jaxadv.attacks.lbfgs import UNTARGETED, lbfgs_attack_core
 from test_attacks import FAST, LOGITS, _images
 
 TARGETS = np.array([1, 2, 3, 4], np.int32)

@@ -14,8 +14,10 @@ import pytest
 import scipy.optimize
 from hypothesis import given, settings, strategies as st
 
-from jaxadv.attacks import (ATTACK_LBFGS, UNTARGETED, AttackConfig, RefineConfig, SearchConfig, lbfgs_attack, lbfgs_attack_all_targets,
-                            lbfgs_attack_untargeted, project_onto_cuts, random_wrong_targets)
+from jaxadv.attacks import (ATTACK_LBFGS, AttackConfig, RefineConfig, SearchConfig, lbfgs_attack, lbfgs_attack_all_targets,
+                            lbfgs_attack_untargeted, random_wrong_targets)
+from jaxadv.attacks.boundary import project_onto_cuts
+from jaxadv.attacks.lbfgs import UNTARGETED
 from jaxadv.attacks.exact import exact_linear_minimum
 from conftest import exact_relu_untargeted_minimum, small_relu_net, train_on_fashion_mnist
 

@@ -49,7 +49,7 @@ def test_a_mistyped_flag_gets_the_usage_and_the_nearest_flag(experiment, capsys)
 
 def _fails_in_one_line(experiment, argv, capsys, tmp_path):
     """Run `experiment` as its command does (run_main); its one line on stderr, after checking the rest."""
-    from experiments.common import run_main
+    from experiments.cli import run_main
     main = importlib.import_module(f"experiments.{experiment}").main
     before = sorted(tmp_path.rglob("*"))
     start = time.perf_counter()

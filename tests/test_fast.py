@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxadv.attacks import (fast_gradient_direction, fgm, fgsm, minimal_fast_gradient, pgd,
-                            success_along_direction)
+from jaxadv.attacks import fgm, fgsm, minimal_fast_gradient, pgd
+from jaxadv.attacks.fast import fast_gradient_direction, success_along_direction
 from jaxadv.attacks import fast
 from jaxadv.attacks.exact import exact_linear_minimum
 from conftest import tiny_sigmoid_net

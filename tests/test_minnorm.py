@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxadv.attacks import (LaneAttack, alma, ddn, deepfool, fmn, minimal_perturbation, polished,
-                            robust_accuracy_curve, run_lanes, superdeepfool)
+from jaxadv.attacks import alma, ddn, deepfool, fmn, minimal_perturbation, robust_accuracy_curve, superdeepfool
+from jaxadv.attacks.lanes import LaneAttack, run_lanes
+from jaxadv.attacks.minimal import polished
 from jaxadv.attacks.common import image_logits, lane_inputs
 from jaxadv.attacks.alma import ALMAConfig, alma_lanes
 from jaxadv.attacks.ddn import ddn_lanes

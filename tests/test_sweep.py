@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxadv import sweep
+from jaxadv import chunk_folder, sharding, sweep
+from jaxadv.attacks import sizes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,7 +133,7 @@ def test_a_rerun_with_other_inputs_or_config_refuses_to_mix_results(tmp_path, ch
         config["model"] = "b"
     else:
         config["attack"] = {"lanes": 64, "lower": 0}
-    with pytest.raises(sweep.SweepMismatch, match="refusing to mix") as error:
+    with pytest.raises(chunk_folder.SweepMismatch, match="refusing to mix") as error:
         sweep.run_sweep(_sweep_fn(calls), other, str(tmp_path), 5, config=config, progress=False)
     if change == "config":       # names the setting and both values
         assert 'model: the folder\'s "a", this call\'s "b"' in str(error.value)
@@ -266,7 +267,7 @@ def test_a_chunk_of_another_sweep_is_refused_by_its_own_signature(tmp_path, how)
                             stop_after=1)
         (tmp_path / "b" / "chunk_000001.npz").write_bytes((tmp_path / "a" / "chunk_000001.npz").read_bytes())
         target = tmp_path / "b"
-    with pytest.raises(sweep.SweepMismatch, match="chunk_00000[01].npz"):
+    with pytest.raises(chunk_folder.SweepMismatch, match="chunk_00000[01].npz"):
         sweep.run_sweep(_sweep_fn(calls), other, str(target), 5, config={"model": "b"}, progress=False)
 
 
@@ -295,9 +296,9 @@ def test_a_damaged_manifest_is_named(tmp_path, content):
     data = _inputs(10)
     sweep.run_sweep(_sweep_fn([]), data, str(tmp_path), 5, progress=False)
     (tmp_path / "manifest.json").write_text(content)
-    with pytest.raises(sweep.SweepMismatch, match="manifest.json"):
+    with pytest.raises(chunk_folder.SweepMismatch, match="manifest.json"):
         sweep.run_sweep(_sweep_fn([]), data, str(tmp_path), 5, progress=False)
-    with pytest.raises(sweep.SweepMismatch, match="manifest.json"):
+    with pytest.raises(chunk_folder.SweepMismatch, match="manifest.json"):
         sweep.load_sweep(str(tmp_path))
 
 
@@ -312,7 +313,7 @@ def test_config_values_are_fingerprinted_exactly_or_refused(tmp_path):
     calls = []
     with pytest.raises(sweep.SweepInterrupted):
         sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path), 5, config={"w": vector}, progress=False, stop_after=1)
-    with pytest.raises(sweep.SweepMismatch, match="refusing to mix"):
+    with pytest.raises(chunk_folder.SweepMismatch, match="refusing to mix"):
         sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path), 5, config={"w": changed}, progress=False)
     sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path), 5, config={"w": np.array(vector)}, progress=False)
     assert len(calls) == 2                       # an equal array, built anew, resumes
@@ -322,7 +323,7 @@ def test_config_values_are_fingerprinted_exactly_or_refused(tmp_path):
 
 
 def test_an_experiment_meeting_a_foreign_sweep_says_so_in_one_line_and_exits_2(tmp_path, capsys):
-    from experiments.common import run_main
+    from experiments.cli import run_main
     data = {"x": np.arange(4, dtype=np.float32)}
     sweep.run_sweep(lambda c: {"y": c["x"]}, data, str(tmp_path), 2, config={"attack": "old"}, progress=False)
 
@@ -388,25 +389,25 @@ class _FakeDevice:
 def test_chunk_size_follows_free_device_memory():
     gpu = _FakeDevice({"bytes_limit": 10_000_000, "bytes_in_use": 2_000_000})
     # half of 8 MB free / 1000 B = 4000 rows per device
-    assert sweep.chunk_size_for_memory(1000, device=gpu) == 4000
-    assert sweep.chunk_size_for_memory(1000, device=gpu, num_devices=4, multiple_of=12) == 15996
-    assert sweep.chunk_size_for_memory(1000, device=gpu, maximum=300, multiple_of=64) == 256
+    assert sizes.chunk_size_for_memory(1000, device=gpu) == 4000
+    assert sizes.chunk_size_for_memory(1000, device=gpu, num_devices=4, multiple_of=12) == 15996
+    assert sizes.chunk_size_for_memory(1000, device=gpu, maximum=300, multiple_of=64) == 256
     cpu = _FakeDevice(None)
-    assert sweep.chunk_size_for_memory(1000, device=cpu, fallback_bytes=3000, memory_fraction=1.0) == 3
-    assert sweep.chunk_size_for_memory(10**12, device=gpu, multiple_of=8) == 8   # never below one block
+    assert sizes.chunk_size_for_memory(1000, device=cpu, fallback_bytes=3000, memory_fraction=1.0) == 3
+    assert sizes.chunk_size_for_memory(10**12, device=gpu, multiple_of=8) == 8   # never below one block
     with pytest.raises(ValueError, match="bytes_per_example"):
-        sweep.chunk_size_for_memory(0)
+        sizes.chunk_size_for_memory(0)
 
 
 def test_sharded_on_one_device_handles_ragged_batches():
     data = _inputs(11)
-    fn = sweep.sharded(_descent, block_size=4)
+    fn = sharding.sharded(_descent, block_size=4)
     out = fn(data["x"], data["target"])
     assert out["x"].shape == (11, 12)
     blocked = [jax.jit(_descent)(*sweep.pad_to_multiple((data["x"], data["target"]), 4))]
     np.testing.assert_array_equal(np.asarray(out["x"]), np.asarray(blocked[0]["x"])[:11])
     with pytest.raises(ValueError, match="block_size"):
-        sweep.sharded(_descent, block_size=0)
+        sharding.sharded(_descent, block_size=0)
     with pytest.raises(ValueError, match="batch size"):
         fn(data["x"], data["target"][:5])
 
@@ -429,16 +430,16 @@ _FOUR_DEVICES = textwrap.dedent("""
     data = _inputs(23)                      # ragged: padded to a multiple of 4 devices x block
     args = (data["x"], data["target"])
     for block in (1, 4):
-        four = sweep.sharded(_descent, block_size=block)(*args)
-        single = sweep.sharded(_descent, mesh=one, block_size=block)(*args)
+        four = sharding.sharded(_descent, block_size=block)(*args)
+        single = sharding.sharded(_descent, mesh=one, block_size=block)(*args)
         assert same(four, single), ("stand-in", block)
-    whole = sweep.sharded(_descent)(*args)          # no blocks: equal up to rounding
+    whole = sharding.sharded(_descent)(*args)          # no blocks: equal up to rounding
     assert whole["x"].sharding.mesh.shape["batch"] == 4
     ref = jax.jit(_descent)(*args)
     np.testing.assert_allclose(np.asarray(whole["x"]), np.asarray(ref["x"]), atol=1e-5)
     # the per-block program is the plain jitted function on one block
     data = _inputs(16)
-    four = sweep.sharded(_descent, block_size=4)(data["x"], data["target"])
+    four = sharding.sharded(_descent, block_size=4)(data["x"], data["target"])
     plain = jax.jit(_descent)(data["x"][4:8], data["target"][4:8])
     assert same({{k: v[4:8] for k, v in four.items()}}, plain)
 
@@ -447,7 +448,7 @@ _FOUR_DEVICES = textwrap.dedent("""
         images, targets, attack = attack
 
         def run(x, t, mesh):
-            return sweep.sharded(attack, mesh=mesh, block_size=3)(x, t)
+            return sharding.sharded(attack, mesh=mesh, block_size=3)(x, t)
         four = run(images, targets, None)
         two = run(images, targets, sweep.batch_mesh(jax.devices()[:2]))
         single = run(images, targets, one)
@@ -462,8 +463,8 @@ _FOUR_DEVICES = textwrap.dedent("""
 
     # a sharded sweep, interrupted and resumed, equals an unsharded uninterrupted one
     data = _inputs(37)
-    four = sweep.sharded(_descent, block_size=2)
-    single = sweep.sharded(_descent, mesh=one, block_size=2)
+    four = sharding.sharded(_descent, block_size=2)
+    single = sharding.sharded(_descent, mesh=one, block_size=2)
     with tempfile.TemporaryDirectory() as d:
         calls = []
         def fn(chunk):
@@ -638,7 +639,7 @@ class _StandInDevice:
 
 
 def test_sizes_follow_the_device_kind_and_its_memory():
-    from jaxadv.sweep import ACCELERATOR_MAX_LANES, CPU_SIZES, sizes_for_device
+    from jaxadv.attacks.sizes import ACCELERATOR_MAX_LANES, CPU_SIZES, sizes_for_device
     per_lane = 4 * (2 * 3 * 784 + 10 * 784 + 3 * 2000)        # the attack's state for a small MLP, float32
     cpu = sizes_for_device(per_lane, _StandInDevice("cpu", "cpu"))
     assert (cpu.lanes, cpu.block_size, cpu.max_chunk_per_device) == (CPU_SIZES.lanes, 256, 256)

@@ -233,7 +233,7 @@ def test_a_models_config_file_gives_the_users_models(tmp_path):
 
 
 def test_markdown_table_and_json(tmp_path):
-    from experiments.common import markdown_table, write_json_atomic
+    from jaxadv.report import markdown_table, write_json_atomic
     table = markdown_table(["a", "b"], [[1, 0.123456], ["x", "y"]])
     assert table == "| a | b |\n|---|---|\n| 1 | 0.1235 |\n| x | y |\n"
     with pytest.raises(ValueError, match="cells"):

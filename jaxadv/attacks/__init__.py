@@ -1,50 +1,43 @@
-"""The paper's box-constrained L-BFGS attack (§4.1), batched on device.
+"""The attacks: the paper's box-constrained L-BFGS (§4.1) and the minimal-L2 and fast attacks beside it.
 
-    from jaxadv.attacks import lbfgs_attack, AttackConfig, random_wrong_targets
-    result = lbfgs_attack(jax.tree_util.Partial(model.apply, params), images, targets)
+    from jaxadv.attacks import lbfgs_attack, random_wrong_targets
+    result = lbfgs_attack(model, images, targets, params=params)
 
-`box_lbfgs`: projected L-BFGS for one flat box-constrained problem (ask/tell), the core of
-    `jaxadv.optim.box_lbfgs` (the optax transformation that the attack's loop calls).
-`lbfgs`: the attack (objective, per-image c search, lanes).
-`boundary`: refinement to the nearest boundary point (SQP on the exact problem, then a
-    boundary walk where the SQP stalls).
-`exact`: the exact minimum of a linear model (a scipy reference).
-`targets`: target-label helpers and the all-targets minimum.
-`dataset`: the attack over a whole data set, for any model: sharded over every device, in
-    resumable chunks (`attack_dataset`), with its sizes from the traced model (`attack_sizes`).
-`sparse`: the exhaustive single-pixel search and the fewest pixels that change the label.
-`fast`: FGSM / FGM, BIM / PGD, and the smallest fast-gradient step that succeeds.
-`lanes`: the work queue every per-image attack runs on (a lane that finishes takes the next image).
-`ddn`, `alma`, `fmn`, `deepfool`: the minimal-L2 attacks DDN, ALMA, FMN, DeepFool and SuperDeepFool.
-`minimal`: `minimal_perturbation`, the per-image best of several attacks; `robust_accuracy_curve`.
+Every attack takes any model (`jaxadv.logits_function`), runs batched on device, and gives each image the
+same result in any batch. The modules, whose internals stay importable from them:
+
+`lbfgs`: the attack (objective, per-image c search, lanes); `boundary`: the refinement to the nearest
+    boundary point; `targets`: target labels and the all-targets minimum.
+`dataset`: the attack over a whole data set, sharded and in resumable chunks, sized from the traced model.
+`ddn`, `alma`, `fmn`, `deepfool`: DDN, ALMA, FMN, DeepFool and SuperDeepFool; `minimal`: the per-image
+    best of several attacks and the robust-accuracy curve.
+`fast`: FGSM / FGM, BIM / PGD; `sparse`: single pixels and the fewest pixels that change the label.
+`lanes`: the work queue every per-image attack runs on; `exact`: the exact minimum of a linear model.
 """
-from jaxadv.attacks.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState
-from jaxadv.attacks.boundary import RefineConfig, RefineResult, project_onto_cuts, refine_core
-from jaxadv.attacks.lbfgs import (ATTACK_LBFGS, PENALTIES, UNTARGETED, AttackConfig, AttackResult, SearchConfig,
-                                  lbfgs_attack, lbfgs_attack_core, lbfgs_attack_untargeted)
-from jaxadv.attacks.dataset import (LBFGS_SOURCES, RESULT_FIELDS, AttackSizes, attack_dataset, attack_sizes,
-                                    attack_source_fingerprint, select_images)
-from jaxadv.attacks.fast import (FastResult, fast_gradient_direction, fgm, fgsm, minimal_fast_gradient, pgd,
-                                 success_along_direction)
-from jaxadv.attacks.sparse import MinPixelsResult, SinglePixelResult, min_pixels_attack, single_pixel_attack
-from jaxadv.attacks.lanes import LaneAttack, run_lanes
-from jaxadv.attacks.common import MinNormResult
+from jaxadv.attacks.boundary import RefineConfig
+from jaxadv.attacks.lbfgs import (ATTACK_LBFGS, AttackConfig, SearchConfig, lbfgs_attack,
+                                  lbfgs_attack_untargeted)
+from jaxadv.attacks.dataset import attack_dataset, attack_sizes
+from jaxadv.attacks.fast import fgm, fgsm, minimal_fast_gradient, pgd
+from jaxadv.attacks.sparse import min_pixels_attack, single_pixel_attack
 from jaxadv.attacks.ddn import ddn
-from jaxadv.attacks.alma import ALMAConfig, alma
+from jaxadv.attacks.alma import alma
 from jaxadv.attacks.fmn import fmn
 from jaxadv.attacks.deepfool import deepfool, superdeepfool
-from jaxadv.attacks.minimal import (DEFAULT_ATTACKS, MinimalResult, minimal_perturbation, polished,
-                                   robust_accuracy_curve)
-from jaxadv.attacks.targets import (AllTargetsResult, all_wrong_targets, lbfgs_attack_all_targets,
-                                    random_wrong_targets, runner_up_targets)
+from jaxadv.attacks.minimal import minimal_perturbation, robust_accuracy_curve
+from jaxadv.attacks.targets import (all_wrong_targets, lbfgs_attack_all_targets, random_wrong_targets,
+                                    runner_up_targets)
 
-__all__ = ["AttackConfig", "SearchConfig", "ATTACK_LBFGS", "AttackResult", "AllTargetsResult", "BoxLBFGSConfig", "BoxLBFGSState", "PENALTIES", "UNTARGETED",
-           "all_wrong_targets", "lbfgs_attack", "lbfgs_attack_all_targets", "lbfgs_attack_core",
-           "lbfgs_attack_untargeted", "project_onto_cuts", "RefineConfig", "RefineResult", "refine_core",
-           "random_wrong_targets", "runner_up_targets",
-           "FastResult", "fast_gradient_direction", "fgm", "fgsm", "minimal_fast_gradient", "pgd", "success_along_direction",
-           "MinPixelsResult", "SinglePixelResult", "min_pixels_attack", "single_pixel_attack",
-           "AttackSizes", "LBFGS_SOURCES", "RESULT_FIELDS", "attack_dataset", "attack_sizes", "attack_source_fingerprint",
-           "select_images"]
-__all__ += ["LaneAttack", "run_lanes", "MinNormResult", "ddn", "ALMAConfig", "alma", "fmn", "deepfool", "superdeepfool",
-            "DEFAULT_ATTACKS", "MinimalResult", "minimal_perturbation", "polished", "robust_accuracy_curve"]
+__all__ = [
+    # the paper's attack and its settings
+    "lbfgs_attack", "lbfgs_attack_untargeted", "lbfgs_attack_all_targets",
+    "AttackConfig", "SearchConfig", "RefineConfig", "ATTACK_LBFGS",
+    # target labels
+    "random_wrong_targets", "runner_up_targets", "all_wrong_targets",
+    # a whole data set
+    "attack_dataset", "attack_sizes",
+    # minimal-L2 attacks
+    "ddn", "alma", "fmn", "deepfool", "superdeepfool", "minimal_perturbation", "robust_accuracy_curve",
+    # fast and sparse attacks
+    "fgsm", "fgm", "pgd", "minimal_fast_gradient", "single_pixel_attack", "min_pixels_attack",
+]

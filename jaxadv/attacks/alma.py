@@ -43,6 +43,7 @@ class ALMAConfig(NamedTuple):
 
 
 class ALMAState(NamedTuple):
+    """One lane's ALMA: the perturbation, RMSProp's averages, the multiplier μ and penalty ρ, the best so far."""
     image: Image
     delta: jax.Array        # [n]
     square_avg: jax.Array   # [n] RMSProp's average of g²

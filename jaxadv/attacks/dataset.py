@@ -54,7 +54,9 @@ from jax.extend.core import jaxprs_in_params
 from jaxadv import checks
 from jaxadv.attacks.lbfgs import UNTARGETED, AttackConfig, check_config, lbfgs_attack_core
 from jaxadv.attacks.targets import random_wrong_targets
-from jaxadv.sweep import chunk_size_for_memory, function_fingerprint, run_sweep, sharded, sizes_for_device
+from jaxadv.attacks.sizes import chunk_size_for_memory, sizes_for_device
+from jaxadv.sharding import sharded
+from jaxadv.sweep import function_fingerprint, run_sweep
 
 #: The per-image arrays `attack_dataset` returns (the fields of `AttackResult`).
 RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations", "search_distortion")

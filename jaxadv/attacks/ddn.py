@@ -29,6 +29,7 @@ from jaxadv.attacks.lanes import LaneAttack, run_lanes
 
 
 class DDNState(NamedTuple):
+    """One lane's DDN: the perturbation, the norm of its next step, the best so far."""
     image: Image
     delta: jax.Array      # [n] the current perturbation
     epsilon: jax.Array    # the norm the next step is set to

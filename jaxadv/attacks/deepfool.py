@@ -39,6 +39,7 @@ from jaxadv.attacks.lanes import LaneAttack, run_lanes
 
 
 class DeepFoolState(NamedTuple):
+    """One lane's DeepFool or SuperDeepFool: the point, where its run began, the projections made, the best."""
     image: Image
     x: jax.Array            # [n] the current point
     anchor: jax.Array       # [n] where the current DeepFool run started

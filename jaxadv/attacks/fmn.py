@@ -37,6 +37,7 @@ PROJECTION_STEPS = 12
 
 
 class FMNState(NamedTuple):
+    """One lane's FMN: the perturbation, the radius ε it is projected onto, the best so far."""
     image: Image
     delta: jax.Array     # [n]
     epsilon: jax.Array   # the radius (inf before the first step)
