@@ -18,7 +18,7 @@
 `ddn`, `alma`, `fmn`, `deepfool`: the minimal-L2 attacks DDN, ALMA, FMN, DeepFool and SuperDeepFool.
 `minimal`: `minimal_perturbation`, the per-image best of several attacks; `robust_accuracy_curve`.
 """
-from jaxadv.attacks.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState
+from jaxadv.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState
 from jaxadv.attacks.boundary import RefineConfig, RefineResult, project_onto_cuts, refine_core
 from jaxadv.attacks.lbfgs import (ATTACK_LBFGS, PENALTIES, UNTARGETED, AttackConfig, AttackResult, SearchConfig,
                                   lbfgs_attack, lbfgs_attack_core, lbfgs_attack_untargeted)
