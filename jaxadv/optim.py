@@ -10,7 +10,7 @@
 
 `update` consumes f and ∇f at `params` (the trial point the last update asked
 for) and returns `updates` that take `params` to the next trial point. It is
-`jaxadv.attacks.box_lbfgs.tell` on the raveled pytree (projected L-BFGS with an
+`jaxadv.box_lbfgs.tell` on the raveled pytree (projected L-BFGS with an
 active set; see that module for the method and its measurements), so there is
 exactly one evaluation per update and no inner loop: a batch of problems runs in
 lock step under `jax.vmap`, which is how the attack's lane loop
@@ -41,7 +41,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from jaxadv import checks
-from jaxadv.attacks import box_lbfgs as core
+from jaxadv import box_lbfgs as core
 
 BoxLBFGSState = core.BoxLBFGSState
 
@@ -53,7 +53,7 @@ def box_lbfgs(lower, upper, *, memory_size: int = 10, max_iterations: int = 100,
 
     lower, upper: scalars, or pytrees shaped like params whose leaves broadcast
       to the matching leaf (-inf / inf for an open side).
-    The rest: `jaxadv.attacks.box_lbfgs.BoxLBFGSConfig` (scipy's L-BFGS-B
+    The rest: `jaxadv.box_lbfgs.BoxLBFGSConfig` (scipy's L-BFGS-B
       stopping rules, with defaults float32 can meet).
 
     `update(grads, state, params, *, value)` needs f(params) as `value`. The

@@ -27,7 +27,7 @@ KNOWN_PRIVATE_IMPORTS = {
 
 #: Public names without a docstring, in files that other work is changing now: to be documented there, and
 #: deleted from here when they are.
-KNOWN_UNDOCUMENTED = {"jaxadv.attacks.box_lbfgs.project", "jaxadv.box_lbfgs.project",
+KNOWN_UNDOCUMENTED = {"jaxadv.box_lbfgs.project",
                       "jaxadv.attacks.boundary.RefineResult", "jaxadv.optim.MinimizeResult",
                       "jaxadv.linear_bounds.Graph"}
 

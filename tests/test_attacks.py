@@ -233,7 +233,7 @@ def test_kept_memory_is_the_memory_of_the_new_c_computed_densely():
     # A new c adds 2Δc·I to the penalty's Hessian: every y_j becomes y_j + 2Δc·s_j, and the Gram
     # matrices, rho and gamma must equal those recomputed from the moved pairs; pairs whose s·y
     # turns non-positive (Δc < 0) are dropped.
-    from jaxadv.attacks import box_lbfgs
+    from jaxadv import box_lbfgs
     from jaxadv.attacks.lbfgs import _keep_memory
     rng = np.random.default_rng(0)
     lanes, m, n = 3, 4, 7

@@ -1,4 +1,4 @@
-"""Projected L-BFGS (jaxadv.attacks.box_lbfgs) against independent references.
+"""Projected L-BFGS (jaxadv.box_lbfgs) against independent references.
 
 - the coefficient-space two-loop recursion equals a dense BFGS inverse-Hessian
   recursion built in NumPy, and optax's own two-loop recursion;
@@ -15,7 +15,7 @@ import pytest
 import scipy.optimize
 from hypothesis import given, settings, strategies as st
 
-from jaxadv.attacks import box_lbfgs
+from jaxadv import box_lbfgs
 from jaxadv.optim import minimize_box
 
 

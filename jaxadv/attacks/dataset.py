@@ -62,7 +62,7 @@ from jaxadv.sweep import function_fingerprint, run_sweep
 RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations", "search_distortion")
 #: The L-BFGS attack's source files in jaxadv/attacks/ (the other attacks there change none of its results),
 #: besides its solver's optax face, jaxadv/optim.py, which every source fingerprint includes.
-LBFGS_SOURCES = ("box_lbfgs.py", "lbfgs.py", "boundary.py", "targets.py")
+LBFGS_SOURCES = ("lbfgs.py", "boundary.py", "targets.py")
 
 
 class AttackSizes(NamedTuple):
@@ -179,11 +179,12 @@ def attack_sizes(logits_fn: Callable, images, config: AttackConfig | None = None
 
 
 def attack_source_fingerprint(files: Sequence[str] = LBFGS_SOURCES) -> str:
-    """sha256 of the attack's source `files` in jaxadv/attacks/ and of jaxadv/optim.py: a resumed sweep must
-    not mix two versions of the algorithm."""
+    """sha256 of the attack's source `files` in jaxadv/attacks/ and of the solver's (jaxadv/box_lbfgs.py,
+    jaxadv/optim.py): a resumed sweep must not mix two versions of the algorithm."""
+    import jaxadv.box_lbfgs as box_lbfgs
     import jaxadv.optim as optim
     folder = os.path.dirname(os.path.abspath(__file__))
-    paths = [os.path.join(folder, name) for name in sorted(files)] + [optim.__file__]
+    paths = [os.path.join(folder, name) for name in sorted(files)] + [box_lbfgs.__file__, optim.__file__]
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv import checks, optim
-from jaxadv.attacks import boundary, box_lbfgs
+from jaxadv import box_lbfgs, checks, optim
+from jaxadv.attacks import boundary
 from jaxadv.attacks.lanes import LaneAttack, run_lanes
 
 PENALTIES = ("l2", "l2_squared")
