@@ -210,7 +210,7 @@ def test_ctrl_c_during_a_long_chunk_acts_at_once_and_the_command_says_so_in_one_
         import signal, sys
         import jax, jax.numpy as jnp, numpy as np
         from jaxadv import sweep
-        from experiments.common import run_main
+        from experiments.cli import run_main
 
         # A shell's background job (`pytest &`) starts with SIGINT ignored, and Python then installs no handler
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -282,7 +282,7 @@ def test_a_damaged_chunk_is_named_and_recomputed(tmp_path, damage, capsys):
     chunk.write_bytes({"empty": b"", "truncated": raw[:len(raw) // 2], "garbage": b"\x93NUMPY garbage",
                        "member garbled": raw[:200] + bytes(b ^ 0xFF for b in raw[200:260]) + raw[260:]}[damage])
     with pytest.raises(ValueError, match="chunk_000001.npz"):
-        sweep.load_sweep(str(tmp_path / "d"))
+        chunk_folder.load_sweep(str(tmp_path / "d"))
     before = len(calls)
     out = sweep.run_sweep(_sweep_fn(calls), data, str(tmp_path / "d"), 5, progress=False)
     assert len(calls) == before + 1                      # that chunk alone, again
@@ -299,7 +299,7 @@ def test_a_damaged_manifest_is_named(tmp_path, content):
     with pytest.raises(chunk_folder.SweepMismatch, match="manifest.json"):
         sweep.run_sweep(_sweep_fn([]), data, str(tmp_path), 5, progress=False)
     with pytest.raises(chunk_folder.SweepMismatch, match="manifest.json"):
-        sweep.load_sweep(str(tmp_path))
+        chunk_folder.load_sweep(str(tmp_path))
 
 
 def test_config_values_are_fingerprinted_exactly_or_refused(tmp_path):
@@ -365,17 +365,17 @@ def test_run_sweep_validates_its_arguments(tmp_path):
     with pytest.raises(ValueError, match="leading axis"):
         sweep.run_sweep(lambda c: {"y": np.zeros(())}, {"a": np.zeros(3)}, str(tmp_path / "u"), 2, progress=False)
     with pytest.raises(ValueError, match="unfinished"):
-        sweep.load_sweep(str(tmp_path / "t"))
+        chunk_folder.load_sweep(str(tmp_path / "t"))
 
 
 # -- padding, chunk size, single-device sharding -----------------------------------------------
 
 def test_pad_to_multiple_repeats_the_first_row():
     tree = {"a": np.arange(5), "b": np.arange(10).reshape(5, 2)}
-    out = sweep.pad_to_multiple(tree, 4)
+    out = sharding.pad_to_multiple(tree, 4)
     np.testing.assert_array_equal(out["a"], [0, 1, 2, 3, 4, 0, 0, 0])
     np.testing.assert_array_equal(out["b"][5:], [[0, 1]] * 3)
-    assert sweep.pad_to_multiple(tree, 5)["a"].shape == (5,)
+    assert sharding.pad_to_multiple(tree, 5)["a"].shape == (5,)
 
 
 class _FakeDevice:
@@ -404,7 +404,7 @@ def test_sharded_on_one_device_handles_ragged_batches():
     fn = sharding.sharded(_descent, block_size=4)
     out = fn(data["x"], data["target"])
     assert out["x"].shape == (11, 12)
-    blocked = [jax.jit(_descent)(*sweep.pad_to_multiple((data["x"], data["target"]), 4))]
+    blocked = [jax.jit(_descent)(*sharding.pad_to_multiple((data["x"], data["target"]), 4))]
     np.testing.assert_array_equal(np.asarray(out["x"]), np.asarray(blocked[0]["x"])[:11])
     with pytest.raises(ValueError, match="block_size"):
         sharding.sharded(_descent, block_size=0)
@@ -419,14 +419,14 @@ _FOUR_DEVICES = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     sys.path.insert(0, {tests_dir!r})
     import jax, numpy as np
-    from jaxadv import sweep
+    from jaxadv import sharding, sweep
     from test_sweep import _descent, _inputs, _attack_fn
     assert len(jax.devices()) == 4, jax.devices()
 
     def same(a, b):
         return all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
-    one = sweep.batch_mesh(jax.devices()[:1])
+    one = sharding.batch_mesh(jax.devices()[:1])
     data = _inputs(23)                      # ragged: padded to a multiple of 4 devices x block
     args = (data["x"], data["target"])
     for block in (1, 4):
@@ -450,7 +450,7 @@ _FOUR_DEVICES = textwrap.dedent("""
         def run(x, t, mesh):
             return sharding.sharded(attack, mesh=mesh, block_size=3)(x, t)
         four = run(images, targets, None)
-        two = run(images, targets, sweep.batch_mesh(jax.devices()[:2]))
+        two = run(images, targets, sharding.batch_mesh(jax.devices()[:2]))
         single = run(images, targets, one)
         assert same(four, two), "attack: 4 vs 2 devices"
         # A one-device mesh compiles without SPMD partitioning, so XLA fuses it differently;
