@@ -94,6 +94,15 @@ def test_every_public_function_and_class_of_every_module_has_a_docstring():
     assert not undocumented_modules
 
 
+def test_docs_api_names_every_public_name():
+    """docs/api.md lists each exported name and each module's public functions and classes (`name`)."""
+    page = (REPO / "docs" / "api.md").read_text()
+    names = {*jaxadv.__all__, *jaxadv.attacks.__all__}
+    names |= {name for module in _modules() for name, _ in _defined_public_names(module)}
+    assert len(names) > 200
+    assert not sorted(name for name in names if f"`{name}`" not in page)
+
+
 def test_the_attacks_package_exports_at_most_25_names():
     assert len(jaxadv.attacks.__all__) <= 25
     assert len(set(jaxadv.attacks.__all__)) == len(jaxadv.attacks.__all__)

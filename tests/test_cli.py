@@ -249,13 +249,15 @@ def test_a_rerun_with_other_options_keeps_the_earlier_results(tmp_path, monkeypa
 # -- class 20: the documentation says what the code does ----------------------------------------------
 
 README = (REPO_ROOT / "README.md").read_text()
+DOCS = "\n".join(path.read_text() for path in sorted((REPO_ROOT / "docs").glob("*.md")))
 
 
 def test_readme_and_help_agree_on_adversarial_training_epochs():
     from experiments import adversarial_training as at
     help_text = at.build_parser().format_help()
     assert f"default {at.BASE.epochs}, {at.QUICK['epochs']} with --quick" in " ".join(help_text.split())
-    stated = set(re.findall(r"(\d+) epochs of Adam", README)) | set(re.findall(r"FC100-100-10, (\d+) epochs", README))
+    text = README + DOCS
+    stated = set(re.findall(r"(\d+) epochs of Adam", text)) | set(re.findall(r"FC100-100-10, (\d+) epochs", text))
     assert stated == {str(at.BASE.epochs)}
 
 
@@ -275,8 +277,12 @@ def test_readme_commands_name_their_environment_and_data():
     venvs = [re.search(r"-m venv (\S+)", command).group(1) for command in commands]
     assert len(venvs) == 2 and venvs[0] != venvs[1]       # command 2 does not silently reuse command 1's
     experiments = README.split("## Experiments", 1)[1].split("\n## ", 1)[0]
-    runs = re.findall(r"`([^`]*-m experiments\.\w+[^`]*)`", experiments)
+    blocks = re.findall(r"```bash\n(.*?)```", experiments, flags=re.S)        # commands typed as they stand
+    prose = re.sub(r"```bash\n.*?```", "", experiments, flags=re.S)
+    runs = re.findall(r"`([^`]*-m experiments\.\w+[^`]*)`", prose)
     assert runs and all(run.startswith(".venv/bin/python -m") for run in runs), runs
+    typed = [line for block in blocks for line in block.splitlines() if line.strip()]
+    assert typed and all(line.startswith("JAXADV_DATA_DIR=../shared/data .venv/bin/python -m") for line in typed)
     assert "JAXADV_DATA_DIR" in experiments
 
 
