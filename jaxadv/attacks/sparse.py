@@ -28,11 +28,8 @@ best value is inside). Measured on the Fashion-MNIST zoo (`experiments.sparse_an
 Table 1 models did the finer scan flip an image the bounds did not, or lower any
 image's best margin; see that experiment's `table.md` for the share of single
 pixels whose own best value is inside. So the bounds are the default; pass
-num_values = 17 or 33 to scan inside. Cost on this 2-core CPU, 1,000 images,
-compilation included: 2 s for softmax regression, 6-7 s for FC100-100-10, 19-22 s
-for AE400-10, 8 minutes for the ConvNet (784·2 forward passes per image). The whole
-test set, 10,000 images × 784 pixels × 2 values: 8.8 s for FC10(1e-4), 29 s for
-FC100-100-10.
+num_values = 17 or 33 to scan inside. The cost is 784·2 forward passes per image
+(timings in docs/benchmarks.md).
 
 **Fewest pixels, greedily** (`min_pixels_attack`). Step 1 is the exhaustive
 single-pixel search above, so the count is 1 exactly when `single_pixel_attack`
@@ -41,11 +38,9 @@ succeeds. Each later step keeps the pixels already set and sets one more: the
 gradient g at the current image, g_p·(v − x_p) minimised over the values) are
 evaluated exactly at every value, and the best exact margin is taken. The
 shortlist is the cost/quality knob: `shortlist=None` evaluates every pixel at
-every step (exhaustive greedy). Measured on 200 Fashion-MNIST test images
-(max_pixels 300): a shortlist of 32 gave exactly the exhaustive greedy's count on
-every image for FC100-100-10 (median 2, 90th percentile 5) and FC10(1) (14, 37),
-in 4.2 s and 3.3 s against 5.9 s and 7.7 s; a shortlist of 8 gave one more pixel
-on 1% of FC100-100-10's images. `tests/test_sparse.py` holds the exhaustive mode
+every step (exhaustive greedy). The default of 32 gave the exhaustive greedy's
+count on every one of 200 test images of two zoo models, in less time
+(docs/benchmarks.md). `tests/test_sparse.py` holds the exhaustive mode
 to a Python greedy loop. Images run in `lanes` (as the L-BFGS attack
 does): a lane whose image succeeds, or reaches `max_pixels`, takes the next
 image, so a fast image never waits for a slow one. A greedy count is an upper
@@ -155,7 +150,7 @@ def single_pixel_core(logits_fn, images, labels, lower, upper, num_values: int =
 
 
 class _Lanes(NamedTuple):
-    image: jax.Array        # [L] the image a lane works on (N: idle)
+    image_index: jax.Array  # [L] the index of the image a lane works on (N: idle)
     x: jax.Array            # [L, n]
     changed: jax.Array      # [L, n] bool
     count: jax.Array        # [L]
@@ -193,17 +188,18 @@ def min_pixels_core(logits_fn, images, labels, lower, upper, num_values: int = 2
         """Lanes in `free` take the next images of the queue (or go idle: image N)."""
         slot = state.next_slot + jnp.cumsum(free) - 1
         take = free & (slot < waiting)
-        image = jnp.where(take, queue[jnp.clip(slot, 0, num_images - 1)], jnp.where(free, num_images, state.image))
-        safe = jnp.clip(image, 0, num_images - 1)
+        idle_or_kept = jnp.where(free, num_images, state.image_index)
+        image_index = jnp.where(take, queue[jnp.clip(slot, 0, num_images - 1)], idle_or_kept)
+        safe = jnp.clip(image_index, 0, num_images - 1)
         x = jnp.where(take[:, None], start_x[safe], state.x)
         changed = jnp.where(take[:, None], changed1[safe], state.changed)
         count = jnp.where(take, start_count[safe], state.count)
-        return state._replace(image=image, x=x, changed=changed, count=count,
+        return state._replace(image_index=image_index, x=x, changed=changed, count=count,
                               next_slot=state.next_slot + jnp.sum(free))
 
     def step(state: _Lanes):
-        active = state.image < num_images
-        label = labels[jnp.clip(state.image, 0, num_images - 1)]
+        active = state.image_index < num_images
+        label = labels[jnp.clip(state.image_index, 0, num_images - 1)]
         x, changed = state.x, state.changed
         # Saliency: first-order change of the margin for each pixel and value; changed pixels and
         # "set to its own value" are not candidates.
@@ -229,16 +225,16 @@ def min_pixels_core(logits_fn, images, labels, lower, upper, num_values: int = 2
         count = state.count + move
         flipped = jnp.argmax(logits_fn(x.reshape((lanes,) + shape)), axis=-1) != label
         finished = active & (flipped | (count >= max_pixels) | ~has_candidate)
-        write = jnp.where(finished, state.image, num_images)                            # N: dropped
+        write = jnp.where(finished, state.image_index, num_images)                      # N: dropped
         state = state._replace(x=x, changed=changed, count=count,
                                out_x=state.out_x.at[write].set(x, mode="drop"),
                                out_count=state.out_count.at[write].set(count, mode="drop"))
         return load(state, finished | ~active)
 
     def running(state: _Lanes):
-        return jnp.any(state.image < num_images)
+        return jnp.any(state.image_index < num_images)
 
-    init = _Lanes(image=jnp.full((lanes,), num_images, jnp.int32), x=jnp.zeros((lanes, n), dtype),
+    init = _Lanes(image_index=jnp.full((lanes,), num_images, jnp.int32), x=jnp.zeros((lanes, n), dtype),
                   changed=jnp.zeros((lanes, n), bool), count=jnp.zeros((lanes,), jnp.int32),
                   next_slot=jnp.int32(0), out_x=start_x, out_count=start_count)
     final = jax.lax.while_loop(running, step, load(init, jnp.ones((lanes,), bool)))
