@@ -29,8 +29,8 @@ dense maps, the paper's Fourier method for convolutions, exact pooling norms.
 
 The patterns are read as the operator they are rather than op by op. A
 convolution written as shifted slices, concatenated and multiplied by a
-matrix (im2col: `jaxadv.models.conv2d`, which runs 10× faster on a CPU than
-XLA's convolution) is a convolution: its bound is the Fourier method's, not
+matrix (im2col: `jaxadv.models.conv2d`, faster on a CPU than XLA's
+convolution) is a convolution: its bound is the Fourier method's, not
 √(k·k)·‖W‖. An input padded by wrapping (`jnp.pad(mode="wrap")`, flax's
 `padding="CIRCULAR"`) before a VALID convolution is a circular convolution,
 whose Fourier norm is exact. A zero `jnp.pad` before a convolution is folded

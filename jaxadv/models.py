@@ -52,14 +52,10 @@ def flatten(x: jax.Array) -> jax.Array:
 def max_pool(h: jax.Array, window: int, stride: int) -> jax.Array:
     """Max pooling of NHWC activations over window × window patches, VALID.
 
-    Non-overlapping windows (window == stride) are a reshape and a max. The
-    gradient of XLA's reduce_window max (select-and-scatter, which XLA:CPU
-    lowers to iotas, a reduce_window over pairs and a scatter) took two
-    thirds of a ConvNet gradient computed on its own (one jitted forward and
-    backward pass of 128 images, outside any loop, one CPU thread: 71 ms with
-    reduce_window, 24 ms with the reshape); a reshape's max costs next to
-    nothing.
-    The values are the same; so are the gradients, except that a window
+    Non-overlapping windows (window == stride) are a reshape and a max: the
+    gradient of XLA's reduce_window max is a select-and-scatter, which XLA:CPU
+    runs slowly (docs/benchmarks.md), while a reshape's max costs next to
+    nothing. The values are the same; so are the gradients, except that a window
     whose maximum is tied splits it among the tied entries instead of giving
     it to the first (after a ReLU the tied entries are zeros, whose ReLU
     gradient is 0 either way).
@@ -78,11 +74,8 @@ def conv2d(h: jax.Array, kernel: jax.Array, stride: int, padding: str) -> jax.Ar
     The k × k shifted (and strided) views of the input are stacked along the
     channels, the k·k·C_in columns of each output pixel, and multiplied by the
     kernel reshaped to [k·k·C_in, C_out]. Its gradients are then matmuls too,
-    and XLA:CPU runs matmuls well: inside the training loop (a `lax.scan`, as
-    `jaxadv.train.fit` runs it) a ConvNet step of 128 images took 334 ms with
-    XLA's convolution and reduce_window pooling, and 34 ms with this form and
-    `max_pool` (`scripts/bench_train.py`, 50 steps; in a trace, XLA's
-    convolutions were nearly all of the 334). The values equal lax.conv_general_dilated's
+    which XLA:CPU runs well: a ConvNet training step is about 10× faster than
+    with XLA's convolution (docs/benchmarks.md). The values equal lax.conv_general_dilated's
     up to float32 rounding (tests/test_models.py). SAME pads as XLA does:
     out = ceil(n / stride), the padding split with the odd pixel after.
     """

@@ -52,7 +52,7 @@ def sharded(fn: Callable, mesh: Mesh | None = None, block_size: int | None = Non
     `block_size`: each device runs `fn` on `block_size` rows at a time (one
     compiled call per group of devices x block rows). XLA chooses its matrix
     kernels by shape, so a product over 16 rows can round differently from the
-    same rows inside a product over 64 (we measured 1.2e-7 on this CPU); with
+    same rows inside a product over 64 (by about 1e-7); with
     a fixed block every device runs the same program on the same block
     contents, whatever the number of devices, and it bounds one device's
     working memory to one block. `None` runs each device's whole share at once
@@ -62,11 +62,9 @@ def sharded(fn: Callable, mesh: Mesh | None = None, block_size: int | None = Non
     XLA's fusion choices cannot change its rounding: a one-device mesh (like
     plain `jax.jit`) is compiled without SPMD partitioning and fused
     differently from a partitioned program, and XLA:CPU lets LLVM contract an
-    elementwise a*b + c into one FMA or not depending on the fusion. Measured
-    here: the stand-in test function and the L-BFGS attack are bit-identical on
-    1, 2 and 4 devices and to `jax.jit(fn)` on one block (tests/test_sweep.py);
-    before `box_lbfgs._two_loop` computed its small D u + γ Y^T Y u − γ q as one
-    matrix product, the attack differed by float32 ulps (7e-6 in pixels).
+    elementwise a*b + c into one FMA or not depending on the fusion. The
+    stand-in test function and the L-BFGS attack are bit-identical on 1, 2 and
+    4 devices and to `jax.jit(fn)` on one block (tests/test_sweep.py).
     """
     mesh = batch_mesh() if mesh is None else mesh
     if BATCH_AXIS not in mesh.axis_names:

@@ -8,7 +8,7 @@ is fixed when JAX starts: on the CPU the child gets
 XLA_FLAGS=--xla_force_host_platform_device_count=N (forced host devices share
 the same cores, so expect no speedup there: the figure measures the overhead
 of sharding); on a GPU machine the child uses the first N of `jax.devices()`.
-The workload is `jaxadv.sweep.sharded` over a batch of random images:
+The workload is `jaxadv.sharding.sharded` over a batch of random images:
 
 * attack: `jaxadv.attacks.lbfgs_attack` on a randomly initialised model,
   random wrong targets (the real thing; work per image varies with the data);

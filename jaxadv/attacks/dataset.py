@@ -10,7 +10,7 @@
 data set of 60,000 images takes minutes to hours. `attack_dataset` runs the same
 attack (`lbfgs_attack_core`, targeted or untargeted) through `jaxadv.sweep`:
 
-* sharded over every device JAX sees (`sweep.sharded`, a 1-D mesh over the
+* sharded over every device JAX sees (`jaxadv.sharding.sharded`, a 1-D mesh over the
   batch), each device running fixed blocks of `block_size` images, so that an
   image's result does not depend on the number of devices;
 * in chunks of `chunk_size` images, each saved atomically under `directory` as
@@ -21,7 +21,7 @@ attack (`lbfgs_attack_core`, targeted or untargeted) through `jaxadv.sweep`:
 The sizes default to the device's (`attack_sizes`): on a CPU 32 lanes (images
 attacked at once), blocks of 256 images and chunks of one block per device, so
 that an interrupted run keeps its work and the bar moves; on a GPU or TPU as many
-lanes as fit in a quarter of its free memory (`sweep.sizes_for_device`). One lane's
+lanes as fit in a quarter of its free memory (`jaxadv.attacks.sizes.sizes_for_device`). One lane's
 memory is read off the traced function itself: the L-BFGS history and iterates
 (image-sized vectors) and three times the bytes of every intermediate value in
 `jax.make_jaxpr(logits_fn)` of one image (the forward and backward passes), so
@@ -99,7 +99,7 @@ def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.Pat
 
     Returns {field: NumPy array with N rows} for `RESULT_FIELDS`, read back from the
     saved chunks. Every argument is checked before any work: ValueError or TypeError
-    naming it. A folder holding another sweep raises `sweep.SweepMismatch`.
+    naming it. A folder holding another sweep raises `jaxadv.chunk_folder.SweepMismatch`.
     """
     config = _checked_config(config, untargeted)
     logits_fn, images, targets, image, box = _checked_inputs(logits_fn, params, images, targets, lower, upper,
@@ -145,7 +145,7 @@ def attack_sizes(logits_fn: Callable, images, config: AttackConfig | None = None
     """The lanes, block and chunk sizes `attack_dataset` uses for `images` on this machine's devices.
 
     `device` (default the first local one) decides the lanes, blocks and chunks by
-    `sweep.sizes_for_device`: 32 lanes, blocks of 256 and chunks of one block per
+    `sizes.sizes_for_device`: 32 lanes, blocks of 256 and chunks of one block per
     device on a CPU; on a GPU as many lanes as fit in a quarter of its free memory. A small
     set shrinks the block, so that padding never costs more than one block per device; the
     chunk is a whole number of devices x blocks, at most what fits in half of the free

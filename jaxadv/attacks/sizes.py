@@ -18,13 +18,11 @@ class DeviceSizes(NamedTuple):
     max_chunk_per_device: int  # a chunk is the unit of loss on interruption: minutes of work, not hours
 
 
-#: On a CPU (measured on this 2-core machine, bench_attack): 32 lanes ran at 54-60% of the raw batched
-#: gradient, 64 gave more images/s at 45%, 128 no more than 64. Blocks and chunks of 256 images (8 rounds of
-#: lanes): a chunk of a slow model (a CNN at a few images/s) is a minute of work, kept when the run is
-#: interrupted, and the progress bar moves; larger blocks cost fast models less of a block's tail (README, Sweeps).
+#: On a CPU: 32 lanes, and blocks and chunks of 256 images (8 rounds of lanes), so that a chunk of a slow
+#: model is a minute of work, kept when the run is interrupted (the measurements: docs/benchmarks.md).
 CPU_SIZES = DeviceSizes("cpu", lanes=32, block_size=256, max_chunk_per_device=256)
 #: On an accelerator a batched gradient of 32 leaves it nearly idle: as many lanes as fit in this share of
-#: its free memory, a power of two up to this many (not yet measured on one: see the README).
+#: its free memory, a power of two up to this many (a first guess: docs/benchmarks.md).
 ACCELERATOR_MEMORY_FRACTION = 0.25
 ACCELERATOR_MAX_LANES = 8192
 
