@@ -70,17 +70,16 @@ from experiments.common import write_json_atomic  # noqa: E402
 from jaxadv.zoo import trained_models  # noqa: E402
 from jaxadv.attacks import (ATTACK_LBFGS, AttackConfig, SearchConfig, lbfgs_attack,  # noqa: E402
                             random_wrong_targets)
-from jaxadv.attacks.lbfgs import _cross_entropy, _penalty, lbfgs_attack_core  # noqa: E402
+from jaxadv.attacks.lbfgs import attack_objective, lbfgs_attack_core  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402
 
 MODEL = "FC100-100-10"
 
 
 def objective_fn(model, params, config):
-    def objective(x, origin, c, target):
-        logits = model.apply(params, x.reshape((1,) + model.input_shape))[0]
-        return c * _penalty(x - origin, config.search.penalty) + _cross_entropy(logits, target)
-    return objective
+    """The attack's own objective (targeted) on one flat image: objective(x, origin, c, target) -> value."""
+    objective = attack_objective(lambda x: model.apply(params, x.reshape((1,) + model.input_shape))[0], config)
+    return lambda x, origin, c, target: objective(x, origin, c, target)[0]
 
 
 def run_batched(model, params, images, targets, config, repeats=3, core=None):

@@ -371,3 +371,29 @@ def test_functools_partial_params_do_not_recompile():
     before = lbfgs_attack_core._cache_size()
     lbfgs_attack(functools.partial(model.apply, model.init(jax.random.PRNGKey(1))), x, targets, config)
     assert lbfgs_attack_core._cache_size() == before
+
+
+def test_attack_objective_is_the_penalty_plus_the_loss_computed_in_numpy():
+    """c·‖x − x0‖² + cross-entropy toward the target, and −log(1 − p_label) untargeted, against scipy's logsumexp."""
+    from scipy.special import logsumexp, softmax
+
+    from jaxadv.attacks.lbfgs import attack_objective
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(16, 10))
+    x, origin = rng.uniform(0, 1, 16), rng.uniform(0, 1, 16)
+    logits_one = lambda v: v @ jnp.asarray(w, jnp.float32)
+    z = x @ w
+    targeted = attack_objective(logits_one, AttackConfig())
+    value, logits = targeted(jnp.asarray(x, jnp.float32), jnp.asarray(origin, jnp.float32), 0.7, 4)
+    np.testing.assert_allclose(float(value), 0.7 * np.sum((x - origin) ** 2) + logsumexp(z) - z[4], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits), z, rtol=1e-5, atol=1e-5)
+    untargeted = attack_objective(logits_one, AttackConfig(), untargeted=True)
+    value, _ = untargeted(jnp.asarray(x, jnp.float32), jnp.asarray(origin, jnp.float32), 0.7, 4)
+    expected = 0.7 * np.sum((x - origin) ** 2) - np.log1p(-softmax(z)[4])
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    with pytest.raises(TypeError, match="logits_one"):
+        attack_objective(None)
+    with pytest.raises(ValueError, match="untargeted"):
+        attack_objective(logits_one, untargeted="yes")
+    with pytest.raises(ValueError, match="config.search.penalty"):
+        attack_objective(logits_one, AttackConfig(search=SearchConfig(penalty="l1")))

@@ -20,8 +20,8 @@
 """
 from jaxadv.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState
 from jaxadv.attacks.boundary import RefineConfig, RefineResult, project_onto_cuts, refine_core
-from jaxadv.attacks.lbfgs import (ATTACK_LBFGS, PENALTIES, UNTARGETED, AttackConfig, AttackResult, SearchConfig,
-                                  lbfgs_attack, lbfgs_attack_core, lbfgs_attack_untargeted)
+from jaxadv.attacks.config import ATTACK_LBFGS, PENALTIES, UNTARGETED, AttackConfig, SearchConfig
+from jaxadv.attacks.lbfgs import AttackResult, lbfgs_attack, lbfgs_attack_core, lbfgs_attack_untargeted
 from jaxadv.attacks.dataset import (LBFGS_SOURCES, RESULT_FIELDS, AttackSizes, attack_dataset, attack_sizes,
                                     attack_source_fingerprint, select_images)
 from jaxadv.attacks.fast import (FastResult, fast_gradient_direction, fgm, fgsm, minimal_fast_gradient, pgd,
