@@ -217,9 +217,9 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
     y_dot_y = jnp.vdot(y, y)
     store = accept & ~first & (s_dot_y > jnp.finfo(dtype).eps * y_dot_y) & (y_dot_y > 0)
     slot = jnp.where(store, (state.newest + 1) % m, state.newest)
-    old_pair = jax.lax.dynamic_index_in_dim(state.pairs, slot, axis=1, keepdims=False)
-    new_pair = jnp.where(store, jnp.stack([s, y]), old_pair)
-    pairs = jax.lax.dynamic_update_index_in_dim(state.pairs, new_pair, slot, axis=1)
+    # Written only where stored: a pair not stored goes to slot m, out of range, and is dropped (no read of
+    # the old pair, no select over it).
+    pairs = state.pairs.at[:, jnp.where(store, slot, m)].set(jnp.stack([s, y]), mode="drop")
 
     # One pass over the memory: inner products of every stored vector with s, y and the new g.
     flat = pairs.reshape(2 * m, -1)
