@@ -193,9 +193,9 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
 
     Pure and branch-free (everything is computed, then selected with
     jnp.where), so it vmaps over a batch of problems. A state that is done
-    stays as it is.
+    stays as it is. In four parts: accept the trial or backtrack, store the
+    new curvature pair, test convergence, and choose the next direction.
     """
-    m = config.memory_size
     dtype = state.x.dtype
     value = jnp.asarray(value, dtype)
     grad = jnp.asarray(grad, dtype)
@@ -210,12 +210,51 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
     accept = ~state.done & (first | armijo_ok)
     reject = ~state.done & ~accept
 
-    # -- memory update with the new pair (if accepted and curvature is positive)
+    memory, flat, free_grad, g_col = _with_new_pair(state, grad, accept & ~first, lower, upper, config)
+    pairs, rho, gram, newest, gamma = memory
+
+    # -- the new point and its convergence tests ---------------------------
+    x_new = jnp.where(accept, trial, state.x)
+    value_new = jnp.where(accept, value, state.x_value)
+    grad_new = jnp.where(accept, grad, state.x_grad)
+    iterations = state.iterations + (accept & ~first)
+    status, force_steepest, line_search_steps = _status(state, value, accept, reject, first, x_new, grad_new,
+                                                        iterations, lower, upper, config)
+    done = state.done | (status != RUNNING)
+
+    direction, use_quasi_newton = _next_direction(x_new, grad_new, free_grad, g_col, flat, memory, force_steepest,
+                                                  lower, upper, config.memory_size)
+
+    # -- the next trial: a fresh unit step after an accept, a backtrack after a reject
+    new_direction = jnp.where(accept, direction, state.direction)
+    step = jnp.where(accept, 1.0, _backtrack(state, value, trial)).astype(dtype)
+    step = jnp.where(state.done, state.step, step)
+    next_trial = jnp.where(done, x_new, project(x_new + step * new_direction, lower, upper))
+
+    keep = state.done
+    return BoxLBFGSState(
+        x=x_new, x_value=value_new, x_grad=grad_new, trial=next_trial, direction=new_direction, step=step,
+        line_search_steps=jnp.where(keep, state.line_search_steps, line_search_steps).astype(jnp.int32),
+        iterations=iterations.astype(jnp.int32),
+        evaluations=state.evaluations + (~keep).astype(jnp.int32),
+        has_value=state.has_value | accept, accepted=accept,
+        steepest=jnp.where(accept, ~use_quasi_newton, state.steepest), done=done, status=status,
+        pairs=pairs, rho=rho, gram=gram, newest=newest.astype(jnp.int32), gamma=gamma)
+
+
+def _with_new_pair(state: BoxLBFGSState, grad, accepted, lower, upper, config: BoxLBFGSConfig):
+    """The memory with the pair (s, y) of an accepted step stored, if its curvature is positive.
+
+    Returns ((pairs, rho, gram, newest, gamma), the memory as [2m, n], the
+    gradient with its held components zeroed, and that gradient's inner
+    products with every stored vector), all from one pass over the memory.
+    """
+    m, dtype, trial = config.memory_size, state.x.dtype, state.trial
     s = trial - state.x
     y = grad - state.x_grad
     s_dot_y = jnp.vdot(s, y)
     y_dot_y = jnp.vdot(y, y)
-    store = accept & ~first & (s_dot_y > jnp.finfo(dtype).eps * y_dot_y) & (y_dot_y > 0)
+    store = accepted & (s_dot_y > jnp.finfo(dtype).eps * y_dot_y) & (y_dot_y > 0)
     slot = jnp.where(store, (state.newest + 1) % m, state.newest)
     # Written only where stored: a pair not stored goes to slot m, out of range, and is dropped (no read of
     # the old pair, no select over it).
@@ -236,13 +275,12 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
     gram = jnp.stack([ss, sy, yy])
     rho = jnp.where(onehot > 0, 1.0 / jnp.where(store, s_dot_y, 1.0), state.rho)
     gamma = jnp.where(store, s_dot_y / jnp.where(store, y_dot_y, 1.0), state.gamma)
-    newest = slot
+    return (pairs, rho, gram, slot, gamma), flat, free_grad, g_col
 
-    # -- the new point and its convergence tests ---------------------------
-    x_new = jnp.where(accept, trial, state.x)
-    value_new = jnp.where(accept, value, state.x_value)
-    grad_new = jnp.where(accept, grad, state.x_grad)
-    iterations = state.iterations + (accept & ~first)
+
+def _status(state: BoxLBFGSState, value, accept, reject, first, x_new, grad_new, iterations, lower, upper,
+            config: BoxLBFGSConfig):
+    """(status, whether a stalled quasi-Newton step forces a steepest retry, backtracks at this iteration)."""
     pg_norm = projected_gradient_norm(x_new, grad_new, lower, upper)
     relative_decrease = (state.x_value - value) / jnp.maximum(jnp.maximum(jnp.abs(state.x_value), jnp.abs(value)), 1.0)
     # scipy's rule: stop on the first small decrease. Optionally (steepest_before_stop) a stalled
@@ -255,9 +293,13 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
              jnp.where(iterations >= config.max_iterations, MAX_ITERATIONS,
              jnp.where(line_search_steps >= config.max_line_search_steps, LINE_SEARCH_FAILED, RUNNING))))
     status = jnp.where(state.done, state.status, status).astype(jnp.int32)
-    done = state.done | (status != RUNNING)
+    return status, force_steepest, line_search_steps
 
-    # -- the next direction: L-BFGS on the free variables, else steepest descent
+
+def _next_direction(x_new, grad_new, free_grad, g_col, flat, memory, force_steepest, lower, upper, m: int):
+    """(direction, whether it is the quasi-Newton one): L-BFGS on the free variables, else steepest descent."""
+    _, rho, gram, newest, gamma = memory
+    dtype = x_new.dtype
     at_lower = (x_new <= lower) & (grad_new > 0)
     at_upper = (x_new >= upper) & (grad_new < 0)
     free = ~(at_lower | at_upper)
@@ -269,23 +311,7 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
     steepest = jnp.where(free, -gamma_used * grad_new, 0.0)
     slope = jnp.vdot(grad_new, quasi_newton)
     use_quasi_newton = jnp.isfinite(slope) & (slope < 0) & ~force_steepest & jnp.any(rho != 0)
-    direction = jnp.where(use_quasi_newton, quasi_newton, steepest)
-
-    # -- the next trial: a fresh unit step after an accept, a backtrack after a reject
-    new_direction = jnp.where(accept, direction, state.direction)
-    step = jnp.where(accept, 1.0, _backtrack(state, value, trial)).astype(dtype)
-    step = jnp.where(state.done, state.step, step)
-    next_trial = jnp.where(done, x_new, project(x_new + step * new_direction, lower, upper))
-
-    keep = state.done
-    return BoxLBFGSState(
-        x=x_new, x_value=value_new, x_grad=grad_new, trial=next_trial, direction=new_direction, step=step,
-        line_search_steps=jnp.where(keep, state.line_search_steps, line_search_steps).astype(jnp.int32),
-        iterations=iterations.astype(jnp.int32),
-        evaluations=state.evaluations + (~keep).astype(jnp.int32),
-        has_value=state.has_value | accept, accepted=accept,
-        steepest=jnp.where(accept, ~use_quasi_newton, state.steepest), done=done, status=status,
-        pairs=pairs, rho=rho, gram=gram, newest=newest.astype(jnp.int32), gamma=gamma)
+    return jnp.where(use_quasi_newton, quasi_newton, steepest), use_quasi_newton
 
 
 def _combine(start, coefficients, vectors):
