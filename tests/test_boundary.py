@@ -234,7 +234,7 @@ def test_untargeted_defaults_serve_a_binary_classifier():
 @pytest.mark.parametrize("rank", [6, 4, 0])
 def test_cholesky_solve_matches_a_dense_solve_and_stays_finite_when_rank_deficient(rank):
     """The projection's written-out Cholesky against numpy's solve (full rank), finite when the system is singular."""
-    from jaxadv.attacks.boundary import _cholesky_solve
+    from jaxadv.attacks.projection import _cholesky_solve
     rng = np.random.default_rng(rank)
     a = rng.normal(size=(6, 20)) * (np.arange(6) < rank)[:, None]          # rank-deficient rows are zero
     a[rank:] = a[:max(rank, 1)][0] if rank else 0.0                       # ...or repeat a row

@@ -19,7 +19,8 @@
 `minimal`: `minimal_perturbation`, the per-image best of several attacks; `robust_accuracy_curve`.
 """
 from jaxadv.box_lbfgs import BoxLBFGSConfig, BoxLBFGSState
-from jaxadv.attacks.boundary import RefineConfig, RefineResult, project_onto_cuts, refine_core
+from jaxadv.attacks.boundary import RefineConfig, RefineResult, refine_core
+from jaxadv.attacks.projection import project_onto_cuts
 from jaxadv.attacks.config import ATTACK_LBFGS, PENALTIES, UNTARGETED, AttackConfig, SearchConfig
 from jaxadv.attacks.lbfgs import AttackResult, lbfgs_attack, lbfgs_attack_core, lbfgs_attack_untargeted
 from jaxadv.attacks.dataset import (LBFGS_SOURCES, RESULT_FIELDS, AttackSizes, attack_dataset, attack_sizes,

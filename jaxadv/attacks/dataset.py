@@ -61,7 +61,7 @@ from jaxadv.sweep import chunk_size_for_memory, function_fingerprint, run_sweep,
 RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations", "search_distortion")
 #: The L-BFGS attack's source files in jaxadv/attacks/ (the other attacks there change none of its results),
 #: besides its solver's optax face, jaxadv/optim.py, which every source fingerprint includes.
-LBFGS_SOURCES = ("config.py", "lbfgs.py", "boundary.py", "targets.py")
+LBFGS_SOURCES = ("config.py", "lbfgs.py", "boundary.py", "projection.py", "targets.py")
 
 
 class AttackSizes(NamedTuple):
