@@ -80,7 +80,8 @@ class BoxLBFGSConfig(NamedTuple):
 class BoxLBFGSState(NamedTuple):
     """State of one problem (vmap adds a leading batch axis to every field).
 
-    `pairs[0, j]`, `pairs[1, j]` are the j-th stored s and y; `rho[j]` is
+    `s_memory[j]`, `y_memory[j]` are the j-th stored s and y (two arrays, not
+    one: the attack moves every y to a new c in place, reading s); `rho[j]` is
     1/(s_j·y_j), 0 for an empty slot (an empty slot is a no-op in the two-loop
     recursion, so restarting only zeroes `rho`). `gram` holds the m x m inner
     products [s·s, s·y, y·y] of the stored vectors; slot `newest` holds the most
@@ -100,7 +101,8 @@ class BoxLBFGSState(NamedTuple):
     steepest: jax.Array          # whether `direction` is the projected steepest descent
     done: jax.Array
     status: jax.Array
-    pairs: jax.Array             # [2, m, n]
+    s_memory: jax.Array          # [m, n]
+    y_memory: jax.Array          # [m, n]
     rho: jax.Array               # [m]
     gram: jax.Array              # [3, m, m]: s_i·s_j, s_i·y_j, y_i·y_j
     newest: jax.Array            # slot of the newest pair
@@ -126,7 +128,7 @@ def init(x0: jax.Array, lower=0.0, upper=1.0, config: BoxLBFGSConfig = BoxLBFGSC
         trial=project(x0, lower, upper), direction=jnp.zeros_like(x0), step=jnp.ones((), dtype),
         line_search_steps=zero, iterations=zero, evaluations=zero, has_value=false, accepted=false,
         steepest=false, done=false, status=zero,
-        pairs=jnp.zeros((2, m, n), dtype), rho=jnp.zeros((m,), dtype), gram=jnp.zeros((3, m, m), dtype),
+        s_memory=jnp.zeros((m, n), dtype), y_memory=jnp.zeros((m, n), dtype), rho=jnp.zeros((m,), dtype), gram=jnp.zeros((3, m, m), dtype),
         newest=jnp.asarray(m - 1, jnp.int32), gamma=jnp.ones((), dtype))
 
 
@@ -179,12 +181,10 @@ def _two_loop(g_dots, a_g, rho, gram, gamma, newest):
     return a_s[position], a_y[position], gamma * a_g
 
 
-def inverse_hessian_times(grad, pairs, rho, gram, gamma, newest):
+def inverse_hessian_times(grad, s_memory, y_memory, rho, gram, gamma, newest):
     """H g for the L-BFGS inverse-Hessian approximation stored in the state (for tests and users)."""
-    m = rho.shape[0]
-    dots = pairs.reshape(2 * m, -1) @ grad
-    a_s, a_y, a_g = _two_loop((dots[:m], dots[m:]), jnp.ones_like(gamma), rho, gram, gamma, newest)
-    return a_g * grad + jnp.concatenate([a_s, a_y]) @ pairs.reshape(2 * m, -1)
+    a_s, a_y, a_g = _two_loop((s_memory @ grad, y_memory @ grad), jnp.ones_like(gamma), rho, gram, gamma, newest)
+    return a_g * grad + a_s @ s_memory + a_y @ y_memory
 
 
 def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
@@ -210,8 +210,8 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
     accept = ~state.done & (first | armijo_ok)
     reject = ~state.done & ~accept
 
-    memory, flat, free_grad, g_col = _with_new_pair(state, grad, accept & ~first, lower, upper, config)
-    pairs, rho, gram, newest, gamma = memory
+    memory, free_grad, g_col = _with_new_pair(state, grad, accept & ~first, lower, upper, config)
+    s_memory, y_memory, rho, gram, newest, gamma = memory
 
     # -- the new point and its convergence tests ---------------------------
     x_new = jnp.where(accept, trial, state.x)
@@ -222,7 +222,7 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
                                                         iterations, lower, upper, config)
     done = state.done | (status != RUNNING)
 
-    direction, use_quasi_newton = _next_direction(x_new, grad_new, free_grad, g_col, flat, memory, force_steepest,
+    direction, use_quasi_newton = _next_direction(x_new, grad_new, free_grad, g_col, memory, force_steepest,
                                                   lower, upper, config.memory_size)
 
     # -- the next trial: a fresh unit step after an accept, a backtrack after a reject
@@ -239,15 +239,15 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
         evaluations=state.evaluations + (~keep).astype(jnp.int32),
         has_value=state.has_value | accept, accepted=accept,
         steepest=jnp.where(accept, ~use_quasi_newton, state.steepest), done=done, status=status,
-        pairs=pairs, rho=rho, gram=gram, newest=newest.astype(jnp.int32), gamma=gamma)
+        s_memory=s_memory, y_memory=y_memory, rho=rho, gram=gram, newest=newest.astype(jnp.int32), gamma=gamma)
 
 
 def _with_new_pair(state: BoxLBFGSState, grad, accepted, lower, upper, config: BoxLBFGSConfig):
     """The memory with the pair (s, y) of an accepted step stored, if its curvature is positive.
 
-    Returns ((pairs, rho, gram, newest, gamma), the memory as [2m, n], the
-    gradient with its held components zeroed, and that gradient's inner
-    products with every stored vector), all from one pass over the memory.
+    Returns ((s_memory, y_memory, rho, gram, newest, gamma), the gradient
+    with its held components zeroed, and that gradient's inner products with
+    every stored vector, s's then y's), all from one pass over the memory.
     """
     m, dtype, trial = config.memory_size, state.x.dtype, state.trial
     s = trial - state.x
@@ -258,16 +258,17 @@ def _with_new_pair(state: BoxLBFGSState, grad, accepted, lower, upper, config: B
     slot = jnp.where(store, (state.newest + 1) % m, state.newest)
     # Written only where stored: a pair not stored goes to slot m, out of range, and is dropped (no read of
     # the old pair, no select over it).
-    pairs = state.pairs.at[:, jnp.where(store, slot, m)].set(jnp.stack([s, y]), mode="drop")
+    target = jnp.where(store, slot, m)
+    s_memory = state.s_memory.at[target].set(s, mode="drop")
+    y_memory = state.y_memory.at[target].set(y, mode="drop")
 
     # One pass over the memory: inner products of every stored vector with s, y and the new g.
-    flat = pairs.reshape(2 * m, -1)
-    # (Three matrix-vector products: on XLA:CPU, under vmap, faster than one [2m, n] x [n, 3] product.)
+    # (Matrix-vector products: on XLA:CPU, under vmap, faster than one [2m, n] x [n, 3] product.)
     # H is applied to the gradient's free part only (d = -Z H Z g, Bertsekas): the active components
     # would otherwise leak into the free ones through H's off-diagonal terms and spoil the step.
     held = ((trial <= lower) & (grad > 0)) | ((trial >= upper) & (grad < 0))
     free_grad = jnp.where(held, 0.0, grad)
-    s_col, y_col, g_col = flat @ s, flat @ y, flat @ free_grad
+    s_col, y_col, g_col = (jnp.concatenate([s_memory @ v, y_memory @ v]) for v in (s, y, free_grad))
     onehot = jax.nn.one_hot(slot, m, dtype=dtype) * store
     ss = _set_row_col(state.gram[0], onehot, s_col[:m], s_col[:m])           # s_i·s_new
     sy = _set_row_col(state.gram[1], onehot, s_col[m:], y_col[:m])          # row: s_new·y_j, column: s_i·y_new
@@ -275,7 +276,7 @@ def _with_new_pair(state: BoxLBFGSState, grad, accepted, lower, upper, config: B
     gram = jnp.stack([ss, sy, yy])
     rho = jnp.where(onehot > 0, 1.0 / jnp.where(store, s_dot_y, 1.0), state.rho)
     gamma = jnp.where(store, s_dot_y / jnp.where(store, y_dot_y, 1.0), state.gamma)
-    return (pairs, rho, gram, slot, gamma), flat, free_grad, g_col
+    return (s_memory, y_memory, rho, gram, slot, gamma), free_grad, g_col
 
 
 def _status(state: BoxLBFGSState, value, accept, reject, first, x_new, grad_new, iterations, lower, upper,
@@ -296,9 +297,9 @@ def _status(state: BoxLBFGSState, value, accept, reject, first, x_new, grad_new,
     return status, force_steepest, line_search_steps
 
 
-def _next_direction(x_new, grad_new, free_grad, g_col, flat, memory, force_steepest, lower, upper, m: int):
+def _next_direction(x_new, grad_new, free_grad, g_col, memory, force_steepest, lower, upper, m: int):
     """(direction, whether it is the quasi-Newton one): L-BFGS on the free variables, else steepest descent."""
-    _, rho, gram, newest, gamma = memory
+    s_memory, y_memory, rho, gram, newest, gamma = memory
     dtype = x_new.dtype
     at_lower = (x_new <= lower) & (grad_new > 0)
     at_upper = (x_new >= upper) & (grad_new < 0)
@@ -306,7 +307,7 @@ def _next_direction(x_new, grad_new, free_grad, g_col, flat, memory, force_steep
     gamma0 = jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.linalg.norm(grad_new), jnp.finfo(dtype).tiny))
     gamma_used = jnp.where(jnp.any(rho != 0), gamma, gamma0)
     a_s, a_y, a_g = _two_loop((g_col[:m], g_col[m:]), jnp.ones((), dtype), rho, gram, gamma_used, newest)
-    h_grad = _combine(a_g * free_grad, jnp.concatenate([a_s, a_y]), flat)
+    h_grad = _combine(_combine(a_g * free_grad, a_s, s_memory), a_y, y_memory)
     quasi_newton = jnp.where(free, -h_grad, 0.0)
     steepest = jnp.where(free, -gamma_used * grad_new, 0.0)
     slope = jnp.vdot(grad_new, quasi_newton)

@@ -338,10 +338,8 @@ def _keep_memory(fresh: box_lbfgs.BoxLBFGSState, old: box_lbfgs.BoxLBFGSState, d
     matrices follow in closed form; a pair whose s·y is no longer positive is
     dropped (rho = 0), as `tell` would not have stored it.
     """
-    # (selected into a new array, not added in place: the in-place add made XLA copy the whole memory,
-    #  which the step's direction still reads, at every step)
-    is_y = (jnp.arange(2) == 1)[:, None, None]
-    pairs = jnp.where(is_y, old.pairs + 2.0 * delta_c * old.pairs[0], old.pairs)
+    # (y alone is rewritten, elementwise from s: XLA updates it in place)
+    y_memory = old.y_memory + 2.0 * delta_c * old.s_memory
     ss, sy, yy = old.gram[0], old.gram[1], old.gram[2]
     sy_new = sy + 2.0 * delta_c * ss
     yy_new = yy + 2.0 * delta_c * (sy + sy.T) + 4.0 * delta_c * delta_c * ss
@@ -353,7 +351,7 @@ def _keep_memory(fresh: box_lbfgs.BoxLBFGSState, old: box_lbfgs.BoxLBFGSState, d
     newest = (jnp.arange(ss.shape[-1]) == old.newest) & valid
     gamma = jnp.where(jnp.any(newest), jnp.sum(jnp.where(newest, s_dot_y / jnp.where(valid, y_dot_y, 1.0), 0.0)),
                       old.gamma)
-    moved = old._replace(pairs=pairs, gram=jnp.stack([ss, sy_new, yy_new]))
+    moved = old._replace(y_memory=y_memory, gram=jnp.stack([ss, sy_new, yy_new]))
     return fresh._replace(rho=jnp.where(keep, rho, fresh.rho), gamma=jnp.where(keep, gamma, fresh.gamma)), moved
 
 
