@@ -105,6 +105,7 @@ class BoxLBFGSState(NamedTuple):
     y_memory: jax.Array          # [m, n]
     rho: jax.Array               # [m]
     gram: jax.Array              # [3, m, m]: s_i·s_j, s_i·y_j, y_i·y_j
+    y_shift: jax.Array           # μ: every stored y_j becomes y_j + μ s_j at the next tell (see `tell`)
     newest: jax.Array            # slot of the newest pair
     gamma: jax.Array             # H0 = gamma · I
 
@@ -129,7 +130,7 @@ def init(x0: jax.Array, lower=0.0, upper=1.0, config: BoxLBFGSConfig = BoxLBFGSC
         line_search_steps=zero, iterations=zero, evaluations=zero, has_value=false, accepted=false,
         steepest=false, done=false, status=zero,
         s_memory=jnp.zeros((m, n), dtype), y_memory=jnp.zeros((m, n), dtype), rho=jnp.zeros((m,), dtype), gram=jnp.zeros((3, m, m), dtype),
-        newest=jnp.asarray(m - 1, jnp.int32), gamma=jnp.ones((), dtype))
+        newest=jnp.asarray(m - 1, jnp.int32), gamma=jnp.ones((), dtype), y_shift=jnp.zeros((), dtype))
 
 
 def restart(state: BoxLBFGSState, x0: jax.Array, lower=0.0, upper=1.0) -> BoxLBFGSState:
@@ -195,6 +196,9 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
     jnp.where), so it vmaps over a batch of problems. A state that is done
     stays as it is. In four parts: accept the trial or backtrack, store the
     new curvature pair, test convergence, and choose the next direction.
+    A pending `y_shift` μ (the objective's Hessian moved by μ·I since the
+    last tell; the caller sets it with the Gram matrices) moves every stored
+    y here, in the same pass that stores the new pair.
     """
     dtype = state.x.dtype
     value = jnp.asarray(value, dtype)
@@ -239,7 +243,7 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
         evaluations=state.evaluations + (~keep).astype(jnp.int32),
         has_value=state.has_value | accept, accepted=accept,
         steepest=jnp.where(accept, ~use_quasi_newton, state.steepest), done=done, status=status,
-        s_memory=s_memory, y_memory=y_memory, rho=rho, gram=gram, newest=newest.astype(jnp.int32), gamma=gamma)
+        s_memory=s_memory, y_memory=y_memory, y_shift=jnp.zeros_like(state.y_shift), rho=rho, gram=gram, newest=newest.astype(jnp.int32), gamma=gamma)
 
 
 def _with_new_pair(state: BoxLBFGSState, grad, accepted, lower, upper, config: BoxLBFGSConfig):
@@ -260,7 +264,9 @@ def _with_new_pair(state: BoxLBFGSState, grad, accepted, lower, upper, config: B
     # the old pair, no select over it).
     target = jnp.where(store, slot, m)
     s_memory = state.s_memory.at[target].set(s, mode="drop")
-    y_memory = state.y_memory.at[target].set(y, mode="drop")
+    # (the shift reads the s just written, so that XLA updates both arrays in place: the new pair's slot
+    #  gets a shifted y that the new y then overwrites)
+    y_memory = (state.y_memory + state.y_shift * s_memory).at[target].set(y, mode="drop")
 
     # One pass over the memory: inner products of every stored vector with s, y and the new g.
     # (Matrix-vector products: on XLA:CPU, under vmap, faster than one [2m, n] x [n, 3] product.)

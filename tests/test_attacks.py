@@ -252,7 +252,8 @@ def test_kept_memory_is_the_memory_of_the_new_c_computed_densely():
     keep = jnp.array([True, True, False])
     fresh, moved = jax.vmap(_keep_memory)(fresh, opt, jnp.asarray(delta_c), keep)
     y_new = y_vecs + 2 * delta_c[:, None, None] * s_vecs
-    np.testing.assert_allclose(np.asarray(moved.y_memory), y_new, rtol=1e-5, atol=1e-6)
+    shifted = np.asarray(moved.y_memory) + np.asarray(moved.y_shift)[:, None, None] * np.asarray(moved.s_memory)
+    np.testing.assert_allclose(shifted, y_new, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(moved.s_memory), np.asarray(s_vecs, np.float32))
     expected_gram = np.stack([dots(s_vecs, s_vecs), dots(s_vecs, y_new), dots(y_new, y_new)], axis=1)
     np.testing.assert_allclose(np.asarray(moved.gram), expected_gram, rtol=1e-4, atol=1e-5)

@@ -336,10 +336,9 @@ def _keep_memory(fresh: box_lbfgs.BoxLBFGSState, old: box_lbfgs.BoxLBFGSState, d
     The penalty c·‖r‖² has Hessian 2c·I, so a new c changes every curvature
     pair exactly: y_j -> y_j + 2Δc·s_j (the loss part is unchanged). The Gram
     matrices follow in closed form; a pair whose s·y is no longer positive is
-    dropped (rho = 0), as `tell` would not have stored it.
+    dropped (rho = 0), as `tell` would not have stored it. The y themselves
+    move in the next `tell` (`y_shift`), in its pass that stores the new pair.
     """
-    # (y alone is rewritten, elementwise from s: XLA updates it in place)
-    y_memory = old.y_memory + 2.0 * delta_c * old.s_memory
     ss, sy, yy = old.gram[0], old.gram[1], old.gram[2]
     sy_new = sy + 2.0 * delta_c * ss
     yy_new = yy + 2.0 * delta_c * (sy + sy.T) + 4.0 * delta_c * delta_c * ss
@@ -351,7 +350,7 @@ def _keep_memory(fresh: box_lbfgs.BoxLBFGSState, old: box_lbfgs.BoxLBFGSState, d
     newest = (jnp.arange(ss.shape[-1]) == old.newest) & valid
     gamma = jnp.where(jnp.any(newest), jnp.sum(jnp.where(newest, s_dot_y / jnp.where(valid, y_dot_y, 1.0), 0.0)),
                       old.gamma)
-    moved = old._replace(y_memory=y_memory, gram=jnp.stack([ss, sy_new, yy_new]))
+    moved = old._replace(y_shift=2.0 * delta_c, gram=jnp.stack([ss, sy_new, yy_new]))
     return fresh._replace(rho=jnp.where(keep, rho, fresh.rho), gamma=jnp.where(keep, gamma, fresh.gamma)), moved
 
 
