@@ -29,7 +29,7 @@ from experiments.common import ArgumentParser, add_common_args, int_in, output_d
 from experiments.cli import run_main
 from jaxadv.adversarial_training import INPUT, AdversarialTrainingConfig, adversarial_train, logits_above
 from jaxadv.attacks import ATTACK_LBFGS, AttackConfig, SearchConfig, lbfgs_attack, random_wrong_targets
-from jaxadv.attacks.lbfgs import UNTARGETED
+from jaxadv.attacks.config import UNTARGETED
 from jaxadv.data import NUM_EXAMPLES, load_dataset
 from jaxadv.functional import hidden_layers
 from jaxadv.metrics import untargeted_distortion

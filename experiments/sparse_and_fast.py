@@ -30,7 +30,7 @@ from jaxadv.report import save_figure_atomic
 from jaxadv import logits_function
 from jaxadv.attacks import attack_dataset
 from jaxadv.attacks.dataset import attack_source_fingerprint
-from jaxadv.attacks.lbfgs import UNTARGETED
+from jaxadv.attacks.config import UNTARGETED
 from jaxadv.blind_spots import blind_spot_summary, fine_single_pixel_scan, measure_blind_spots
 from jaxadv.data import CLASS_NAMES, NUM_EXAMPLES, load_dataset
 from jaxadv.models import ZOO

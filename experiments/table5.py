@@ -30,7 +30,7 @@ from experiments.cli import run_main
 from experiments.flags import add_models_arg, add_size_args, check_size_args, models_from_args
 from jaxadv import lipschitz, logits_function
 from jaxadv.alexnet import ALEXNET_INPUT, ALEXNET_SEED, AlexNetShaped, alexnet_variables
-from jaxadv.attacks.lbfgs import UNTARGETED
+from jaxadv.attacks.config import UNTARGETED
 from jaxadv.data import NUM_EXAMPLES, load_dataset
 from jaxadv.models import ZOO
 from jaxadv.paper import TABLE5

@@ -12,7 +12,7 @@ import importlib
 _HOMES = {
     # attacks
     "lbfgs_attack": "jaxadv.attacks.lbfgs", "lbfgs_attack_untargeted": "jaxadv.attacks.lbfgs",
-    "AttackConfig": "jaxadv.attacks.lbfgs", "random_wrong_targets": "jaxadv.attacks.targets",
+    "AttackConfig": "jaxadv.attacks.config", "random_wrong_targets": "jaxadv.attacks.targets",
     "minimal_perturbation": "jaxadv.attacks.minimal", "ddn": "jaxadv.attacks.ddn", "alma": "jaxadv.attacks.alma",
     "fmn": "jaxadv.attacks.fmn", "deepfool": "jaxadv.attacks.deepfool", "superdeepfool": "jaxadv.attacks.deepfool",
     "fgsm": "jaxadv.attacks.fast", "fgm": "jaxadv.attacks.fast", "pgd": "jaxadv.attacks.fast",

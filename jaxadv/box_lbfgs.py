@@ -80,7 +80,8 @@ class BoxLBFGSConfig(NamedTuple):
 class BoxLBFGSState(NamedTuple):
     """State of one problem (vmap adds a leading batch axis to every field).
 
-    `pairs[0, j]`, `pairs[1, j]` are the j-th stored s and y; `rho[j]` is
+    `s_memory[j]`, `y_memory[j]` are the j-th stored s and y (two arrays, not
+    one: the attack moves every y to a new c in place, reading s); `rho[j]` is
     1/(s_j·y_j), 0 for an empty slot (an empty slot is a no-op in the two-loop
     recursion, so restarting only zeroes `rho`). `gram` holds the m x m inner
     products [s·s, s·y, y·y] of the stored vectors; slot `newest` holds the most
@@ -100,9 +101,11 @@ class BoxLBFGSState(NamedTuple):
     steepest: jax.Array          # whether `direction` is the projected steepest descent
     done: jax.Array
     status: jax.Array
-    pairs: jax.Array             # [2, m, n]
+    s_memory: jax.Array          # [m, n]
+    y_memory: jax.Array          # [m, n]
     rho: jax.Array               # [m]
     gram: jax.Array              # [3, m, m]: s_i·s_j, s_i·y_j, y_i·y_j
+    y_shift: jax.Array           # μ: every stored y_j becomes y_j + μ s_j at the next tell (see `tell`)
     newest: jax.Array            # slot of the newest pair
     gamma: jax.Array             # H0 = gamma · I
 
@@ -126,8 +129,8 @@ def init(x0: jax.Array, lower=0.0, upper=1.0, config: BoxLBFGSConfig = BoxLBFGSC
         trial=project(x0, lower, upper), direction=jnp.zeros_like(x0), step=jnp.ones((), dtype),
         line_search_steps=zero, iterations=zero, evaluations=zero, has_value=false, accepted=false,
         steepest=false, done=false, status=zero,
-        pairs=jnp.zeros((2, m, n), dtype), rho=jnp.zeros((m,), dtype), gram=jnp.zeros((3, m, m), dtype),
-        newest=jnp.asarray(m - 1, jnp.int32), gamma=jnp.ones((), dtype))
+        s_memory=jnp.zeros((m, n), dtype), y_memory=jnp.zeros((m, n), dtype), rho=jnp.zeros((m,), dtype), gram=jnp.zeros((3, m, m), dtype),
+        newest=jnp.asarray(m - 1, jnp.int32), gamma=jnp.ones((), dtype), y_shift=jnp.zeros((), dtype))
 
 
 def restart(state: BoxLBFGSState, x0: jax.Array, lower=0.0, upper=1.0) -> BoxLBFGSState:
@@ -179,12 +182,10 @@ def _two_loop(g_dots, a_g, rho, gram, gamma, newest):
     return a_s[position], a_y[position], gamma * a_g
 
 
-def inverse_hessian_times(grad, pairs, rho, gram, gamma, newest):
+def inverse_hessian_times(grad, s_memory, y_memory, rho, gram, gamma, newest):
     """H g for the L-BFGS inverse-Hessian approximation stored in the state (for tests and users)."""
-    m = rho.shape[0]
-    dots = pairs.reshape(2 * m, -1) @ grad
-    a_s, a_y, a_g = _two_loop((dots[:m], dots[m:]), jnp.ones_like(gamma), rho, gram, gamma, newest)
-    return a_g * grad + jnp.concatenate([a_s, a_y]) @ pairs.reshape(2 * m, -1)
+    a_s, a_y, a_g = _two_loop((s_memory @ grad, y_memory @ grad), jnp.ones_like(gamma), rho, gram, gamma, newest)
+    return a_g * grad + a_s @ s_memory + a_y @ y_memory
 
 
 def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
@@ -193,9 +194,12 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
 
     Pure and branch-free (everything is computed, then selected with
     jnp.where), so it vmaps over a batch of problems. A state that is done
-    stays as it is.
+    stays as it is. In four parts: accept the trial or backtrack, store the
+    new curvature pair, test convergence, and choose the next direction.
+    A pending `y_shift` μ (the objective's Hessian moved by μ·I since the
+    last tell; the caller sets it with the Gram matrices) moves every stored
+    y here, in the same pass that stores the new pair.
     """
-    m = config.memory_size
     dtype = state.x.dtype
     value = jnp.asarray(value, dtype)
     grad = jnp.asarray(grad, dtype)
@@ -210,66 +214,20 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
     accept = ~state.done & (first | armijo_ok)
     reject = ~state.done & ~accept
 
-    # -- memory update with the new pair (if accepted and curvature is positive)
-    s = trial - state.x
-    y = grad - state.x_grad
-    s_dot_y = jnp.vdot(s, y)
-    y_dot_y = jnp.vdot(y, y)
-    store = accept & ~first & (s_dot_y > jnp.finfo(dtype).eps * y_dot_y) & (y_dot_y > 0)
-    slot = jnp.where(store, (state.newest + 1) % m, state.newest)
-    old_pair = jax.lax.dynamic_index_in_dim(state.pairs, slot, axis=1, keepdims=False)
-    new_pair = jnp.where(store, jnp.stack([s, y]), old_pair)
-    pairs = jax.lax.dynamic_update_index_in_dim(state.pairs, new_pair, slot, axis=1)
-
-    # One pass over the memory: inner products of every stored vector with s, y and the new g.
-    flat = pairs.reshape(2 * m, -1)
-    # (Three matrix-vector products: on XLA:CPU, under vmap, faster than one [2m, n] x [n, 3] product.)
-    # H is applied to the gradient's free part only (d = -Z H Z g, Bertsekas): the active components
-    # would otherwise leak into the free ones through H's off-diagonal terms and spoil the step.
-    held = ((trial <= lower) & (grad > 0)) | ((trial >= upper) & (grad < 0))
-    free_grad = jnp.where(held, 0.0, grad)
-    s_col, y_col, g_col = flat @ s, flat @ y, flat @ free_grad
-    onehot = jax.nn.one_hot(slot, m, dtype=dtype) * store
-    ss = _set_row_col(state.gram[0], onehot, s_col[:m], s_col[:m])           # s_i·s_new
-    sy = _set_row_col(state.gram[1], onehot, s_col[m:], y_col[:m])          # row: s_new·y_j, column: s_i·y_new
-    yy = _set_row_col(state.gram[2], onehot, y_col[m:], y_col[m:])
-    gram = jnp.stack([ss, sy, yy])
-    rho = jnp.where(onehot > 0, 1.0 / jnp.where(store, s_dot_y, 1.0), state.rho)
-    gamma = jnp.where(store, s_dot_y / jnp.where(store, y_dot_y, 1.0), state.gamma)
-    newest = slot
+    memory, free_grad, g_col = _with_new_pair(state, grad, accept & ~first, lower, upper, config)
+    s_memory, y_memory, rho, gram, newest, gamma = memory
 
     # -- the new point and its convergence tests ---------------------------
     x_new = jnp.where(accept, trial, state.x)
     value_new = jnp.where(accept, value, state.x_value)
     grad_new = jnp.where(accept, grad, state.x_grad)
     iterations = state.iterations + (accept & ~first)
-    pg_norm = projected_gradient_norm(x_new, grad_new, lower, upper)
-    relative_decrease = (state.x_value - value) / jnp.maximum(jnp.maximum(jnp.abs(state.x_value), jnp.abs(value)), 1.0)
-    # scipy's rule: stop on the first small decrease. Optionally (steepest_before_stop) a stalled
-    # quasi-Newton step first gets a steepest-descent retry, and only a stalled steepest step stops.
-    small_decrease = accept & ~first & (relative_decrease <= config.ftol)
-    force_steepest = small_decrease & ~state.steepest & config.steepest_before_stop
-    line_search_steps = jnp.where(accept, 0, state.line_search_steps + reject)
-    status = jnp.where(pg_norm <= config.gtol, CONVERGED_GRADIENT,
-             jnp.where(small_decrease & (state.steepest | (not config.steepest_before_stop)), CONVERGED_DECREASE,
-             jnp.where(iterations >= config.max_iterations, MAX_ITERATIONS,
-             jnp.where(line_search_steps >= config.max_line_search_steps, LINE_SEARCH_FAILED, RUNNING))))
-    status = jnp.where(state.done, state.status, status).astype(jnp.int32)
+    status, force_steepest, line_search_steps = _status(state, value, accept, reject, first, x_new, grad_new,
+                                                        iterations, lower, upper, config)
     done = state.done | (status != RUNNING)
 
-    # -- the next direction: L-BFGS on the free variables, else steepest descent
-    at_lower = (x_new <= lower) & (grad_new > 0)
-    at_upper = (x_new >= upper) & (grad_new < 0)
-    free = ~(at_lower | at_upper)
-    gamma0 = jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.linalg.norm(grad_new), jnp.finfo(dtype).tiny))
-    gamma_used = jnp.where(jnp.any(rho != 0), gamma, gamma0)
-    a_s, a_y, a_g = _two_loop((g_col[:m], g_col[m:]), jnp.ones((), dtype), rho, gram, gamma_used, newest)
-    h_grad = _combine(a_g * free_grad, jnp.concatenate([a_s, a_y]), flat)
-    quasi_newton = jnp.where(free, -h_grad, 0.0)
-    steepest = jnp.where(free, -gamma_used * grad_new, 0.0)
-    slope = jnp.vdot(grad_new, quasi_newton)
-    use_quasi_newton = jnp.isfinite(slope) & (slope < 0) & ~force_steepest & jnp.any(rho != 0)
-    direction = jnp.where(use_quasi_newton, quasi_newton, steepest)
+    direction, use_quasi_newton = _next_direction(x_new, grad_new, free_grad, g_col, memory, force_steepest,
+                                                  lower, upper, config.memory_size)
 
     # -- the next trial: a fresh unit step after an accept, a backtrack after a reject
     new_direction = jnp.where(accept, direction, state.direction)
@@ -285,7 +243,82 @@ def tell(state: BoxLBFGSState, value, grad, lower=0.0, upper=1.0,
         evaluations=state.evaluations + (~keep).astype(jnp.int32),
         has_value=state.has_value | accept, accepted=accept,
         steepest=jnp.where(accept, ~use_quasi_newton, state.steepest), done=done, status=status,
-        pairs=pairs, rho=rho, gram=gram, newest=newest.astype(jnp.int32), gamma=gamma)
+        s_memory=s_memory, y_memory=y_memory, y_shift=jnp.zeros_like(state.y_shift), rho=rho, gram=gram, newest=newest.astype(jnp.int32), gamma=gamma)
+
+
+def _with_new_pair(state: BoxLBFGSState, grad, accepted, lower, upper, config: BoxLBFGSConfig):
+    """The memory with the pair (s, y) of an accepted step stored, if its curvature is positive.
+
+    Returns ((s_memory, y_memory, rho, gram, newest, gamma), the gradient
+    with its held components zeroed, and that gradient's inner products with
+    every stored vector, s's then y's), all from one pass over the memory.
+    """
+    m, dtype, trial = config.memory_size, state.x.dtype, state.trial
+    s = trial - state.x
+    y = grad - state.x_grad
+    s_dot_y = jnp.vdot(s, y)
+    y_dot_y = jnp.vdot(y, y)
+    store = accepted & (s_dot_y > jnp.finfo(dtype).eps * y_dot_y) & (y_dot_y > 0)
+    slot = jnp.where(store, (state.newest + 1) % m, state.newest)
+    # Written only where stored: a pair not stored goes to slot m, out of range, and is dropped (no read of
+    # the old pair, no select over it).
+    target = jnp.where(store, slot, m)
+    s_memory = state.s_memory.at[target].set(s, mode="drop")
+    # (the shift reads the s just written, so that XLA updates both arrays in place: the new pair's slot
+    #  gets a shifted y that the new y then overwrites)
+    y_memory = (state.y_memory + state.y_shift * s_memory).at[target].set(y, mode="drop")
+
+    # One pass over the memory: inner products of every stored vector with s, y and the new g.
+    # (Matrix-vector products: on XLA:CPU, under vmap, faster than one [2m, n] x [n, 3] product.)
+    # H is applied to the gradient's free part only (d = -Z H Z g, Bertsekas): the active components
+    # would otherwise leak into the free ones through H's off-diagonal terms and spoil the step.
+    held = ((trial <= lower) & (grad > 0)) | ((trial >= upper) & (grad < 0))
+    free_grad = jnp.where(held, 0.0, grad)
+    s_col, y_col, g_col = (jnp.concatenate([s_memory @ v, y_memory @ v]) for v in (s, y, free_grad))
+    onehot = jax.nn.one_hot(slot, m, dtype=dtype) * store
+    ss = _set_row_col(state.gram[0], onehot, s_col[:m], s_col[:m])           # s_i·s_new
+    sy = _set_row_col(state.gram[1], onehot, s_col[m:], y_col[:m])          # row: s_new·y_j, column: s_i·y_new
+    yy = _set_row_col(state.gram[2], onehot, y_col[m:], y_col[m:])
+    gram = jnp.stack([ss, sy, yy])
+    rho = jnp.where(onehot > 0, 1.0 / jnp.where(store, s_dot_y, 1.0), state.rho)
+    gamma = jnp.where(store, s_dot_y / jnp.where(store, y_dot_y, 1.0), state.gamma)
+    return (s_memory, y_memory, rho, gram, slot, gamma), free_grad, g_col
+
+
+def _status(state: BoxLBFGSState, value, accept, reject, first, x_new, grad_new, iterations, lower, upper,
+            config: BoxLBFGSConfig):
+    """(status, whether a stalled quasi-Newton step forces a steepest retry, backtracks at this iteration)."""
+    pg_norm = projected_gradient_norm(x_new, grad_new, lower, upper)
+    relative_decrease = (state.x_value - value) / jnp.maximum(jnp.maximum(jnp.abs(state.x_value), jnp.abs(value)), 1.0)
+    # scipy's rule: stop on the first small decrease. Optionally (steepest_before_stop) a stalled
+    # quasi-Newton step first gets a steepest-descent retry, and only a stalled steepest step stops.
+    small_decrease = accept & ~first & (relative_decrease <= config.ftol)
+    force_steepest = small_decrease & ~state.steepest & config.steepest_before_stop
+    line_search_steps = jnp.where(accept, 0, state.line_search_steps + reject)
+    status = jnp.where(pg_norm <= config.gtol, CONVERGED_GRADIENT,
+             jnp.where(small_decrease & (state.steepest | (not config.steepest_before_stop)), CONVERGED_DECREASE,
+             jnp.where(iterations >= config.max_iterations, MAX_ITERATIONS,
+             jnp.where(line_search_steps >= config.max_line_search_steps, LINE_SEARCH_FAILED, RUNNING))))
+    status = jnp.where(state.done, state.status, status).astype(jnp.int32)
+    return status, force_steepest, line_search_steps
+
+
+def _next_direction(x_new, grad_new, free_grad, g_col, memory, force_steepest, lower, upper, m: int):
+    """(direction, whether it is the quasi-Newton one): L-BFGS on the free variables, else steepest descent."""
+    s_memory, y_memory, rho, gram, newest, gamma = memory
+    dtype = x_new.dtype
+    at_lower = (x_new <= lower) & (grad_new > 0)
+    at_upper = (x_new >= upper) & (grad_new < 0)
+    free = ~(at_lower | at_upper)
+    gamma0 = jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.linalg.norm(grad_new), jnp.finfo(dtype).tiny))
+    gamma_used = jnp.where(jnp.any(rho != 0), gamma, gamma0)
+    a_s, a_y, a_g = _two_loop((g_col[:m], g_col[m:]), jnp.ones((), dtype), rho, gram, gamma_used, newest)
+    h_grad = _combine(_combine(a_g * free_grad, a_s, s_memory), a_y, y_memory)
+    quasi_newton = jnp.where(free, -h_grad, 0.0)
+    steepest = jnp.where(free, -gamma_used * grad_new, 0.0)
+    slope = jnp.vdot(grad_new, quasi_newton)
+    use_quasi_newton = jnp.isfinite(slope) & (slope < 0) & ~force_steepest & jnp.any(rho != 0)
+    return jnp.where(use_quasi_newton, quasi_newton, steepest), use_quasi_newton
 
 
 def _combine(start, coefficients, vectors):

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 #: The modules by what a user comes for, in the order docs/api.md lists them.
 GROUPS = {
-    "Attacks": ["attacks.lbfgs", "attacks.boundary", "attacks.targets", "attacks.dataset", "attacks.sizes",
-                "attacks.minimal", "attacks.ddn", "attacks.alma", "attacks.fmn", "attacks.deepfool", "attacks.fast",
+    "Attacks": ["attacks.config", "attacks.lbfgs", "attacks.boundary", "attacks.projection", "attacks.targets",
+                "attacks.dataset", "attacks.sizes", "attacks.minimal", "attacks.ddn", "attacks.alma", "attacks.fmn", "attacks.deepfool", "attacks.fast",
                 "attacks.sparse", "attacks.lanes", "attacks.common", "attacks.exact"],
     "Models": ["functional", "models", "zoo", "train", "checkpoint", "alexnet"],
     "Data": ["data"],

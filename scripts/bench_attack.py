@@ -51,6 +51,7 @@ import argparse
 import importlib
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -70,17 +71,16 @@ from jaxadv.report import write_json_atomic  # noqa: E402
 from jaxadv.zoo import trained_models  # noqa: E402
 from jaxadv.attacks import (ATTACK_LBFGS, AttackConfig, SearchConfig, lbfgs_attack,  # noqa: E402
                             random_wrong_targets)
-from jaxadv.attacks.lbfgs import _cross_entropy, _penalty, lbfgs_attack_core  # noqa: E402
+from jaxadv.attacks.lbfgs import attack_objective, lbfgs_attack_core  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402
 
 MODEL = "FC100-100-10"
 
 
 def objective_fn(model, params, config):
-    def objective(x, origin, c, target):
-        logits = model.apply(params, x.reshape((1,) + model.input_shape))[0]
-        return c * _penalty(x - origin, config.search.penalty) + _cross_entropy(logits, target)
-    return objective
+    """The attack's own objective (targeted) on one flat image: objective(x, origin, c, target) -> value."""
+    objective = attack_objective(lambda x: model.apply(params, x.reshape((1,) + model.input_shape))[0], config)
+    return lambda x, origin, c, target: objective(x, origin, c, target)[0]
 
 
 def run_batched(model, params, images, targets, config, repeats=3, core=None):
@@ -116,18 +116,19 @@ def device_lanes() -> int:
 def attack_at_commit(commit: str):
     """The module jaxadv.attacks.lbfgs as it was at `commit`, imported beside today's (None if git cannot).
 
-    `git archive` copies that commit's jaxadv/attacks (and jaxadv/optim.py,
-    the solver's optax face, where the commit has one) into a temporary folder
+    `git archive` copies that commit's jaxadv/attacks (and the solver's
+    jaxadv/optim.py and jaxadv/box_lbfgs.py, where it has them) into a temporary folder
     as the package `_jaxadv_<commit>`, with its imports of both renamed to it,
     so both versions run in this process on the same inputs.
     """
     root = Path(__file__).resolve().parent.parent
     name = f"_jaxadv_{''.join(ch for ch in commit if ch.isalnum())}"
     folder = Path(tempfile.mkdtemp(prefix="bench_attack_"))
-    has_optim = subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{commit}:jaxadv/optim.py"],
-                               capture_output=True).returncode == 0
-    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "jaxadv/attacks"]
-                             + ["jaxadv/optim.py"] * has_optim, capture_output=True)
+    solver = [path for path in ("jaxadv/optim.py", "jaxadv/box_lbfgs.py")
+              if subprocess.run(["git", "-C", str(root), "cat-file", "-e", f"{commit}:{path}"],
+                                capture_output=True).returncode == 0]
+    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "jaxadv/attacks"] + solver,
+                             capture_output=True)
     if archive.returncode != 0:
         print(f"baseline {commit}: not in this checkout's history ({archive.stderr.decode().strip()}); skipped")
         return None
@@ -135,11 +136,22 @@ def attack_at_commit(commit: str):
     package = folder / name
     (folder / "jaxadv").rename(package)
     (package / "__init__.py").write_text("")
-    for source in [*(package / "attacks").glob("*.py"), *(package.glob("optim.py"))]:
-        source.write_text(source.read_text().replace("jaxadv.attacks", f"{name}.attacks")
-                          .replace("from jaxadv import optim", f"from {name} import optim"))
+    for source in [*(package / "attacks").glob("*.py"), *package.glob("optim.py"), *package.glob("box_lbfgs.py")]:
+        text = source.read_text().replace("jaxadv.attacks", f"{name}.attacks")
+        text = text.replace("from jaxadv.box_lbfgs import", f"from {name}.box_lbfgs import")
+        source.write_text(re.sub(r"^from jaxadv import (.+)$", lambda line: _split_import(line.group(1), name),
+                                 text, flags=re.MULTILINE))
     sys.path.insert(0, str(folder))
     return importlib.import_module(f"{name}.attacks.lbfgs")
+
+
+def _split_import(names: str, package: str) -> str:
+    """`from jaxadv import a, b as c` with the archived solver modules imported from `package` instead."""
+    parts = [part.strip() for part in names.split(",")]
+    ours = [part for part in parts if part.split(" as ")[0] in ("optim", "box_lbfgs")]
+    rest = [part for part in parts if part not in ours]
+    lines = [f"from jaxadv import {', '.join(rest)}"] * bool(rest) + [f"from {package} import {', '.join(ours)}"] * bool(ours)
+    return "\n".join(lines)
 
 
 def raw_gradient_throughput(model, params, config, batch, repeats=50):

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxadv.attacks import lbfgs_attack, lbfgs_attack_all_targets, lbfgs_attack_untargeted, runner_up_targets
-from jaxadv.attacks.lbfgs import UNTARGETED, lbfgs_attack_core
+from jaxadv.attacks.config import UNTARGETED
+from jaxadv.attacks.lbfgs import lbfgs_attack_core
 from test_attacks import FAST, LOGITS, _images
 
 TARGETS = np.array([1, 2, 3, 4], np.int32)

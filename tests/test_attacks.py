@@ -239,21 +239,22 @@ def test_kept_memory_is_the_memory_of_the_new_c_computed_densely():
     lanes, m, n = 3, 4, 7
     s_vecs = rng.normal(size=(lanes, m, n))
     y_vecs = s_vecs * 0.3 + 0.1 * rng.normal(size=(lanes, m, n))
-    pairs = np.stack([s_vecs, y_vecs], axis=1)
     dots = lambda a, b: np.einsum("lin,ljn->lij", a, b)
     gram = np.stack([dots(s_vecs, s_vecs), dots(s_vecs, y_vecs), dots(y_vecs, y_vecs)], axis=1)
     rho = 1.0 / np.einsum("lin,lin->li", s_vecs, y_vecs)
     rho[2, 1] = 0.0                                    # an empty slot stays empty
     newest = np.array([0, 3, 2])
     opt = jax.vmap(box_lbfgs.init)(jnp.zeros((lanes, n)))._replace(
-        pairs=jnp.asarray(pairs, jnp.float32), gram=jnp.asarray(gram, jnp.float32), rho=jnp.asarray(rho, jnp.float32),
+        s_memory=jnp.asarray(s_vecs, jnp.float32), y_memory=jnp.asarray(y_vecs, jnp.float32), gram=jnp.asarray(gram, jnp.float32), rho=jnp.asarray(rho, jnp.float32),
         newest=jnp.asarray(newest, jnp.int32), gamma=jnp.ones(lanes))
     fresh = opt._replace(rho=jnp.zeros_like(opt.rho), gamma=jnp.ones(lanes))
     delta_c = np.array([0.5, -0.2, 0.0], np.float32)
     keep = jnp.array([True, True, False])
     fresh, moved = jax.vmap(_keep_memory)(fresh, opt, jnp.asarray(delta_c), keep)
     y_new = y_vecs + 2 * delta_c[:, None, None] * s_vecs
-    np.testing.assert_allclose(np.asarray(moved.pairs[:, 1]), y_new, rtol=1e-5, atol=1e-6)
+    shifted = np.asarray(moved.y_memory) + np.asarray(moved.y_shift)[:, None, None] * np.asarray(moved.s_memory)
+    np.testing.assert_allclose(shifted, y_new, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(moved.s_memory), np.asarray(s_vecs, np.float32))
     expected_gram = np.stack([dots(s_vecs, s_vecs), dots(s_vecs, y_new), dots(y_new, y_new)], axis=1)
     np.testing.assert_allclose(np.asarray(moved.gram), expected_gram, rtol=1e-4, atol=1e-5)
     s_dot_y = np.einsum("lin,lin->li", s_vecs, y_new)
@@ -371,3 +372,29 @@ def test_functools_partial_params_do_not_recompile():
     before = lbfgs_attack_core._cache_size()
     lbfgs_attack(functools.partial(model.apply, model.init(jax.random.PRNGKey(1))), x, targets, config)
     assert lbfgs_attack_core._cache_size() == before
+
+
+def test_attack_objective_is_the_penalty_plus_the_loss_computed_in_numpy():
+    """c·‖x − x0‖² + cross-entropy toward the target, and −log(1 − p_label) untargeted, against scipy's logsumexp."""
+    from scipy.special import logsumexp, softmax
+
+    from jaxadv.attacks.lbfgs import attack_objective
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(16, 10))
+    x, origin = rng.uniform(0, 1, 16), rng.uniform(0, 1, 16)
+    logits_one = lambda v: v @ jnp.asarray(w, jnp.float32)
+    z = x @ w
+    targeted = attack_objective(logits_one, AttackConfig())
+    value, logits = targeted(jnp.asarray(x, jnp.float32), jnp.asarray(origin, jnp.float32), 0.7, 4)
+    np.testing.assert_allclose(float(value), 0.7 * np.sum((x - origin) ** 2) + logsumexp(z) - z[4], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits), z, rtol=1e-5, atol=1e-5)
+    untargeted = attack_objective(logits_one, AttackConfig(), untargeted=True)
+    value, _ = untargeted(jnp.asarray(x, jnp.float32), jnp.asarray(origin, jnp.float32), 0.7, 4)
+    expected = 0.7 * np.sum((x - origin) ** 2) - np.log1p(-softmax(z)[4])
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    with pytest.raises(TypeError, match="logits_one"):
+        attack_objective(None)
+    with pytest.raises(ValueError, match="untargeted"):
+        attack_objective(logits_one, untargeted="yes")
+    with pytest.raises(ValueError, match="config.search.penalty"):
+        attack_objective(logits_one, AttackConfig(search=SearchConfig(penalty="l1")))

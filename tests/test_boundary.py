@@ -16,8 +16,8 @@ from hypothesis import given, settings, strategies as st
 
 from jaxadv.attacks import (ATTACK_LBFGS, AttackConfig, RefineConfig, SearchConfig, lbfgs_attack, lbfgs_attack_all_targets,
                             lbfgs_attack_untargeted, random_wrong_targets)
-from jaxadv.attacks.boundary import project_onto_cuts
-from jaxadv.attacks.lbfgs import UNTARGETED
+from jaxadv.attacks.projection import project_onto_cuts
+from jaxadv.attacks.config import UNTARGETED
 from jaxadv.attacks.exact import exact_linear_minimum
 from conftest import exact_relu_untargeted_minimum, small_relu_net, train_on_fashion_mnist
 
@@ -236,7 +236,7 @@ def test_untargeted_defaults_serve_a_binary_classifier():
 @pytest.mark.parametrize("rank", [6, 4, 0])
 def test_cholesky_solve_matches_a_dense_solve_and_stays_finite_when_rank_deficient(rank):
     """The projection's written-out Cholesky against numpy's solve (full rank), finite when the system is singular."""
-    from jaxadv.attacks.boundary import _cholesky_solve
+    from jaxadv.attacks.projection import _cholesky_solve
     rng = np.random.default_rng(rank)
     a = rng.normal(size=(6, 20)) * (np.arange(6) < rank)[:, None]          # rank-deficient rows are zero
     a[rank:] = a[:max(rank, 1)][0] if rank else 0.0                       # ...or repeat a row

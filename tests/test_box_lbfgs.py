@@ -53,7 +53,8 @@ def test_two_loop_matches_dense_bfgs_and_optax(num_pairs, newest):
     g = rng.normal(size=n)
     with jax.enable_x64(True):
         ours = np.asarray(box_lbfgs.inverse_hessian_times(
-            jnp.asarray(g), jnp.asarray(pairs), jnp.asarray(rho), jnp.asarray(gram), jnp.asarray(gamma), newest))
+            jnp.asarray(g), jnp.asarray(pairs[0]), jnp.asarray(pairs[1]), jnp.asarray(rho), jnp.asarray(gram),
+            jnp.asarray(gamma), newest))
         reference = _dense_inverse_hessian(pairs, rho, order, gamma, n) @ g
         optax_result = np.asarray(_precondition_by_lbfgs(
             jnp.asarray(g), jnp.asarray(pairs[0]), jnp.asarray(pairs[1]), jnp.asarray(rho), gamma, (newest + 1) % m))

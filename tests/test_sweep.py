@@ -485,7 +485,8 @@ _FOUR_DEVICES = textwrap.dedent("""
 def _attack_fn():
     """(images, targets, attack): the real attack, small and quick, on a random model, if it exists yet."""
     try:
-        from jaxadv.attacks.lbfgs import ATTACK_LBFGS, AttackConfig, SearchConfig, lbfgs_attack_core
+        from jaxadv.attacks.config import ATTACK_LBFGS, AttackConfig, SearchConfig
+        from jaxadv.attacks.lbfgs import lbfgs_attack_core
     except ImportError:
         return None
     from jaxadv.models import get_model

@@ -6,7 +6,7 @@
 Every attack takes any model (`jaxadv.logits_function`), runs batched on device, and gives each image the
 same result in any batch. The modules, whose internals stay importable from them:
 
-`lbfgs`: the attack (objective, per-image c search, lanes); `boundary`: the refinement to the nearest
+`config`: the attack's settings; `lbfgs`: the attack (objective, per-image c search, lanes); `boundary`: the refinement to the nearest
     boundary point; `targets`: target labels and the all-targets minimum.
 `dataset`: the attack over a whole data set, sharded and in resumable chunks, sized from the traced model.
 `ddn`, `alma`, `fmn`, `deepfool`: DDN, ALMA, FMN, DeepFool and SuperDeepFool; `minimal`: the per-image
@@ -15,8 +15,8 @@ same result in any batch. The modules, whose internals stay importable from them
 `lanes`: the work queue every per-image attack runs on; `exact`: the exact minimum of a linear model.
 """
 from jaxadv.attacks.boundary import RefineConfig
-from jaxadv.attacks.lbfgs import (ATTACK_LBFGS, AttackConfig, SearchConfig, lbfgs_attack,
-                                  lbfgs_attack_untargeted)
+from jaxadv.attacks.config import ATTACK_LBFGS, AttackConfig, SearchConfig
+from jaxadv.attacks.lbfgs import lbfgs_attack, lbfgs_attack_untargeted
 from jaxadv.attacks.dataset import attack_dataset, attack_sizes
 from jaxadv.attacks.fast import fgm, fgsm, minimal_fast_gradient, pgd
 from jaxadv.attacks.sparse import min_pixels_attack, single_pixel_attack

@@ -62,6 +62,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxadv.attacks.lanes import LaneAttack, run_lanes
+from jaxadv.attacks.projection import project_onto_cuts
 
 
 class RefineConfig(NamedTuple):
@@ -183,28 +184,10 @@ def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
     best = jnp.where(better, z, state.best)
     best_l2 = jnp.where(better, l2, state.best_l2)
 
-    # Keep the cut a·z' ≥ a·z − m_j(z) + margin in class j's slot (or the oldest slot).
-    m_j = logits[state.anchor] - logits[j]
-    m_j = -m_j if config.union else m_j
-    usable = jnp.isfinite(m_j) & jnp.all(jnp.isfinite(grad)) & (jnp.vdot(grad, grad) > 0)
-    has_slot = state.cut_class == j
-    slot = jnp.where(jnp.any(has_slot), jnp.argmax(has_slot), (state.newest + 1) % config.cuts)
-    slot = jnp.where(usable, slot, state.newest)
-    onehot = (jnp.arange(config.cuts) == slot) & usable
-    cuts = jnp.where(onehot[:, None], grad[None, :], state.cuts)
-    offsets = jnp.where(onehot, jnp.vdot(grad, z) - m_j + config.margin, state.offsets)
-    cut_class = jnp.where(onehot, j, state.cut_class)
+    cuts, offsets, cut_class, usable, has_slot, slot = _store_cut(state, logits, grad, j, config)
     valid = cut_class >= 0
 
-    # Untargeted: after the first evaluation at the found point, linearise the next-best classes there too.
-    seeds = jnp.concatenate([state.seeds[1:], jnp.full((1,), -1, jnp.int32)])
-    if config.union:
-        ranked = jnp.argsort(-jnp.where((jnp.arange(logits.shape[-1]) == state.anchor)
-                                        | (jnp.arange(logits.shape[-1]) == j), -jnp.inf, logits))
-        # The next-best classes other than the anchor and j (at most cuts - 1 of them), then -1s.
-        count = min(config.cuts - 1, logits.shape[-1] - 2)
-        planned = jnp.full((config.cuts,), -1, jnp.int32).at[:count].set(ranked[:count].astype(jnp.int32))
-        seeds = jnp.where(state.steps == 0, planned, seeds)
+    seeds = _next_seeds(state, logits, j, config)
     seeding = seeds[0] >= 0
 
     projection, multipliers = _project(state.origin, cuts, offsets, valid, lower, upper,
@@ -216,12 +199,8 @@ def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
     # bisect between the failed trial and the best (closer than the best: the norm is convex).
     failed = ~adversarial & ~seeding
     failures = jnp.where(failed, state.failures + 1, 0)
-    overshoot = config.overshoot * 2.0 ** jnp.minimum(failures - 1, 10).astype(dtype)
-    extrapolated = jnp.clip(state.origin + (1 + overshoot) * (projection - state.origin), lower, upper)
-    extrapolate = failed & (jnp.linalg.norm(extrapolated - state.origin) < best_l2)
-    bisect = failed & ~extrapolate & jnp.isfinite(best_l2)
-    next_trial = jnp.where(seeding, best, jnp.where(extrapolate, extrapolated,
-                                                    jnp.where(bisect, 0.5 * (z + best), projection)))
+    next_trial = jnp.where(seeding, best, _after_projection(state, projection, failed, failures, best, best_l2,
+                                                            lower, upper, config))
     converged = (adversarial & ~seeding
                  & (jnp.linalg.norm(projection - z) <= config.rtol * jnp.maximum(l2, jnp.finfo(dtype).tiny)))
     steps = state.steps + 1
@@ -242,13 +221,7 @@ def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
     walking = state.walking | (stalled & (config.walk_steps > 0))
     walked, radius = state.walked, state.radius
     if config.walk_steps > 0:
-        anneal = 0.01 + 0.99 * 0.5 * (1 + jnp.cos(jnp.pi * state.walked / config.walk_steps))
-        gamma = config.walk_gamma * anneal
-        shrunk = jnp.where(adversarial, jnp.minimum(radius, best_l2) * (1 - gamma), radius * (1 + gamma))
-        ascent = grad / jnp.maximum(jnp.linalg.norm(grad), jnp.finfo(dtype).tiny)
-        away = z + config.walk_step * anneal * shrunk * ascent - state.origin
-        on_sphere = jnp.clip(state.origin + shrunk * away / jnp.maximum(jnp.linalg.norm(away), jnp.finfo(dtype).tiny),
-                             lower, upper)
+        on_sphere, shrunk = _walk_point(state, grad, adversarial, best_l2, lower, upper, config)
         walked = walked + state.walking
         seeds = jnp.where(stalled, -1, seeds)                 # the walk follows the top competitor
         next_trial = jnp.where(stalled, best, jnp.where(state.walking, on_sphere, next_trial))
@@ -265,6 +238,63 @@ def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
     return jax.tree.map(lambda old, upd: jnp.where(state.done, old, upd), state, new)
 
 
+def _store_cut(state: RefineState, logits, grad, j, config: RefineConfig):
+    """Keep the cut a·z' ≥ a·z − m_j(z) + margin (a = grad at z = the trial) in class j's slot, or the oldest.
+
+    Returns (cuts, offsets, cut_class, whether the cut was usable, whether
+    class j had a slot, the slot written).
+    """
+    m_j = logits[state.anchor] - logits[j]
+    m_j = -m_j if config.union else m_j
+    usable = jnp.isfinite(m_j) & jnp.all(jnp.isfinite(grad)) & (jnp.vdot(grad, grad) > 0)
+    has_slot = state.cut_class == j
+    slot = jnp.where(jnp.any(has_slot), jnp.argmax(has_slot), (state.newest + 1) % config.cuts)
+    slot = jnp.where(usable, slot, state.newest)
+    onehot = (jnp.arange(config.cuts) == slot) & usable
+    cuts = jnp.where(onehot[:, None], grad[None, :], state.cuts)
+    offsets = jnp.where(onehot, jnp.vdot(grad, state.trial) - m_j + config.margin, state.offsets)
+    cut_class = jnp.where(onehot, j, state.cut_class)
+    return cuts, offsets, cut_class, usable, has_slot, slot
+
+
+def _after_projection(state: RefineState, projection, failed, failures, best, best_l2, lower, upper,
+                      config: RefineConfig):
+    """The next trial after a projection: the projection itself after an adversarial trial; after a failed
+    one, the projection pushed further from x while that is still closer than the best, else the
+    midpoint between the failed trial and the best."""
+    overshoot = config.overshoot * 2.0 ** jnp.minimum(failures - 1, 10).astype(state.trial.dtype)
+    extrapolated = jnp.clip(state.origin + (1 + overshoot) * (projection - state.origin), lower, upper)
+    extrapolate = failed & (jnp.linalg.norm(extrapolated - state.origin) < best_l2)
+    bisect = failed & ~extrapolate & jnp.isfinite(best_l2)
+    return jnp.where(extrapolate, extrapolated, jnp.where(bisect, 0.5 * (state.trial + best), projection))
+
+
+def _next_seeds(state: RefineState, logits, j, config: RefineConfig):
+    """The classes still to linearise at the best point: untargeted, after the first evaluation at the
+    found point, the next-best classes other than the anchor and j (at most cuts - 1 of them), then -1s."""
+    seeds = jnp.concatenate([state.seeds[1:], jnp.full((1,), -1, jnp.int32)])
+    if config.union:
+        ranked = jnp.argsort(-jnp.where((jnp.arange(logits.shape[-1]) == state.anchor)
+                                        | (jnp.arange(logits.shape[-1]) == j), -jnp.inf, logits))
+        count = min(config.cuts - 1, logits.shape[-1] - 2)
+        planned = jnp.full((config.cuts,), -1, jnp.int32).at[:count].set(ranked[:count].astype(jnp.int32))
+        seeds = jnp.where(state.steps == 0, planned, seeds)
+    return seeds
+
+
+def _walk_point(state: RefineState, grad, adversarial, best_l2, lower, upper, config: RefineConfig):
+    """(the walk's next point, its new radius): a step along ∇m_j, back onto the sphere about x, in the box."""
+    dtype, radius = state.trial.dtype, state.radius
+    anneal = 0.01 + 0.99 * 0.5 * (1 + jnp.cos(jnp.pi * state.walked / config.walk_steps))
+    gamma = config.walk_gamma * anneal
+    shrunk = jnp.where(adversarial, jnp.minimum(radius, best_l2) * (1 - gamma), radius * (1 + gamma))
+    ascent = grad / jnp.maximum(jnp.linalg.norm(grad), jnp.finfo(dtype).tiny)
+    away = state.trial + config.walk_step * anneal * shrunk * ascent - state.origin
+    on_sphere = jnp.clip(state.origin + shrunk * away / jnp.maximum(jnp.linalg.norm(away), jnp.finfo(dtype).tiny),
+                         lower, upper)
+    return on_sphere, shrunk
+
+
 def _project(origin, cuts, offsets, valid, lower, upper, multipliers, config):
     """Targeted: onto all valid cuts at once. Untargeted: onto each valid cut alone; keep the nearest."""
     if not config.union:
@@ -275,93 +305,6 @@ def _project(origin, cuts, offsets, valid, lower, upper, multipliers, config):
     distance = jnp.where(valid, jnp.sum((points - origin) ** 2, axis=-1), jnp.inf)
     nearest = jnp.argmin(distance)
     return jnp.where(jnp.any(valid), points[nearest], origin), mus[:, 0]
-
-
-def project_onto_cuts(x, cuts, offsets, valid, lower, upper, multipliers=None, iterations: int = 8):
-    """(z, μ): the point of {z : cuts · z ≥ offsets (valid rows)} ∩ [lower, upper] nearest to x, and its multipliers.
-
-    The QP min ½‖z − x‖² s.t. A z ≥ b, lower ≤ z ≤ upper is solved in its
-    dual, which has one variable per cut: for multipliers μ ≥ 0 the primal
-    minimiser is z(μ) = clip(x + Aᵀμ, lower, upper), and the dual
-    g(μ) = ½‖z(μ) − x‖² − μ·(A z(μ) − b) is concave with gradient b − A z(μ)
-    and generalised Hessian −A_F A_Fᵀ (F: the coordinates inside the box,
-    bounds included). A few semismooth Newton steps on the multipliers that
-    are positive or want to grow solve it; with one cut, started below the
-    solution, the steps increase monotonically to it.
-    `tests/test_boundary.py` checks the result against scipy on random QPs.
-    Returns z in the box always (the constraints hold up to the solver's tolerance).
-    """
-    dtype = x.dtype
-    if multipliers is None:
-        multipliers = jnp.zeros(offsets.shape, dtype)
-    a = jnp.where(valid[:, None], cuts, 0.0)
-    mu = jnp.where(valid, jnp.maximum(multipliers, 0.0), 0.0)
-    eye = jnp.eye(offsets.shape[0], dtype=dtype)
-
-    def piece(mu):
-        """The dual's gradient at mu and the piece it lies on: each coordinate below, inside or above
-        the box, and the multipliers that move.
-
-        A coordinate exactly at a bound counts as inside: if the step moves it inwards it is free, and
-        if outwards the curvature is overestimated and the step falls short, never past the solution.
-        Counting it as clipped made the first step from x (whose background pixels sit at 0) overshoot
-        by orders of magnitude and cycle between 0 and that overshoot on FC10(1) (13 of 100 images
-        ended 6-16% above the exact minimum).
-        """
-        unclipped = x + mu @ a
-        ascent = jnp.where(valid, offsets - a @ jnp.clip(unclipped, lower, upper), 0.0)
-        return ascent, unclipped < lower, unclipped > upper, valid & ((mu > 0) | (ascent > 0))
-
-    def newton(carry):
-        mu, ascent, below, above, moving, _, k = carry
-        inside = ~below & ~above
-        # The small system in at least float32 (in float16 the ridge would be 0).
-        wide = jnp.promote_types(dtype, jnp.float32)
-        hessian = ((a * inside.astype(dtype)) @ a.T).astype(wide)
-        both = moving[:, None] & moving[None, :]
-        ridge = 1e-12 * jnp.maximum(jnp.max(jnp.diagonal(hessian)), jnp.finfo(wide).eps)   # (> 0 in float32)
-        h = jnp.where(both, hessian, 0.0) + jnp.where(both, ridge, 1.0) * eye.astype(wide)
-        step = _cholesky_solve(h, jnp.where(moving, ascent, 0.0).astype(wide), ridge).astype(dtype)
-        cut_short = jnp.any(valid & (mu + step < 0))          # a multiplier clipped at 0: not the piece's optimum
-        mu = jnp.where(valid, jnp.maximum(mu + step, 0.0), 0.0)
-        ascent, below_next, above_next, moving_next = piece(mu)
-        settled = (~cut_short & jnp.all(below_next == below) & jnp.all(above_next == above)
-                   & jnp.all(moving_next == moving))
-        return mu, ascent, below_next, above_next, moving_next, settled, k + 1
-
-    # The dual is piecewise quadratic and a Newton step solves the piece it starts on exactly: once a
-    # step lands on the piece it started from, the multipliers are optimal and the loop ends (after
-    # 1-3 steps from the previous projection's multipliers instead of always `iterations`: a refinement
-    # step cost 0.69 ms for 32 lanes with 8 fixed steps on this CPU).
-    mu, *_ = jax.lax.while_loop(lambda c: ~c[5] & (c[6] < iterations), newton,
-                                (mu, *piece(mu), jnp.zeros((), bool), 0))
-    return jnp.clip(x + mu @ a, lower, upper), mu
-
-
-def _cholesky_solve(h, b, floor):
-    """h⁻¹ b for a small symmetric positive semidefinite h, by a Cholesky factorisation written out in scalars.
-
-    h is the projection's m × m Newton system (m = cuts). Written out, its few
-    dozen scalar operations (vmapped: one [lanes] vector each) fuse into a
-    handful of XLA loops; jnp.linalg.solve made one LAPACK LU call per lane,
-    and the default targeted attack's refinement ran 8% slower with it
-    (FC100-100-10, 1,000 test images, one CPU thread: 0.268 s against 0.246 s).
-    A pivot is held at `floor` or above, so that a rank-deficient system (two
-    cuts alike in rounding) gives a finite step, as the ridge meant it to.
-    """
-    m = h.shape[-1]
-    factor = [[None] * m for _ in range(m)]          # lower triangle: h = factor · factorᵀ
-    for j in range(m):
-        for i in range(j, m):
-            rest = h[i, j] - sum(factor[i][k] * factor[j][k] for k in range(j))
-            factor[i][j] = jnp.sqrt(jnp.maximum(rest, floor)) if i == j else rest / factor[j][j]
-    forward = []                                      # factor · forward = b
-    for i in range(m):
-        forward.append((b[i] - sum(factor[i][k] * forward[k] for k in range(i))) / factor[i][i])
-    solution = [None] * m                             # factorᵀ · solution = forward
-    for i in reversed(range(m)):
-        solution[i] = (forward[i] - sum(factor[k][i] * solution[k] for k in range(i + 1, m))) / factor[i][i]
-    return jnp.stack(solution)
 
 
 class RefineResult(NamedTuple):

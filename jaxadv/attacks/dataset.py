@@ -52,7 +52,8 @@ import numpy as np
 from jax.extend.core import jaxprs_in_params
 
 from jaxadv import checks
-from jaxadv.attacks.lbfgs import UNTARGETED, AttackConfig, check_config, lbfgs_attack_core
+from jaxadv.attacks.config import UNTARGETED, AttackConfig, check_config
+from jaxadv.attacks.lbfgs import lbfgs_attack_core
 from jaxadv.attacks.targets import random_wrong_targets
 from jaxadv.attacks.sizes import chunk_size_for_memory, sizes_for_device
 from jaxadv.sharding import sharded
@@ -62,7 +63,7 @@ from jaxadv.sweep import function_fingerprint, run_sweep
 RESULT_FIELDS = ("adversarial", "success", "distortion", "l2", "c", "iterations", "evaluations", "search_distortion")
 #: The L-BFGS attack's source files in jaxadv/attacks/ (the other attacks there change none of its results),
 #: besides its solver's optax face, jaxadv/optim.py, which every source fingerprint includes.
-LBFGS_SOURCES = ("lbfgs.py", "boundary.py", "targets.py")
+LBFGS_SOURCES = ("config.py", "lbfgs.py", "boundary.py", "projection.py", "targets.py")
 
 
 class AttackSizes(NamedTuple):

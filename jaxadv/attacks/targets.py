@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadv import checks
-from jaxadv.attacks.lbfgs import AttackConfig, AttackResult, lbfgs_attack
+from jaxadv.attacks.config import AttackConfig
+from jaxadv.attacks.lbfgs import AttackResult, lbfgs_attack
 
 
 def random_wrong_targets(key: jax.Array, labels, num_classes: int = 10) -> jax.Array:
