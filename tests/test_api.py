@@ -103,6 +103,17 @@ def test_docs_api_names_every_public_name():
     assert not sorted(name for name in names if f"`{name}`" not in page)
 
 
+def test_docs_api_front_table_names_each_exported_name_and_its_home():
+    """docs/api.md's `jaxadv` table: one row per name of `jaxadv.__all__`, with the module that defines it."""
+    import re
+    rows = re.findall(r"^\| `(\w+)` \| `([\w.]+)` \|", (REPO / "docs" / "api.md").read_text(), re.M)
+    assert sorted(name for name, _ in rows) == sorted(jaxadv.__all__)
+    for name, home in rows:
+        assert getattr(importlib.import_module(home), name) is getattr(jaxadv, name), (name, home)
+        if callable(getattr(jaxadv, name)):
+            assert getattr(jaxadv, name).__module__ == home, (name, home)      # defined there, not re-exported
+
+
 def test_the_attacks_package_exports_at_most_25_names():
     assert len(jaxadv.attacks.__all__) <= 25
     assert len(set(jaxadv.attacks.__all__)) == len(jaxadv.attacks.__all__)
