@@ -33,9 +33,8 @@ writes the newest (s, y) pair and resets the H0 scaling from it, so it can
 neither skip pairs that fail the curvature condition (needed once projections
 and a non-convex loss enter) nor leave the memory untouched on a rejected
 line-search trial without copying the whole memory through `jnp.where` under
-vmap. Its two-loop recursion is also 2m dependent passes over the memory: for
-1000 images, m = 10, it took 11.6 ms per step on this CPU against 2.4 ms for
-the model's batched gradient. We instead run the two-loop recursion in
+vmap. Its two-loop recursion is also 2m dependent passes over the memory
+(docs/benchmarks.md has the cost under vmap). We instead run the two-loop recursion in
 coefficient space (the "vector-free" L-BFGS of Chen et al., NeurIPS 2014):
 the direction is a combination of the 2m stored vectors and g, the product
 runs on their m x m Gram matrices (in the compact form of Byrd, Nocedal and
@@ -111,6 +110,7 @@ class BoxLBFGSState(NamedTuple):
 
 
 def project(x, lower, upper):
+    """x clipped into the box [lower, upper] (the Euclidean projection onto it)."""
     return jnp.minimum(jnp.maximum(x, lower), upper)
 
 
@@ -172,7 +172,7 @@ def _two_loop(g_dots, a_g, rho, gram, gamma, newest):
     # v = D u + γ (Y^T Y) u − γ q as ONE product [D | Y^T Y | −I] [u; γu; γq], not as elementwise
     # a·b + c: XLA:CPU lets LLVM contract such a pair into an FMA or not depending on how the
     # surrounding ops are fused, and a one-device program is fused differently from a
-    # device-partitioned one, so the elementwise form cost `jaxadv.sweep.sharded` its bit-identity
+    # device-partitioned one, so the elementwise form cost `jaxadv.sharding.sharded` its bit-identity
     # across device counts (tests/test_sweep.py).
     diagonal = jnp.where(jnp.eye(m, dtype=bool), jnp.where(valid, jnp.diagonal(sy), 0.0)[:, None], 0.0)
     v = jnp.concatenate([diagonal, yy, -jnp.eye(m, dtype=yy.dtype)], axis=1) @ jnp.concatenate(

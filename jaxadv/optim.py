@@ -20,10 +20,9 @@ Not `optax.lbfgs` plus `optax.projections.projection_box` after each step:
 its zoom line search runs along the unprojected ray, so the projection moves
 every step that meets a bound and the curvature pairs see steps the line
 search never checked, and its inner while-loop makes a vmapped batch wait for
-its slowest member at every step. On the attack's problems (`scripts/bench_attack.py`,
-FC100-100-10, 100 test images, the same c search and stopping rules) it found
-a mean distortion 8.9% above ours and scipy's, at 13.6 images/s against 925
-for our search and 20.8 for a per-image scipy loop (this 2-core CPU, quiet).
+its slowest member at every step. On the attack's problems it found larger
+distortions than ours and scipy's, and ran far slower (docs/benchmarks.md,
+`scripts/bench_attack.py`).
 
 `optax.value_and_grad_from_state` has nothing to reuse here: an update never
 holds f at the next trial point (the solver's state keeps f and ∇f at its best
@@ -115,6 +114,7 @@ def best_params(state: BoxLBFGSState, params):
 
 
 class MinimizeResult(NamedTuple):
+    """What `minimize_box` returns: the best point, f there, and the solver's counts and status."""
     x: object                # the best point, with x0's pytree structure
     value: jax.Array
     iterations: jax.Array

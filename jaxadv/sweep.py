@@ -31,6 +31,7 @@ This path is JAX's own machinery but could only be tested single-host here.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import math
@@ -248,14 +249,32 @@ def call_interruptibly(thunk: Callable[[], Any], poll_seconds: float = 0.2) -> A
             box["error"] = error
         finally:
             done.set()
-    threading.Thread(target=run, name="jaxadv.sweep.chunk", daemon=True).start()
-    while not done.wait(poll_seconds):
-        pass
+    worker = threading.Thread(target=run, name="jaxadv.sweep.chunk", daemon=True)
+    worker.start()
+    try:
+        while not done.wait(poll_seconds):
+            pass
+    except BaseException:
+        atexit.register(_exit_now_if_running, worker)
+        raise
     if box.get("inline"):
         return thunk()
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def _exit_now_if_running(worker: threading.Thread) -> None:
+    """At exit after an interrupt, while `worker` still computes: exit at once with SIGINT's status 130.
+
+    Python's shutdown would stop the thread inside XLA's C++ code, which aborts the process ("FATAL:
+    exception not rethrown"); the saved chunks are whole either way (each was written, then renamed).
+    """
+    if worker.is_alive():
+        print("jaxadv: exiting without waiting for the interrupted chunk; the saved chunks are kept",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
 
 
 def _thread_settings():

@@ -21,15 +21,12 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 #: Imports of another module's private name that their owners are removing (module, name), each to be deleted
 #: from here when it goes.
 KNOWN_PRIVATE_IMPORTS = {
-    ("scripts/bench_attack.py", "_cross_entropy"), ("scripts/bench_attack.py", "_penalty"),
     ("jaxadv/lipschitz_layers.py", "_window_matrix_norm"),
 }
 
 #: Public names without a docstring, in files that other work is changing now: to be documented there, and
 #: deleted from here when they are.
-KNOWN_UNDOCUMENTED = {"jaxadv.box_lbfgs.project",
-                      "jaxadv.attacks.boundary.RefineResult", "jaxadv.optim.MinimizeResult",
-                      "jaxadv.linear_bounds.Graph"}
+KNOWN_UNDOCUMENTED = {"jaxadv.linear_bounds.Graph"}
 
 
 def _has_docstring(obj) -> bool:

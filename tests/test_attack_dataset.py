@@ -205,6 +205,17 @@ def test_memory_per_lane_is_read_off_the_traced_function():
     assert wide.lanes < narrow.lanes          # a wider model leaves room for fewer lanes
 
 
+def test_a_chunk_size_given_alone_gets_a_block_that_divides_it():
+    images = np.zeros((200,) + SHAPE, np.float32)
+    logits_fn = jax.tree_util.Partial(mlp, mlp_params(0))
+    devices = len(jax.devices())
+    for chunk in (50 * devices, 48 * devices, 7 * devices):
+        sizes = attack_sizes(logits_fn, images, chunk_size=chunk)
+        assert sizes.chunk_size == chunk and chunk % (devices * sizes.block_size) == 0
+        assert sizes.block_size <= attack_sizes(logits_fn, images).block_size
+    assert attack_sizes(logits_fn, images, chunk_size=48 * devices).block_size == 48
+
+
 # -- bad arguments: named, before any work -----------------------------------------------------------
 
 _IMAGES, _TARGETS = data(6)

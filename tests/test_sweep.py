@@ -244,7 +244,8 @@ def test_ctrl_c_during_a_long_chunk_acts_at_once_and_the_command_says_so_in_one_
         err = proc.stderr.read()
         proc.wait(timeout=60)        # the chunk's call alone runs for minutes
         if mode == "library":
-            assert proc.returncode != 0 and "KeyboardInterrupt" in err, err
+            # The interrupt reaches the caller; at exit, the chunk still computing does not abort the process.
+            assert proc.returncode == 130 and "KeyboardInterrupt" in err and "FATAL" not in err, err
         else:
             assert proc.returncode == 130, err
             assert err.count("\n") == 1 and err.startswith("interrupted:") and "Traceback" not in err, err

@@ -10,10 +10,9 @@
 Why. The penalty method of the paper minimises c‖r‖² + loss(x + r) and keeps
 the largest c that still succeeds. The cross-entropy keeps pulling past the
 decision boundary, so its minimiser lies inside the target class, not on its
-edge: on softmax regression (where the true minimum is a convex QP) it was
-2.3% above the minimum at the median and 9% at worst (FC10(1e-4), 100
-test images, random targets). This stage moves the
-found adversarial x' to the nearest point of the boundary, within the box.
+edge (on softmax regression, above the exact QP minimum: docs/benchmarks.md).
+This stage moves the found adversarial x' to the nearest point of the
+boundary, within the box.
 
 The method is sequential quadratic programming on the exact problem
     min ½‖z − x‖²   subject to   m_j(z) ≥ 0 (the attack's constraints),  lower ≤ z ≤ upper,
@@ -39,17 +38,9 @@ minimum. An image whose SQP has not converged in `steps` evaluations, or
 has not come closer in `patience` evaluations in a row, then walks along the
 boundary as DDN does (Rony et al., 2019): a step along the
 constraint's gradient, back onto a sphere about x whose radius shrinks while
-the walk stays adversarial and grows while it does not. On 100 ConvNet test
-images the SQP alone ended at 1.009 × DDN's (1,000 steps) distance at the
-median even after 200 evaluations; 60 walk steps took the untargeted attack
-below DDN's distance on about half of them. An image whose SQP converges
-never walks; on FC100-100-10 (sigmoid) the untargeted mode's rough start
-(no bisections) often left it unconverged, and the walk lifted the share
-within 1% of the best known from 87.7% to 97.0%. The patience (5) moves
-the ConvNet's walk earlier: 287 instead of 312 gradients per image for the
-untargeted default (96.6% against 97.2% of 500 test images within 1% of the
-best known), while FC100-100-10's converging SQPs are rarely cut short
-(150 instead of 130).
+the walk stays adversarial and grows while it does not. An image whose SQP
+converges never walks. What the walk and its patience gain, per model, is in
+docs/benchmarks.md ("The refinement").
 
 Each `tell` consumes one logits vector and one gradient; `refine_lanes` wraps
 it as pure per-image functions for the lane loop (`jaxadv.attacks.lanes`).
@@ -206,8 +197,7 @@ def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
     steps = state.steps + 1
 
     # A piecewise-linear model (ReLU, max pooling) changes its linearisation from one trial to the next,
-    # and the projections stall short of the minimum (ConvNet: 1.009 × DDN's distance at the median
-    # after 200 steps). Then walk along the boundary as DDN does: a step along ∇m of `walk_step` × the
+    # and the projections stall short of the minimum. Then walk along the boundary as DDN does: a step along ∇m of `walk_step` × the
     # radius, back onto the sphere of that radius about x, and the radius shrinks while the walk is
     # adversarial and grows while it is not, both annealed; the best point seen stays the result.
     # It takes over when the SQP has used its steps or, with a walk to follow, has come no closer in
@@ -308,6 +298,7 @@ def _project(origin, cuts, offsets, valid, lower, upper, multipliers, config):
 
 
 class RefineResult(NamedTuple):
+    """What `refine_core` returns per image: the closest adversarial point seen and its cost."""
     best: jax.Array          # [N, n] the closest adversarial point seen (the start where none was given)
     l2: jax.Array            # [N] its distance to the image
     evaluations: jax.Array   # [N] gradients spent on the image

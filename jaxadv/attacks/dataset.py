@@ -95,7 +95,9 @@ def attack_dataset(logits_fn: Callable, images, targets, directory: str | os.Pat
     lower, upper: the box every adversarial image stays in (numbers).
     config: the attack's settings (default `AttackConfig()`, or `UNTARGETED` with
       `untargeted`); its `lanes` is replaced by `lanes`.
-    chunk_size, block_size, lanes: None for the device's (`attack_sizes`).
+    chunk_size, block_size, lanes: None for the device's (`attack_sizes`). A chunk
+      holds whole blocks on every device; a `chunk_size` given alone gets the
+      largest block that divides it.
     name: names the sweep on the progress bar and in the manifest (messages only).
 
     Returns {field: NumPy array with N rows} for `RESULT_FIELDS`, read back from the
@@ -167,6 +169,8 @@ def attack_sizes(logits_fn: Callable, images, config: AttackConfig | None = None
     device_sizes = sizes_for_device(per_lane, device)
     lanes = int(lanes or device_sizes.lanes)
     block = int(block_size or min(device_sizes.block_size, math.ceil(num_images / num_devices)))
+    if chunk_size is not None and block_size is None:
+        block = _block_dividing(chunk_size, num_devices, block)
     step = num_devices * block
     if chunk_size is None:
         per_image = _bytes_per_image(per_lane, image, lanes, block)
@@ -175,8 +179,17 @@ def attack_sizes(logits_fn: Callable, images, config: AttackConfig | None = None
         chunk_size = min(chunk_size, step * math.ceil(num_images / step))
     if chunk_size % step:
         raise ValueError(f"chunk_size: must be a multiple of devices x block = {num_devices} x {block}, "
-                         f"got {chunk_size}")
+                         f"got {chunk_size} (pass chunk_size alone to have the block fit it)")
     return AttackSizes(int(chunk_size), block, lanes, num_devices, device_sizes.device_kind)
+
+
+def _block_dividing(chunk_size: int, num_devices: int, block: int) -> int:
+    """The largest block <= `block` that splits `chunk_size` evenly over the devices (a chunk size given
+    alone fixes the block, rather than being refused for the default one)."""
+    if chunk_size % num_devices:
+        raise ValueError(f"chunk_size: must be a multiple of the number of devices ({num_devices}), got {chunk_size}")
+    per_device = chunk_size // num_devices
+    return max(b for b in range(1, min(block, per_device) + 1) if per_device % b == 0)
 
 
 def attack_source_fingerprint(files: Sequence[str] = LBFGS_SOURCES) -> str:

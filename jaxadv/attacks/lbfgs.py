@@ -283,13 +283,9 @@ def _with_runner_ups(logits_fn, images, labels, bounds, initial_c, config, resul
     """The untargeted result, or a targeted run's toward a runner-up class where that one is closer.
 
     The untargeted search settles in the basin of whichever class its path
-    reaches first; on FC100-100-10 another class's boundary was more than 1%
-    closer for 7.6% of 500 test images (up to 25%). The runner-ups are the
+    reaches first, and another class's boundary may be closer. The runner-ups are the
     classes nearest by DeepFool's linear estimate at x, (Z_y − Z_j)/‖∇(Z_y − Z_j)‖,
-    other than the class found. With the then untargeted search (6
-    bisections, no walk), one runner-up brought the share of those 500 images
-    within 1% of the all-targets minimum from 92.4% to 97.0% (98.6% with two)
-    at 169 gradients per image (257), against 882 for all nine targets.
+    other than the class found (what one or two of them gain: docs/benchmarks.md).
     """
     distance = _linear_distances(logits_fn, images, labels, config.lanes)
     classes = jnp.arange(distance.shape[-1])

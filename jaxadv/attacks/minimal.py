@@ -76,6 +76,9 @@ class MinimalResult(NamedTuple):
       winner (-1 where none succeeded). gradients: model gradient evaluations
       of every attack together. l2_by_attack: [B, attacks] each attack's L2
       (inf where it failed).
+
+    An image the model already misclassifies needs no change: success True, l2
+    0, the image itself (exclude it with `model(images).argmax(-1) == labels`).
     """
     adversarial: jax.Array
     success: jax.Array
