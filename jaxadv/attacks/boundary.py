@@ -65,8 +65,8 @@ class RefineConfig(NamedTuple):
       point is strictly adversarial despite rounding.
     rtol: stop when the next projection moves an adversarial trial by less
       than rtol · its distance to x.
-    union: untargeted (the adversarial set is a union over classes) rather
-      than targeted (an intersection).
+    untargeted: the adversarial set is a union over classes (any class but
+      the anchor) rather than an intersection (the target beats every class).
     overshoot: after a trial that is not adversarial, the next projection is
       pushed this fraction further from x (doubled at each failure in a row).
     dual_iterations: semismooth Newton steps of the projection's dual, at most.
@@ -83,7 +83,7 @@ class RefineConfig(NamedTuple):
     cuts: int = 6
     margin: float = 1e-4
     rtol: float = 1e-3
-    union: bool = False
+    untargeted: bool = False
     dual_iterations: int = 8
     overshoot: float = 0.02
     walk_steps: int = 0
@@ -135,18 +135,18 @@ def without_class(logits, k):
     return jnp.where(jnp.arange(logits.shape[-1]) == k, -jnp.inf, logits)
 
 
-def is_adversarial(logits, anchor, union: bool):
+def is_adversarial(logits, anchor, untargeted: bool):
     """Finite logits with the target strictly on top (targeted), or the label not on top (untargeted)."""
     others = without_class(logits, anchor)
     gap = logits[anchor] - jnp.max(others)
     finite = jnp.all(jnp.isfinite(logits))
-    return finite & jnp.where(union, gap < 0, gap > 0)
+    return finite & jnp.where(untargeted, gap < 0, gap > 0)
 
 
-def _margin_shift(logits, anchor, amount, union: bool):
+def _margin_shift(logits, anchor, amount, untargeted: bool):
     """Logits offsets that lower the anchor's lead (targeted) or raise the label (untargeted) by `amount`."""
     onehot = jax.nn.one_hot(anchor, logits.shape[-1], dtype=logits.dtype)
-    return amount * onehot if union else -amount * onehot
+    return amount * onehot if untargeted else -amount * onehot
 
 
 def linearise_class(state: RefineState, logits):
@@ -155,21 +155,21 @@ def linearise_class(state: RefineState, logits):
     return jnp.where(state.seeds[0] >= 0, state.seeds[0], jnp.argmax(others)).astype(jnp.int32)
 
 
-def constraint_cotangent(anchor, j, num_classes: int, union: bool, dtype):
+def constraint_cotangent(anchor, j, num_classes: int, untargeted: bool, dtype):
     """d m_j / d logits: one-hot(anchor) − one-hot(j) (targeted) or its negative (untargeted)."""
     d = jax.nn.one_hot(anchor, num_classes, dtype=dtype) - jax.nn.one_hot(j, num_classes, dtype=dtype)
-    return -d if union else d
+    return -d if untargeted else d
 
 
 def tell(state: RefineState, logits, grad, j, lower=0.0, upper=1.0,
          config: RefineConfig = RefineConfig()) -> RefineState:
     """Consume Z(trial) and ∇m_j(trial); return the state with the next trial. Branch-free; done stays done."""
     z, dtype = state.trial, state.trial.dtype
-    adversarial = is_adversarial(logits, state.anchor, config.union)
+    adversarial = is_adversarial(logits, state.anchor, config.untargeted)
     # Only a point that clears half the margin may become the result: one just across the boundary
     # could fall back under another batch shape's rounding (the attack rechecks its result).
-    clear = is_adversarial(logits + _margin_shift(logits, state.anchor, 0.5 * config.margin, config.union),
-                           state.anchor, config.union)
+    clear = is_adversarial(logits + _margin_shift(logits, state.anchor, 0.5 * config.margin, config.untargeted),
+                           state.anchor, config.untargeted)
     l2 = jnp.linalg.norm(z - state.origin)
     better = clear & (l2 < state.best_l2)
     best = jnp.where(better, z, state.best)
@@ -235,7 +235,7 @@ def _store_cut(state: RefineState, logits, grad, j, config: RefineConfig):
     class j had a slot, the slot written).
     """
     m_j = logits[state.anchor] - logits[j]
-    m_j = -m_j if config.union else m_j
+    m_j = -m_j if config.untargeted else m_j
     usable = jnp.isfinite(m_j) & jnp.all(jnp.isfinite(grad)) & (jnp.vdot(grad, grad) > 0)
     has_slot = state.cut_class == j
     slot = jnp.where(jnp.any(has_slot), jnp.argmax(has_slot), (state.newest + 1) % config.cuts)
@@ -263,7 +263,7 @@ def _next_seeds(state: RefineState, logits, j, config: RefineConfig):
     """The classes still to linearise at the best point: untargeted, after the first evaluation at the
     found point, the next-best classes other than the anchor and j (at most cuts - 1 of them), then -1s."""
     seeds = jnp.concatenate([state.seeds[1:], jnp.full((1,), -1, jnp.int32)])
-    if config.union:
+    if config.untargeted:
         ranked = jnp.argsort(-jnp.where((jnp.arange(logits.shape[-1]) == state.anchor)
                                         | (jnp.arange(logits.shape[-1]) == j), -jnp.inf, logits))
         count = min(config.cuts - 1, logits.shape[-1] - 2)
@@ -287,7 +287,7 @@ def _walk_point(state: RefineState, grad, adversarial, best_l2, lower, upper, co
 
 def _project(origin, cuts, offsets, valid, lower, upper, multipliers, config):
     """Targeted: onto all valid cuts at once. Untargeted: onto each valid cut alone; keep the nearest."""
-    if not config.union:
+    if not config.untargeted:
         return project_onto_cuts(origin, cuts, offsets, valid, lower, upper, multipliers, config.dual_iterations)
     single = jax.vmap(lambda a, b, v, mu: project_onto_cuts(origin, a[None], b[None], v[None], lower, upper, mu[None],
                                                             config.dual_iterations))
@@ -329,7 +329,7 @@ def refine_lanes(logits_one, num_classes: int, config: RefineConfig) -> LaneAtta
         problem, state = lane
         logits, pullback = jax.vjp(logits_one, state.trial)
         j = linearise_class(state, logits)
-        (grad,) = pullback(constraint_cotangent(state.anchor, j, num_classes, config.union, logits.dtype))
+        (grad,) = pullback(constraint_cotangent(state.anchor, j, num_classes, config.untargeted, logits.dtype))
         dtype = state.trial.dtype           # a model may promote (x64): work in the images' dtype
         return problem, tell(state, logits.astype(dtype), grad, j, problem.lower, problem.upper, config)
 
@@ -347,7 +347,7 @@ def refine_core(logits_fn, origins, starts, anchors, success, lower=0.0, upper=1
     """Refine many images in `lanes` lanes (traceable; `jaxadv.attacks.lbfgs_attack_core` calls it).
 
     origins, starts: [N, n] flat images and their adversarial points; anchors:
-    [N] targets (or true labels with config.union); success: [N] whether
+    [N] targets (or true labels with config.untargeted); success: [N] whether
     starts[i] is adversarial (images without one are passed through);
     lower, upper: scalars, [N] (one per image) or [N, n]; shape: one image's
     shape for logits_fn. A lane whose image is done takes the next one

@@ -64,7 +64,7 @@ class AttackConfig(NamedTuple):
     lbfgs: the box-constrained L-BFGS run at each c (`box_lbfgs.BoxLBFGSConfig`;
       default `ATTACK_LBFGS`).
     refine: the refinement to the nearest boundary point after the search
-      (`boundary.RefineConfig`; steps=0 is the paper's method; its `union` is
+      (`boundary.RefineConfig`; steps=0 is the paper's method; its `untargeted` is
       set by the mode, targeted or untargeted). Its boundary walk
       (walk_steps) is off in the targeted default: set walk_steps=60 for a
       targeted attack on a ReLU / max-pooling model.
@@ -80,7 +80,7 @@ class AttackConfig(NamedTuple):
         return {name: value._asdict() if hasattr(value, "_asdict") else value for name, value in self._asdict().items()}
 
     def refine_config(self, untargeted: bool = False) -> boundary.RefineConfig:
-        return self.refine._replace(union=untargeted)
+        return self.refine._replace(untargeted=untargeted)
 
     def max_runs(self) -> int:
         return 1 + self.search.max_bracket_steps + self.search.bisection_steps

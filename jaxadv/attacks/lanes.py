@@ -45,8 +45,8 @@ class LaneAttack(NamedTuple):
 
 class _Queue(NamedTuple):
     states: Any          # [lanes, ...] the lanes' current states
-    image: jax.Array     # [lanes] which image each lane serves (num_images: idle)
-    next_image: jax.Array  # the first image not yet started
+    image_index: jax.Array  # [lanes] which image each lane serves (num_images: idle)
+    next_image_index: jax.Array  # the first image not yet started
     finished: Any        # [num_images, ...] the stored outputs of the final states
     steps: jax.Array     # loop iterations so far
 
@@ -84,32 +84,32 @@ def run_lanes(attack: LaneAttack, inputs, lanes: int, max_steps: int | None = No
 
     def store(queue, ended):
         # the ended lanes' outputs at their images (idle lanes write out of range: dropped)
-        slot = jnp.where(ended, queue.image, num_images)
+        slot = jnp.where(ended, queue.image_index, num_images)
         return jax.tree.map(lambda f, s: f.at[slot].set(s, mode="drop"), queue.finished, output_lanes(queue.states))
 
     def refill(queue, ended):
         # 1. store the ended lanes' outputs
         finished = store(queue, ended)
         # 2. hand the next images, in lane order, to the ended lanes
-        image = queue.next_image + jnp.cumsum(ended) - 1
-        image = jnp.where(image < num_images, image, num_images)
+        image_index = queue.next_image_index + jnp.cumsum(ended) - 1
+        image_index = jnp.where(image_index < num_images, image_index, num_images)
         # (a scatter into the ended lanes, not a select over all: it updates the states in place, so the
         #  loop carries them through the `cond` without a copy on the iterations that refill nothing)
         lane = jnp.where(ended, jnp.arange(lanes), lanes)
-        states = jax.tree.map(lambda old, new: old.at[lane].set(new, mode="drop"), queue.states, init(take(image)))
-        return _Queue(states, jnp.where(ended, image, queue.image), queue.next_image + jnp.sum(ended), finished,
+        states = jax.tree.map(lambda old, new: old.at[lane].set(new, mode="drop"), queue.states, init(take(image_index)))
+        return _Queue(states, jnp.where(ended, image_index, queue.image_index), queue.next_image_index + jnp.sum(ended), finished,
                       queue.steps)
 
     def body(queue):
         queue = queue._replace(states=step(queue.states), steps=queue.steps + 1)
-        ended = done(queue.states) & (queue.image < num_images)
+        ended = done(queue.states) & (queue.image_index < num_images)
         return jax.lax.cond(jnp.any(ended), refill, lambda q, _: q, queue, ended)
 
     def running(queue):
-        busy = jnp.any(queue.image < num_images)
+        busy = jnp.any(queue.image_index < num_images)
         return busy if max_steps is None else busy & (queue.steps < max_steps)
 
     queue = jax.lax.while_loop(running, body, queue)
     if max_steps is None:
         return queue.finished
-    return store(queue, queue.image < num_images)     # the images still running at the cap
+    return store(queue, queue.image_index < num_images)     # the images still running at the cap

@@ -268,7 +268,7 @@ def lbfgs_attack_core(logits_fn, images, targets, lower, upper, initial_c=None,
         best, evaluations = refined.best, evaluations + refined.evaluations
     adversarial = best.reshape(images.shape)
     logits = logits_fn(adversarial)
-    success = jax.vmap(functools.partial(boundary.is_adversarial, union=untargeted))(logits, targets)
+    success = jax.vmap(functools.partial(boundary.is_adversarial, untargeted=untargeted))(logits, targets)
     l2 = jnp.linalg.norm(best - pool, axis=-1)
     result = AttackResult(adversarial=adversarial, success=success, l2=l2, distortion=l2 / scale,
                           c=out.c, iterations=out.iterations, evaluations=evaluations,

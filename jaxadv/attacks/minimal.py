@@ -37,20 +37,20 @@ from jaxadv.attacks.boundary import RefineConfig, refine_core
 from jaxadv.attacks.lbfgs import lbfgs_attack_untargeted
 
 #: The polish of `polished`: the untargeted refinement, 20 SQP steps then at most 60 walk steps.
-POLISH = RefineConfig(steps=20, cuts=4, union=True, walk_steps=60)
+POLISH = RefineConfig(steps=20, cuts=4, untargeted=True, walk_steps=60)
 
 
 def polished(attack: Callable, config: RefineConfig = POLISH, lanes: int = 32) -> Callable:
     """`attack` followed by the boundary refinement from each of its successful points.
 
     attack: called as attack(logits_fn, images, labels, lower=, upper=); config:
-    an untargeted `RefineConfig` (union=True); lanes: the refinement's lanes.
+    an untargeted `RefineConfig` (untargeted=True); lanes: the refinement's lanes.
     Returns an attack of the same call whose result is a `MinNormResult`
     (an image keeps the refined point where it is adversarial and closer;
     gradients add the refinement's).
     """
-    if not isinstance(config, RefineConfig) or not config.union:
-        raise TypeError("config: expected an untargeted RefineConfig (union=True)")
+    if not isinstance(config, RefineConfig) or not config.untargeted:
+        raise TypeError("config: expected an untargeted RefineConfig (untargeted=True)")
 
     def run(logits_fn, images, labels, *, lower=0.0, upper=1.0):
         result = _as_min_norm(attack(logits_fn, images, labels, lower=lower, upper=upper))
