@@ -89,7 +89,8 @@ def certificates(model, images, labels=None, *, params=None, lower=0.0, upper=1.
       steps: CROWN passes per image in the search on ε.
       max_radius: the largest radius sought; default the box's diameter, beyond which every ball contains
         the box (required when the box is unbounded).
-      chunk_size: images certified at a time (memory; and XLA:CPU, in jax 0.10.2, miscomputed the dual's
+      chunk_size: images certified at a time, at most (memory: fewer where the forward bounds' [n_input, widest
+        node] coefficients of a chunk would pass 2^25 entries; and XLA:CPU, in jax 0.10.2, miscomputed the dual's
         bound on [48, 800, 784] coefficients batched at once, tests/test_certify.py keeps that in check).
       max_rows: units of a layer bounded in one backward pass (memory; the result does not depend on it).
       exact_hidden: bound each hidden unit over the ball ∩ box by the dual's search, as the margins are,
@@ -316,6 +317,13 @@ def _linear_bounds(graph, image, label, eps, lower, upper, max_rows: int, exact_
     return coefficients.reshape(classes, -1), offsets
 
 
+def _fitting(graph, chunk_size: int) -> int:
+    """chunk_size, or fewer images where a chunk's forward coefficients ([n_input, widest node] per image) would
+    pass 2^25 entries (a ConvNet's: one image at a time)."""
+    per_image = int(np.prod(graph.nodes[0].shape)) * max(int(np.prod(node.shape)) for node in graph.nodes)
+    return max(1, min(chunk_size, 2 ** 25 // per_image))
+
+
 def _graph(fn, images):
     return build_graph(fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
 
@@ -328,7 +336,7 @@ def _margins(fn, images, labels, lower, upper, eps, max_rows: int, exact_hidden:
     def one(image, label, radius):
         margins = _image_bounds(graph, image, label, radius, lower, upper, max_rows, exact_hidden, gram)[2]
         return jnp.where(jnp.arange(margins.shape[0]) == label, jnp.inf, margins)
-    return jax.lax.map(lambda args: one(*args), (images, labels, eps), batch_size=chunk_size)
+    return jax.lax.map(lambda args: one(*args), (images, labels, eps), batch_size=_fitting(graph, chunk_size))
 
 
 def _first_order_reach(fn, image, label):
@@ -410,4 +418,4 @@ def _certify(fn, images, labels, lower, upper, max_radius, steps: int, chunk_siz
     gram = _prefix_gram(graph, images.dtype)
     def one(args):
         return _search(fn, graph, gram, *args, lower, upper, max_radius, steps, max_rows, exact_hidden)
-    return jax.lax.map(one, (images, labels), batch_size=chunk_size)
+    return jax.lax.map(one, (images, labels), batch_size=_fitting(graph, chunk_size))
