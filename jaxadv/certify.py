@@ -44,6 +44,7 @@ import numpy as np
 from jaxadv import checks
 from jaxadv.linear_bounds import RULES, affine_prefix, backward, build_graph, crown
 from jaxadv.lipschitz import operator_bounds
+from jaxadv.spectral import pairwise_certified_radius
 
 __all__ = ["Certificates", "certificates", "certified_radius", "margin_lower_bounds", "sandwich_summary", "RULES"]
 
@@ -77,7 +78,7 @@ def certified_radius(model, images, labels=None, *, params=None, lower=0.0, uppe
 
 def certificates(model, images, labels=None, *, params=None, lower=0.0, upper=1.0, steps: int = 8,
                  max_radius: float | None = None, chunk_size: int = 16,
-                 max_rows: int = 512, exact_hidden: bool = False) -> Certificates:
+                 max_rows: int = 512, exact_hidden: bool = False, lipschitz_bounds=None) -> Certificates:
     """Per image, radii within which no input in [lower, upper] changes the label: CROWN's and Lipschitz's.
 
     Args:
@@ -96,6 +97,8 @@ def certificates(model, images, labels=None, *, params=None, lower=0.0, upper=1.
       exact_hidden: bound each hidden unit over the ball ∩ box by the dual's search, as the margins are,
         rather than by the cheaper bounds the module docstring describes: larger radii, at several
         times the cost.
+      lipschitz_bounds: the model's `jaxadv.lipschitz.operator_bounds`, if the caller holds them (else
+        traced here) for the pairwise radius.
     Returns:
       `Certificates` of [B] radii in the images' dtype, each a sound lower bound of the minimal
       adversarial L2 distance; neither is the better on every model (a ReLU layer's relaxation can lose
@@ -114,7 +117,7 @@ def certificates(model, images, labels=None, *, params=None, lower=0.0, upper=1.
     max_radius = jnp.asarray(max_radius, images.dtype)
     crown_radii = _certify(fn, images, labels, lower, upper, max_radius, int(steps), int(chunk_size),
                            int(max_rows), bool(exact_hidden))
-    pairwise = _pairwise_radius(fn, images, labels, max_radius)
+    pairwise = _pairwise_radius(fn, images, labels, max_radius, lipschitz_bounds)
     return Certificates(jnp.maximum(crown_radii, pairwise), crown_radii, pairwise)
 
 
@@ -178,13 +181,14 @@ def _check(model, params, images, labels, lower, upper):
     return fn, x, jnp.asarray(labels, jnp.int32), lo, up
 
 
-def _pairwise_radius(fn, images, labels, max_radius):
+def _pairwise_radius(fn, images, labels, max_radius, bounds=None):
     """The pairwise Lipschitz radius of each image's label (0 where the model has no dense head, or the
-    Lipschitz bounds have no rule for one of its operators)."""
-    try:
-        bounds = operator_bounds(fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
-    except ValueError:
-        return jnp.zeros(images.shape[:1], images.dtype)
+    Lipschitz bounds have no rule for one of its operators); bounds: operator_bounds, if already traced."""
+    if bounds is None:
+        try:
+            bounds = operator_bounds(fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
+        except ValueError:
+            return jnp.zeros(images.shape[:1], images.dtype)
     if bounds.head_weights is None or not math.isfinite(bounds.features_bound):
         return jnp.zeros(images.shape[:1], images.dtype)
     return _pairwise(fn, images, labels, jnp.asarray(bounds.head_weights, images.dtype),
@@ -194,12 +198,7 @@ def _pairwise_radius(fn, images, labels, max_radius):
 @jax.jit
 def _pairwise(fn, images, labels, head_weights, features_bound, max_radius):
     logits = jax.lax.map(lambda x: fn(x[None])[0], images, batch_size=256)
-    chosen = jnp.take_along_axis(logits, labels[:, None], axis=1)
-    pair_table = jax.lax.map(lambda column: jnp.linalg.norm(head_weights - column[:, None], axis=0), head_weights.T)
-    norms = pair_table[labels]                                                              # ‖w_y − w_j‖: [B, K]
-    radii = jnp.where(norms > 0, (chosen - logits) / (jnp.where(norms > 0, norms, 1.0) * features_bound), jnp.inf)
-    radii = jnp.where(jnp.arange(logits.shape[1]) == labels[:, None], jnp.inf, radii)
-    return jnp.clip(radii.min(axis=1), 0.0, max_radius)
+    return jnp.minimum(pairwise_certified_radius(logits, head_weights, features_bound, labels=labels), max_radius)
 
 
 # -- the minimum of a linear function over the ball ∩ box -------------------------------------

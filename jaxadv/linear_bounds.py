@@ -47,8 +47,8 @@ class Node:
     scale: for an affine node that multiplies its one input by a constant elementwise, that constant.
     monotone: an affine node whose linear part is nondecreasing in every input (it selects, copies or sums
       entries): bounds of its inputs map to bounds of its output through fn itself.
-    signed: for an affine node that multiplies its one input by a constant (dense, convolution, scaling),
-      signed(positive) -> the linear map with that constant's positive (or negative) part alone.
+    absolute: for a linear node that multiplies its one input by a constant (dense, convolution, scaling),
+      the same map with that constant's absolute value.
     """
     kind: str
     inputs: tuple
@@ -58,7 +58,7 @@ class Node:
     params: dict = dataclasses.field(default_factory=dict)
     scale: Any = None
     monotone: bool = False
-    signed: Callable | None = None
+    absolute: Callable | None = None
     index: int = -1
 
 
@@ -127,11 +127,9 @@ def _linear(walker, eqn, inputs):
         return bind_with(eqn, inputs, dict(zip(positions, values)))
     shape, dtype = _out(eqn)
     neg = eqn.primitive.name == "neg"
-    def signed(positive: bool):
-        return (lambda v: jnp.zeros_like(fn(v))) if positive else fn
     return [walker.graph.add(Node("affine", tuple(inputs[i].index for i in positions), shape, dtype, fn,
                                   scale=-1.0 if neg else None, monotone=_monotone(eqn.primitive.name, positions),
-                                  signed=signed if neg else None))]
+                                  absolute=(lambda v: v) if neg else None))]
 
 
 def _monotone(name: str, positions) -> bool:
@@ -150,10 +148,7 @@ def _bilinear(walker, eqn, inputs):
     node = walker.graph.nodes[out.index]
     constant = 1 - positions[0]
     if name != "div":
-        def signed(positive: bool):
-            part = jnp.maximum(inputs[constant], 0) if positive else jnp.minimum(inputs[constant], 0)
-            return lambda v: bind_with(eqn, inputs, {positions[0]: v, constant: part})
-        node.signed = signed
+        node.absolute = lambda v: bind_with(eqn, inputs, {positions[0]: v, constant: jnp.abs(inputs[constant])})
     if name == "mul" and np.ndim(inputs[1 - positions[0]]) <= len(node.shape):
         node.scale = inputs[1 - positions[0]]
     return [out]
@@ -268,10 +263,8 @@ def _max_node(walker, eqn, x: _Ref, candidates, maximum: bool) -> _Ref:
     node = graph.add(Node("max", (x.index,), shape, dtype, candidates))
     if maximum:
         return node
-    def signed(positive: bool):
-        return jnp.zeros_like if positive else jnp.negative
     return graph.add(Node("affine", (node.index,), shape, dtype, lambda v: -v, scale=-1.0,   # min = −max(−x)
-                          signed=signed))
+                          absolute=lambda v: v))
 
 
 #: Affine primitives that select, copy or sum entries (linear parts nondecreasing in every operand).
