@@ -344,7 +344,8 @@ def affine_prefix(graph: Graph) -> int | None:
     return prefix
 
 
-def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_rows: int = 512, prefix=None):
+def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_rows: int = 512, prefix=None,
+          known: dict | None = None):
     """Lower bounds of spec · output [S]: intermediate bounds by CROWN, node by node, then the spec's.
 
     input_bounds() -> (lower, upper) of the input; minimum(coefficients [S, n], offsets [S]) -> [S], the
@@ -352,8 +353,9 @@ def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_row
     `max_rows` rows (units, each from below and from above) at a time, to bound the memory.
     prefix: None, or (index of an `affine_prefix`, minimum over the set of coefficients on that node
     [S, n_prefix] and offsets): the nodes past it are bounded from their coefficients on it.
+    known: {node index: (lower, upper)} bounds the caller computed (sound over the same set).
     """
-    bounds, relaxed = {0: input_bounds()}, {}
+    bounds, relaxed = {0: input_bounds(), **(known or {})}, {}
     for node in graph.nodes:
         if node.kind not in NONLINEAR:
             continue

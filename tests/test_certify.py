@@ -327,6 +327,13 @@ def test_forward_bounds_of_a_second_convolution_equal_the_backward_pass_and_hold
             source = node.inputs[0]
             bounds[source] = linear_bounds._intermediate_bounds(graph, relaxed, source, 0, minimum, x.dtype, 64)
             relaxed[node.index] = relaxation(node, *bounds[source])
+    # The first convolution, wider than the input, is bounded from its Jacobian built once: the same bounds.
+    from jaxadv.certify import _prefix_gram, _wide_prefix_bounds
+    prefix = _prefix_gram(graph, x.dtype)
+    assert prefix.index == relus[0].inputs[0] and prefix.gram is None
+    wide = _wide_prefix_bounds(prefix, prefix.jacobian @ flat + prefix.constant, flat, eps, 0 * flat, 0 * flat + 1)
+    for ours, backward in zip(wide, bounds[prefix.index]):
+        np.testing.assert_allclose(ours, np.asarray(backward).reshape(-1), rtol=1e-5, atol=1e-5)
     source = relus[1].inputs[0]
     assert forward_supported(graph, source)
     low, up = forward_bounds(graph, relaxed, source, minimum, x.dtype)
