@@ -21,7 +21,8 @@ Hidden units take cheaper sound bounds unless `exact_hidden`: the first layer
 (its coefficients shared by every image) a·x − ε‖a_free‖ + b
 (`minimum_over_ball_and_faces`), later ones the ball's, computed from their
 coefficients on the first layer through its Gram matrix where that layer is
-narrower than the input.
+narrower than the input; a node wider than half the input (a convolution's
+feature map) is bounded by linear bounds carried forward (`jaxadv.forward_bounds`).
 
 The search on ε: a pass at ε gives linear bounds valid on every smaller ball,
 and the radius within which they prove every margin (`_reach`, the nearest
@@ -42,8 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadv import checks
-from jaxadv.linear_bounds import RULES, affine_prefix, backward, build_graph, crown
+from jaxadv.linear_bounds import RULES, affine_prefix, build_graph, crown
 from jaxadv.lipschitz import operator_bounds
+from jaxadv.spectral import pairwise_certified_radius
 
 __all__ = ["Certificates", "certificates", "certified_radius", "margin_lower_bounds", "sandwich_summary", "RULES"]
 
@@ -77,7 +79,7 @@ def certified_radius(model, images, labels=None, *, params=None, lower=0.0, uppe
 
 def certificates(model, images, labels=None, *, params=None, lower=0.0, upper=1.0, steps: int = 8,
                  max_radius: float | None = None, chunk_size: int = 16,
-                 max_rows: int = 512, exact_hidden: bool = False) -> Certificates:
+                 max_rows: int = 512, exact_hidden: bool = False, lipschitz_bounds=None) -> Certificates:
     """Per image, radii within which no input in [lower, upper] changes the label: CROWN's and Lipschitz's.
 
     Args:
@@ -89,21 +91,24 @@ def certificates(model, images, labels=None, *, params=None, lower=0.0, upper=1.
       steps: CROWN passes per image in the search on ε.
       max_radius: the largest radius sought; default the box's diameter, beyond which every ball contains
         the box (required when the box is unbounded).
-      chunk_size: images certified at a time (memory; and XLA:CPU, in jax 0.10.2, miscomputed the dual's
+      chunk_size: images certified at a time, at most (memory: fewer where the forward bounds' [n_input, widest
+        node] coefficients of a chunk would pass 2^25 entries; and XLA:CPU, in jax 0.10.2, miscomputed the dual's
         bound on [48, 800, 784] coefficients batched at once, tests/test_certify.py keeps that in check).
       max_rows: units of a layer bounded in one backward pass (memory; the result does not depend on it).
       exact_hidden: bound each hidden unit over the ball ∩ box by the dual's search, as the margins are,
         rather than by the cheaper bounds the module docstring describes: larger radii, at several
         times the cost.
+      lipschitz_bounds: the model's `jaxadv.lipschitz.operator_bounds`, if the caller holds them (else
+        traced here) for the pairwise radius.
     Returns:
       `Certificates` of [B] radii in the images' dtype, each a sound lower bound of the minimal
       adversarial L2 distance; neither is the better on every model (a ReLU layer's relaxation can lose
       to its global Lipschitz constant).
     """
     fn, images, labels, lower, upper = _check(model, params, images, labels, lower, upper)
-    _check_count("steps", steps)
-    _check_count("chunk_size", chunk_size)
-    _check_count("max_rows", max_rows)
+    checks.int_at_least(steps, "steps", 1)
+    checks.int_at_least(chunk_size, "chunk_size", 1)
+    checks.int_at_least(max_rows, "max_rows", 1)
     if max_radius is None:
         max_radius = float(jnp.linalg.norm(jnp.broadcast_to(upper - lower, images.shape[1:])))
         if not math.isfinite(max_radius):
@@ -113,7 +118,7 @@ def certificates(model, images, labels=None, *, params=None, lower=0.0, upper=1.
     max_radius = jnp.asarray(max_radius, images.dtype)
     crown_radii = _certify(fn, images, labels, lower, upper, max_radius, int(steps), int(chunk_size),
                            int(max_rows), bool(exact_hidden))
-    pairwise = _pairwise_radius(fn, images, labels, max_radius)
+    pairwise = _pairwise_radius(fn, images, labels, max_radius, lipschitz_bounds)
     return Certificates(jnp.maximum(crown_radii, pairwise), crown_radii, pairwise)
 
 
@@ -129,13 +134,9 @@ def margin_lower_bounds(model, images, eps, labels=None, *, params=None, lower=0
     eps = jnp.broadcast_to(jnp.asarray(eps, images.dtype), images.shape[:1])
     if not bool(jnp.all(eps >= 0)):
         raise ValueError("eps must be >= 0")
-    _check_count("max_rows", max_rows)
-    _check_count("chunk_size", chunk_size)
+    checks.int_at_least(max_rows, "max_rows", 1)
+    checks.int_at_least(chunk_size, "chunk_size", 1)
     return _margins(fn, images, labels, lower, upper, eps, int(max_rows), bool(exact_hidden), int(chunk_size))
-
-
-def _check_count(name: str, value) -> None:
-    checks.int_at_least(value, name, 1)
 
 
 def sandwich_summary(certified, attained, success=None) -> dict:
@@ -177,13 +178,14 @@ def _check(model, params, images, labels, lower, upper):
     return fn, x, jnp.asarray(labels, jnp.int32), lo, up
 
 
-def _pairwise_radius(fn, images, labels, max_radius):
+def _pairwise_radius(fn, images, labels, max_radius, bounds=None):
     """The pairwise Lipschitz radius of each image's label (0 where the model has no dense head, or the
-    Lipschitz bounds have no rule for one of its operators)."""
-    try:
-        bounds = operator_bounds(fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
-    except ValueError:
-        return jnp.zeros(images.shape[:1], images.dtype)
+    Lipschitz bounds have no rule for one of its operators); bounds: operator_bounds, if already traced."""
+    if bounds is None:
+        try:
+            bounds = operator_bounds(fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
+        except ValueError:
+            return jnp.zeros(images.shape[:1], images.dtype)
     if bounds.head_weights is None or not math.isfinite(bounds.features_bound):
         return jnp.zeros(images.shape[:1], images.dtype)
     return _pairwise(fn, images, labels, jnp.asarray(bounds.head_weights, images.dtype),
@@ -193,12 +195,7 @@ def _pairwise_radius(fn, images, labels, max_radius):
 @jax.jit
 def _pairwise(fn, images, labels, head_weights, features_bound, max_radius):
     logits = jax.lax.map(lambda x: fn(x[None])[0], images, batch_size=256)
-    chosen = jnp.take_along_axis(logits, labels[:, None], axis=1)
-    pair_table = jax.lax.map(lambda column: jnp.linalg.norm(head_weights - column[:, None], axis=0), head_weights.T)
-    norms = pair_table[labels]                                                              # ‖w_y − w_j‖: [B, K]
-    radii = jnp.where(norms > 0, (chosen - logits) / (jnp.where(norms > 0, norms, 1.0) * features_bound), jnp.inf)
-    radii = jnp.where(jnp.arange(logits.shape[1]) == labels[:, None], jnp.inf, radii)
-    return jnp.clip(radii.min(axis=1), 0.0, max_radius)
+    return jnp.minimum(pairwise_certified_radius(logits, head_weights, features_bound, labels=labels), max_radius)
 
 
 # -- the minimum of a linear function over the ball ∩ box -------------------------------------
@@ -265,18 +262,36 @@ def _spec(label, classes: int, dtype):
     return (jax.nn.one_hot(label, classes, dtype=dtype)[None] - jnp.eye(classes, dtype=dtype))[:, None]
 
 
+class _Prefix(NamedTuple):
+    """The graph's affine prefix A x + a (`affine_prefix`), shared by every image: A [units, n_input], and either
+    A Aᵀ (narrow) or A's positive and negative parts squared (wide)."""
+    index: int
+    jacobian: jax.Array
+    constant: jax.Array
+    gram: jax.Array | None
+    squares: tuple | None
+
+
 def _prefix_gram(graph, dtype):
-    """(index, A, a, A Aᵀ) of the graph's affine prefix A x + a where it has fewer units than the input, else None:
-    the ball's bound of any later unit, from its coefficients on the prefix, costs n_prefix² instead of the
-    n_prefix · n_input of carrying them to the input."""
+    """The graph's `_Prefix`, or None. Narrower than the input: a later unit's ball bound from its coefficients
+    on the prefix costs n_prefix², not n_prefix · n_input. Wider (a convolution): its units' bounds are
+    matrix-vector products with A (`_wide_prefix_bounds`), A built once rather than in every pass."""
     index = affine_prefix(graph)
-    if index is None or np.prod(graph.nodes[index].shape) > np.prod(graph.nodes[0].shape):
+    if index is None:
         return None
-    size = int(np.prod(graph.nodes[index].shape))
-    unit = jnp.eye(size, dtype=dtype).reshape((size,) + graph.nodes[index].shape)
-    jacobian, constant = backward(graph, {}, index, unit)                # exact: only affine nodes lie before it
-    jacobian = jacobian.reshape(size, -1)
-    return index, jacobian, constant, jacobian @ jacobian.T
+    def evaluate(v):                                                     # only affine nodes lie before it
+        values = [v]
+        for node in graph.nodes[1:index + 1]:
+            values.append(node.fn(*(values[i] for i in node.inputs)))
+        return values[index]
+    size, inputs = int(np.prod(graph.nodes[index].shape)), int(np.prod(graph.nodes[0].shape))
+    zero = jnp.zeros(graph.nodes[0].shape, dtype)
+    units = jnp.eye(inputs, dtype=dtype).reshape((inputs,) + graph.nodes[0].shape)
+    columns = jax.vmap(lambda unit: jax.jvp(evaluate, (zero,), (unit,))[1])(units)    # exact: no constant
+    constant, jacobian = evaluate(zero).reshape(-1), columns.reshape(inputs, size).T
+    if size > inputs:
+        return _Prefix(index, jacobian, constant, None, (jnp.maximum(jacobian, 0) ** 2, jnp.minimum(jacobian, 0) ** 2))
+    return _Prefix(index, jacobian, constant, jacobian @ jacobian.T, None)
 
 
 def _image_bounds(graph, image, label, eps, lower, upper, max_rows: int, exact_hidden: bool, gram=None):
@@ -302,18 +317,37 @@ def _linear_bounds(graph, image, label, eps, lower, upper, max_rows: int, exact_
     else:
         def minimum(c, o):
             return minimum_over_ball_and_faces(c, o, flat(x), eps, flat(lower), flat(upper))
-    prefix = None
+    prefix, known = None, {}
     if gram is not None and not exact_hidden:
-        index, jacobian, constant, product = gram
-        value = jacobian @ flat(x) + constant                       # the prefix at the image
-        def squares(c):
-            return jnp.maximum(((c @ product) * c).sum(axis=1), 0)
-        prefix = (index, lambda c, o: c @ value + o - eps * jnp.sqrt(squares(c)))
+        value = gram.jacobian @ flat(x) + gram.constant               # the prefix at the image
+        if gram.gram is None:
+            bounds = _wide_prefix_bounds(gram, value, flat(x), eps, flat(lower), flat(upper))
+            known[gram.index] = tuple(b.reshape(graph.nodes[gram.index].shape) for b in bounds)
+        else:
+            def squares(c):
+                return jnp.maximum(((c @ gram.gram) * c).sum(axis=1), 0)
+            prefix = (gram.index, lambda c, o: c @ value + o - eps * jnp.sqrt(squares(c)))
     def input_bounds():
         return (jnp.maximum(lower, x - eps), jnp.minimum(upper, x + eps))
     classes = graph.nodes[graph.output].shape[-1]
-    coefficients, offsets = crown(graph, _spec(label, classes, x.dtype), input_bounds, minimum, max_rows, prefix)
+    coefficients, offsets = crown(graph, _spec(label, classes, x.dtype), input_bounds, minimum, max_rows, prefix,
+                                  known)
     return coefficients.reshape(classes, -1), offsets
+
+
+def _wide_prefix_bounds(prefix: _Prefix, value, center, eps, lower, upper):
+    """(lower, upper) of a wide prefix's units: `minimum_over_ball_and_faces` of ±A, from A's squared parts."""
+    free_up, free_down = (center < upper).astype(value.dtype), (center > lower).astype(value.dtype)
+    positive, negative = prefix.squares
+    return (value - eps * jnp.sqrt(positive @ free_down + negative @ free_up),
+            value + eps * jnp.sqrt(positive @ free_up + negative @ free_down))
+
+
+def _fitting(graph, chunk_size: int) -> int:
+    """chunk_size, or fewer images where a chunk's forward coefficients ([n_input, widest node] per image) would
+    pass 2^25 entries (a ConvNet's: one image at a time)."""
+    per_image = int(np.prod(graph.nodes[0].shape)) * max(int(np.prod(node.shape)) for node in graph.nodes)
+    return max(1, min(chunk_size, 2 ** 25 // per_image))
 
 
 def _graph(fn, images):
@@ -328,7 +362,7 @@ def _margins(fn, images, labels, lower, upper, eps, max_rows: int, exact_hidden:
     def one(image, label, radius):
         margins = _image_bounds(graph, image, label, radius, lower, upper, max_rows, exact_hidden, gram)[2]
         return jnp.where(jnp.arange(margins.shape[0]) == label, jnp.inf, margins)
-    return jax.lax.map(lambda args: one(*args), (images, labels, eps), batch_size=chunk_size)
+    return jax.lax.map(lambda args: one(*args), (images, labels, eps), batch_size=_fitting(graph, chunk_size))
 
 
 def _first_order_reach(fn, image, label):
@@ -410,4 +444,4 @@ def _certify(fn, images, labels, lower, upper, max_radius, steps: int, chunk_siz
     gram = _prefix_gram(graph, images.dtype)
     def one(args):
         return _search(fn, graph, gram, *args, lower, upper, max_radius, steps, max_rows, exact_hidden)
-    return jax.lax.map(one, (images, labels), batch_size=chunk_size)
+    return jax.lax.map(one, (images, labels), batch_size=_fitting(graph, chunk_size))

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxadv.forward_bounds import forward_bounds, forward_supported
 from jaxadv.graph import Walker, bind_with, trace
 from jaxadv.relaxations import output_bounds, relaxation
 
@@ -44,6 +45,10 @@ class Node:
       y = value + below·min(x − kink, 0) + above·max(x − kink, 0)), "smooth" (params name: "logistic"
       or "tanh") or "max" (fn(v, fill) -> [K, *shape] the K candidates of each output, padding with fill).
     scale: for an affine node that multiplies its one input by a constant elementwise, that constant.
+    monotone: an affine node whose linear part is nondecreasing in every input (it selects, copies or sums
+      entries): bounds of its inputs map to bounds of its output through fn itself.
+    absolute: for a linear node that multiplies its one input by a constant (dense, convolution, scaling),
+      the same map with that constant's absolute value.
     """
     kind: str
     inputs: tuple
@@ -52,6 +57,8 @@ class Node:
     fn: Callable | None = None
     params: dict = dataclasses.field(default_factory=dict)
     scale: Any = None
+    monotone: bool = False
+    absolute: Callable | None = None
     index: int = -1
 
 
@@ -119,9 +126,14 @@ def _linear(walker, eqn, inputs):
     def fn(*values):
         return bind_with(eqn, inputs, dict(zip(positions, values)))
     shape, dtype = _out(eqn)
-    scale = -1.0 if eqn.primitive.name == "neg" else None
+    neg = eqn.primitive.name == "neg"
     return [walker.graph.add(Node("affine", tuple(inputs[i].index for i in positions), shape, dtype, fn,
-                                  scale=scale))]
+                                  scale=-1.0 if neg else None, monotone=_monotone(eqn.primitive.name, positions),
+                                  absolute=(lambda v: v) if neg else None))]
+
+
+def _monotone(name: str, positions) -> bool:
+    return name in MONOTONE or (name == "sub" and list(positions) == [0])      # x − constant
 
 
 def _bilinear(walker, eqn, inputs):
@@ -134,6 +146,9 @@ def _bilinear(walker, eqn, inputs):
                          "input (a product, a division by it or an input-dependent kernel): no linear-bound rule")
     [out] = _linear(walker, eqn, inputs)
     node = walker.graph.nodes[out.index]
+    constant = 1 - positions[0]
+    if name != "div":
+        node.absolute = lambda v: bind_with(eqn, inputs, {positions[0]: v, constant: jnp.abs(inputs[constant])})
     if name == "mul" and np.ndim(inputs[1 - positions[0]]) <= len(node.shape):
         node.scale = inputs[1 - positions[0]]
     return [out]
@@ -200,7 +215,7 @@ def _extremum(walker, eqn, inputs):
     shape, dtype = _out(eqn)
     difference = graph.add(Node("affine", (a.index, b.index), shape, dtype, lambda u, v: v - u))
     kinked = _piecewise(walker, eqn, difference.index, 0.0, 0.0, below, above)
-    return [graph.add(Node("affine", (a.index, kinked.index), shape, dtype, lambda u, v: u + v))]
+    return [graph.add(Node("affine", (a.index, kinked.index), shape, dtype, lambda u, v: u + v, monotone=True))]
 
 
 def _smooth(walker, eqn, inputs):
@@ -248,8 +263,15 @@ def _max_node(walker, eqn, x: _Ref, candidates, maximum: bool) -> _Ref:
     node = graph.add(Node("max", (x.index,), shape, dtype, candidates))
     if maximum:
         return node
-    return graph.add(Node("affine", (node.index,), shape, dtype, lambda v: -v, scale=-1.0))   # min = −max(−x)
+    return graph.add(Node("affine", (node.index,), shape, dtype, lambda v: -v, scale=-1.0,   # min = −max(−x)
+                          absolute=lambda v: v))
 
+
+#: Affine primitives that select, copy or sum entries (linear parts nondecreasing in every operand).
+MONOTONE = frozenset((
+    "add", "add_any", "reshape", "squeeze", "expand_dims", "transpose", "rev", "copy", "copy_p", "broadcast_in_dim",
+    "convert_element_type", "reduce_precision", "pad", "slice", "dynamic_slice", "gather", "concatenate",
+    "reduce_sum", "reduce_window_sum", "cumsum"))
 
 #: primitive name -> rule(walker, eqn, inputs) -> [output]; see the module docstring to add one.
 RULES: dict[str, Callable] = {
@@ -322,7 +344,8 @@ def affine_prefix(graph: Graph) -> int | None:
     return prefix
 
 
-def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_rows: int = 512, prefix=None):
+def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_rows: int = 512, prefix=None,
+          known: dict | None = None):
     """Lower bounds of spec · output [S]: intermediate bounds by CROWN, node by node, then the spec's.
 
     input_bounds() -> (lower, upper) of the input; minimum(coefficients [S, n], offsets [S]) -> [S], the
@@ -330,19 +353,34 @@ def crown(graph: Graph, spec, input_bounds: Callable, minimum: Callable, max_row
     `max_rows` rows (units, each from below and from above) at a time, to bound the memory.
     prefix: None, or (index of an `affine_prefix`, minimum over the set of coefficients on that node
     [S, n_prefix] and offsets): the nodes past it are bounded from their coefficients on it.
+    known: {node index: (lower, upper)} bounds the caller computed (sound over the same set).
     """
-    bounds, relaxed = {0: input_bounds()}, {}
+    bounds, relaxed = {0: input_bounds(), **(known or {})}, {}
     for node in graph.nodes:
         if node.kind not in NONLINEAR:
             continue
         source = node.inputs[0]
         if source not in bounds:
-            stop, at_stop = (0, minimum) if prefix is None or source <= prefix[0] else prefix
-            bounds[source] = _intermediate_bounds(graph, relaxed, source, stop, at_stop, spec.dtype, max_rows)
+            bounds[source] = _source_bounds(graph, relaxed, bounds, source, minimum, spec.dtype, max_rows, prefix)
         relaxed[node.index] = relaxation(node, *bounds[source])
         bounds[node.index] = output_bounds(node, *bounds[source])   # what a backward pass from it would give, or better
     coefficients, offsets = backward(graph, relaxed, graph.output, spec)
     return coefficients, offsets
+
+
+def _source_bounds(graph: Graph, relaxed: dict, bounds: dict, source: int, minimum: Callable, dtype,
+                   max_rows: int, prefix):
+    """(lower, upper) of the node feeding a nonlinearity: through a monotone node from its input's bounds
+    (a reshape of a ReLU's output, exactly); carried forward from the input where the node has more units than
+    half the input and no affine prefix's cheaper bound applies to it (`jaxadv.forward_bounds`); else backward."""
+    node = graph.nodes[source]
+    if node.kind == "affine" and node.monotone and len(node.inputs) == 1 and node.inputs[0] in bounds:
+        return tuple(node.fn(b) for b in bounds[node.inputs[0]])
+    if prefix is not None and source > prefix[0]:
+        return _intermediate_bounds(graph, relaxed, source, prefix[0], prefix[1], dtype, max_rows)
+    if 2 * np.prod(node.shape) > np.prod(graph.nodes[0].shape) and forward_supported(graph, source):
+        return forward_bounds(graph, relaxed, source, minimum, dtype)
+    return _intermediate_bounds(graph, relaxed, source, 0, minimum, dtype, max_rows)
 
 
 def _intermediate_bounds(graph: Graph, relaxed: dict, source: int, stop: int, minimum: Callable, dtype,

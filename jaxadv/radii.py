@@ -62,7 +62,8 @@ def radius_against_attack(name: str, logits_fn, images: np.ndarray, bounds: lips
             "certified": np.asarray(bounds.certified_radius(logits)),
             "certified_pairwise": np.asarray(bounds.pairwise_certified_radius(logits)),
             # CROWN's own radius: `certified_radius` would give max(CROWN, pairwise), and the pairwise has its column
-            "certified_crown": np.asarray(certificates(logits_fn, jnp.asarray(images), predicted).crown)}
+            "certified_crown": np.asarray(certificates(logits_fn, jnp.asarray(images), predicted,
+                                                           lipschitz_bounds=bounds).crown)}
 
 
 def looseness_summary(out: dict[str, np.ndarray]) -> dict:

@@ -8,8 +8,9 @@ sigmoid and tanh get, among ten slopes (the secant, the tangents at nine
 points of [l, u]), the line of each direction tightest at the midpoint, its
 offset exact for that slope (the extremes of f(x) − kx are at l, u or where
 f′ = k); a maximum over a window is at least its candidate with the largest
-lower bound, and at most that candidate where it dominates, else the largest
-upper bound (DeepPoly's rule).
+lower bound, and at most a plane through the candidates that touches the
+maximum at the box's vertices where that plane is lower on average than the
+largest upper bound, else that bound (`_max_relaxation`).
 """
 from __future__ import annotations
 
@@ -75,14 +76,26 @@ def _smooth_relaxation(params, lower, upper, points: int = 9):
 
 
 def _max_relaxation(node, lower, upper):
-    """(one-hot lower choice, one-hot upper choice, constant upper) over a max node's K candidates."""
+    """(lower weights, upper weights, upper constant) over a max node's K candidates y_k ∈ [l_k, u_k]:
+    Σ_k lower_k y_k ≤ max_k y_k ≤ Σ_k upper_k y_k + constant.
+
+    Below: the candidate with the largest lower bound. Above: the plane m + Σ_k a_k (y_k − l_k), with
+    m = max_k l_k and a_k = (u_k − m)⁺ / (u_k − l_k), which is at least max_k y_k at every vertex of the box and
+    so on it (the maximum is convex); it is y_k itself where candidate k dominates. Where the plane's mean over
+    the box exceeds max_k u_k (many candidates overlap, as on a flat background), that constant instead.
+    """
     low, up = node.fn(lower, -jnp.inf), node.fn(upper, -jnp.inf)          # [K, *shape]
     best = jnp.argmax(low, axis=0)
     choice = jax.nn.one_hot(best, low.shape[0], axis=0, dtype=lower.dtype)
-    others = jnp.where(choice > 0, -jnp.inf, up).max(axis=0)
-    dominant = (low * choice).sum(axis=0) >= others
+    floor = low.max(axis=0)
+    width = up - low
+    real = jnp.isfinite(low)                                               # not padding
+    slopes = jnp.where(real & (width > 0), jnp.maximum(up - floor, 0) / jnp.where(width > 0, width, 1.0), 0.0)
+    constant = floor - jnp.where(real, slopes * low, 0.0).sum(axis=0)
     top = up.max(axis=0)
-    return choice, choice * dominant, jnp.where(dominant, 0.0, top).astype(lower.dtype)
+    plane = constant + jnp.where(real, slopes * (low + up) / 2, 0.0).sum(axis=0) <= top
+    slopes = jnp.where(plane, slopes, 0.0).astype(lower.dtype)
+    return choice, slopes, jnp.where(plane, constant, top).astype(lower.dtype)
 
 
 def relaxation(node, lower, upper):

@@ -61,12 +61,8 @@ EXACT_POOL_AXIS_LIMIT = 4096
 # -- dense layers -------------------------------------------------------------
 
 def dense_operator_norm(w: jax.Array) -> float:
-    """Largest singular value of the matrix `w` (exact, up to float32 rounding).
-
-    The square root of the largest eigenvalue of the Gram matrix of the smaller
-    side (see `_largest_eigenvalue`): as exact as an SVD for the top singular
-    value, and several times faster than `jnp.linalg.norm(w, 2)` on 9216×4096.
-    """
+    """Largest singular value of the matrix `w` (exact, up to float32 rounding): the square root of the largest
+    eigenvalue of the Gram matrix of its smaller side (`_largest_eigenvalue`), as exact as an SVD and faster."""
     w = jnp.asarray(w)
     if w.ndim != 2:
         raise ValueError(f"w must be a matrix, got shape {w.shape}")
@@ -96,11 +92,8 @@ def _gram_of_smaller_side(a: jax.Array) -> jax.Array:
 
 
 def _largest_eigenvalue(gram: jax.Array) -> float:
-    """max over the batch of the top eigenvalue of Hermitian PSD matrices.
-
-    NumPy's LAPACK eigvalsh (values only) on the host: `jnp.linalg.eigvalsh`
-    also computes eigenvectors on CPU and is several times slower.
-    """
+    """max over the batch of the top eigenvalue of Hermitian PSD matrices, by NumPy's LAPACK eigvalsh on the
+    host (values only: `jnp.linalg.eigvalsh` also computes eigenvectors on CPU, several times slower)."""
     return max(float(np.linalg.eigvalsh(np.asarray(gram))[..., -1].max()), 0.0)
 
 
@@ -366,7 +359,7 @@ def certified_radius(logits: jax.Array, lipschitz: float | jax.Array) -> jax.Arr
 
 
 def pairwise_certified_radius(logits: jax.Array, head_weights: jax.Array,
-                              features_bound: float | jax.Array) -> jax.Array:
+                              features_bound: float | jax.Array, labels=None) -> jax.Array:
     """min_{j≠y} (z_y − z_j) / (‖w_y − w_j‖ · L_below): the radius per logit difference.
 
     `logits` [B, K] = h(x) W + b with `head_weights` W [F, K] (columns w_j) and
@@ -377,8 +370,10 @@ def pairwise_certified_radius(logits: jax.Array, head_weights: jax.Array,
     margin, it is never below `certified_radius(logits, ‖W‖·L_below)`. For a
     linear model (L_below = 1) it is the exact distance to the nearest
     decision boundary. A pair with w_y = w_j never flips (infinite radius).
+    labels: [B] the class y to keep (default the prediction); 0 where another class leads.
     """
     logits = _check_logits(logits)
+    chosen = jnp.argmax(logits, axis=1) if labels is None else checks.labels(labels, logits.shape[0], logits.shape[1])
     head_weights = jnp.asarray(head_weights, logits.dtype)
     if head_weights.ndim != 2 or head_weights.shape[1] != logits.shape[1]:
         raise ValueError(f"head_weights must be [features, {logits.shape[1]}] for logits of shape {logits.shape}, "
@@ -386,16 +381,15 @@ def pairwise_certified_radius(logits: jax.Array, head_weights: jax.Array,
     features_bound = jnp.asarray(features_bound, logits.dtype)
     if features_bound.ndim != 0:
         raise ValueError(f"features_bound must be a scalar, got shape {features_bound.shape}")
-    predicted = jnp.argmax(logits, axis=1)
     # ‖w_i − w_j‖ for every pair, straight from the differences (a Gram matrix would cancel for close
     # columns), one class at a time: [K, K] without a [F, K, K] array (4·10⁹ for AlexNet's last layer).
     pair_table = jax.lax.map(lambda column: jnp.linalg.norm(head_weights - column[:, None], axis=0), head_weights.T)
-    pair_norms = pair_table[predicted]                                                   # [B, K]
-    margins = jnp.take_along_axis(logits, predicted[:, None], axis=1) - logits           # [B, K]
+    pair_norms = pair_table[chosen]                                                      # [B, K]
+    margins = jnp.take_along_axis(logits, chosen[:, None], axis=1) - logits              # [B, K]
     radii = jnp.where(pair_norms > 0, margins / (jnp.where(pair_norms > 0, pair_norms, 1) * features_bound),
                       jnp.where(margins > 0, jnp.inf, 0.0))
-    radii = jnp.where(jnp.arange(logits.shape[1]) == predicted[:, None], jnp.inf, radii)
-    return jnp.min(radii, axis=1)
+    radii = jnp.min(jnp.where(jnp.arange(logits.shape[1]) == chosen[:, None], jnp.inf, radii), axis=1)
+    return radii if labels is None else jnp.maximum(radii, 0)
 
 
 # -- validation -----------------------------------------------------------------

@@ -181,8 +181,12 @@ def test_a_strided_conv_with_average_pooling_is_certified_at_least_the_pairwise_
     x = jnp.asarray(np.random.default_rng(6).uniform(0, 1, (20, 12, 12, 1)), jnp.float32)
     variables = module.init(jax.random.PRNGKey(3), x)
     logits = module.apply(variables, x)
-    pairwise = np.asarray(operator_bounds(module, x[:1], params=variables).pairwise_certified_radius(logits))
+    bounds = operator_bounds(module, x[:1], params=variables)
+    pairwise = np.asarray(bounds.pairwise_certified_radius(logits))
     found = certificates(module, x, params=variables)
+    # Bounds the caller already holds (Table 5's) give the same certificates as those traced inside.
+    np.testing.assert_array_equal(np.asarray(certificates(module, x, params=variables, lipschitz_bounds=bounds)),
+                                  np.asarray(found))
     radii, crown, own_pairwise = (np.asarray(r) for r in found)
     assert np.all(radii >= pairwise * (1 - ROUNDING)), (radii, pairwise)
     np.testing.assert_allclose(own_pairwise, pairwise, rtol=1e-5)
@@ -289,3 +293,95 @@ def test_a_wide_layer_over_many_images_bounds_every_image_alike():
     bounds = np.asarray(margin_lower_bounds(module, x, 1e-6, params=variables))
     others = np.isfinite(bounds)
     np.testing.assert_allclose(bounds[others], margins[others], atol=1e-4)
+
+
+def _pooled_cnn(seed: int):
+    """conv 3×3×3 (im2col) → ReLU → max pool 2×2 → conv 3×3×4 → ReLU → dense 3, and the second convolution's
+    output as its own function (the node that the second ReLU reads)."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    k1, k2 = jax.random.normal(keys[0], (3, 3, 1, 3)), 0.5 * jax.random.normal(keys[1], (3, 3, 3, 4))
+    b1, w = 0.1 * jax.random.normal(keys[2], (3,)), jax.random.normal(keys[3], (64, 3))
+    def conv2(x):
+        return conv2d(max_pool(jax.nn.relu(conv2d(x, k1, 1, "SAME") + b1 - 0.3), 2, 2), k2, 1, "SAME")
+    def fn(x):
+        return jax.nn.relu(conv2(x)).reshape(x.shape[0], -1) @ w
+    return fn, conv2
+
+
+def test_forward_bounds_of_a_second_convolution_equal_the_backward_pass_and_hold_on_sampled_points():
+    from jaxadv import linear_bounds
+    from jaxadv.certify import minimum_over_ball_and_faces
+    from jaxadv.forward_bounds import forward_bounds, forward_supported
+    fn, conv2 = _pooled_cnn(0)
+    x = jax.random.uniform(jax.random.PRNGKey(5), (1, 8, 8, 1))
+    x = x.at[:, :3].set(0.0)                                           # a flat background: tied pool windows
+    graph = linear_bounds.build_graph(fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    relus = [node for node in graph.nodes if node.kind == "piecewise"]
+    eps, flat = 0.4, x.reshape(-1)
+    def minimum(c, o):
+        return minimum_over_ball_and_faces(c, o, flat, eps, jnp.zeros_like(flat), jnp.ones_like(flat))
+    bounds = {0: (jnp.maximum(x - eps, 0), jnp.minimum(x + eps, 1))}
+    relaxed = {}
+    for node in graph.nodes[:relus[1].index]:                          # the relaxations the second conv reads
+        if node.kind in linear_bounds.NONLINEAR:
+            source = node.inputs[0]
+            bounds[source] = linear_bounds._intermediate_bounds(graph, relaxed, source, 0, minimum, x.dtype, 64)
+            relaxed[node.index] = relaxation(node, *bounds[source])
+    # The first convolution, wider than the input, is bounded from its Jacobian built once: the same bounds.
+    from jaxadv.certify import _prefix_gram, _wide_prefix_bounds
+    prefix = _prefix_gram(graph, x.dtype)
+    assert prefix.index == relus[0].inputs[0] and prefix.gram is None
+    wide = _wide_prefix_bounds(prefix, prefix.jacobian @ flat + prefix.constant, flat, eps, 0 * flat, 0 * flat + 1)
+    for ours, backward in zip(wide, bounds[prefix.index]):
+        np.testing.assert_allclose(ours, np.asarray(backward).reshape(-1), rtol=1e-5, atol=1e-5)
+    source = relus[1].inputs[0]
+    assert forward_supported(graph, source)
+    low, up = forward_bounds(graph, relaxed, source, minimum, x.dtype)
+    back_low, back_up = linear_bounds._intermediate_bounds(graph, relaxed, source, 0, minimum, x.dtype, 64)
+    # Through one layer of relaxations both passes pick each unit's relaxation by its coefficient's sign.
+    np.testing.assert_allclose(low, back_low, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(up, back_up, rtol=1e-4, atol=1e-4)
+    assert float(jnp.mean(up - low)) > 0.1                              # the ball matters: not a trivial check
+    directions = jax.random.normal(jax.random.PRNGKey(6), (4000,) + x.shape[1:])
+    radii = eps * jax.random.uniform(jax.random.PRNGKey(7), (4000, 1, 1, 1)) ** (1 / 64)
+    norms = jnp.linalg.norm(directions.reshape(4000, -1), axis=1)[:, None, None, None]
+    points = jnp.clip(x + radii * directions / norms, 0, 1)            # in the ball ∩ box
+    values = conv2(points)
+    assert bool(jnp.all(values >= low - 1e-5)) and bool(jnp.all(values <= up + 1e-5))
+
+
+@pytest.mark.parametrize("pool", ["reshape", "padded_window"])
+def test_max_pool_relaxation_bounds_the_maximum_at_every_vertex_and_sampled_point(pool):
+    from jaxadv import linear_bounds
+    shape = (1, 4, 4, 2)
+    def fn(v):
+        if pool == "reshape":
+            return max_pool(v, 2, 2)
+        return jax.lax.reduce_window(v, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 1, 1, 1), "SAME")
+    graph = linear_bounds.build_graph(fn, jax.ShapeDtypeStruct(shape, jnp.float32))
+    (node,) = [n for n in graph.nodes if n.kind == "max"]
+    rng = np.random.default_rng(1)
+    # Ties (several equal boxes, as ReLU outputs over a flat background), points, dominant and overlapping boxes.
+    lower = np.round(rng.uniform(-1, 1, shape), 1).astype(np.float32)
+    upper = lower + np.where(rng.uniform(size=shape) < 0.2, 0, np.round(rng.uniform(0, 2, shape), 1))
+    lower[..., 1], upper[..., 1] = 0.0, 0.5
+    def pool_input(v):                                                   # the nodes before the max (a reshape)
+        for previous in graph.nodes[1:node.index]:
+            v = previous.fn(v)
+        return v
+    lower_w, upper_w, constant = relaxation(node, pool_input(jnp.asarray(lower)), pool_input(jnp.asarray(upper)))
+    corners = rng.uniform(size=(3000,) + shape) < 0.5
+    samples = np.concatenate([np.where(corners, lower, upper),
+                              lower + rng.uniform(size=(3000,) + shape) * (upper - lower)]).astype(np.float32)
+    exact = fn(jnp.asarray(samples).reshape((-1,) + shape[1:]))[:, None]
+    candidates = jax.vmap(lambda v: node.fn(pool_input(v), 0.0))(jnp.asarray(samples))
+    below = (lower_w * candidates).sum(axis=1)
+    above = (upper_w * candidates).sum(axis=1) + constant
+    assert bool(jnp.all(below <= exact + 1e-5)) and bool(jnp.all(exact <= above + 1e-5))
+    # Where one candidate dominates the others, the upper bound is that candidate itself (exact).
+    low, up = node.fn(pool_input(jnp.asarray(lower)), -jnp.inf), node.fn(pool_input(jnp.asarray(upper)), -jnp.inf)
+    best = jnp.argmax(low, axis=0)
+    others = jnp.where(jax.nn.one_hot(best, low.shape[0], axis=0) > 0, -jnp.inf, up).max(axis=0)
+    dominant = np.asarray(low.max(axis=0) >= others)
+    assert dominant.any() and (~dominant).any()
+    np.testing.assert_allclose(np.asarray(above)[:, dominant], np.asarray(exact)[:, dominant], atol=1e-5)

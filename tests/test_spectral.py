@@ -231,6 +231,23 @@ def test_pairwise_radius_is_never_below_the_papers():
     assert math.isinf(float(radius[0])) and float(radius[1]) == 0.0
 
 
+def test_pairwise_radius_of_given_labels_matches_a_loop_over_classes():
+    w, logits = linear_logits(jax.random.PRNGKey(6))
+    labels = np.arange(logits.shape[0]) % logits.shape[1]                # many differ from the prediction
+    radii = np.asarray(spectral.pairwise_certified_radius(logits, w, 2.5, labels=labels))
+    z, columns = np.asarray(logits, np.float64), np.asarray(w, np.float64)
+    for i, y in enumerate(labels):
+        expected = min((z[i, y] - z[i, j]) / (np.linalg.norm(columns[:, y] - columns[:, j]) * 2.5)
+                       for j in range(z.shape[1]) if j != y)
+        np.testing.assert_allclose(radii[i], max(expected, 0.0), rtol=1e-5, atol=1e-7)
+    assert np.any(radii == 0) and np.any(radii > 0)
+    predicted = jnp.argmax(logits, axis=1)
+    np.testing.assert_array_equal(spectral.pairwise_certified_radius(logits, w, 2.5, labels=predicted),
+                                  spectral.pairwise_certified_radius(logits, w, 2.5))
+    with pytest.raises(ValueError, match="labels"):
+        spectral.pairwise_certified_radius(logits, w, 2.5, labels=labels[:2])
+
+
 def test_certified_radius_formula():
     logits = jnp.array([[3.0, 1.0, 0.5], [0.0, 2.0, 2.0]])
     np.testing.assert_allclose(spectral.certified_radius(logits, 2.0), [2.0 / (2 * math.sqrt(2)), 0.0], rtol=1e-6)
