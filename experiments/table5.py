@@ -44,9 +44,6 @@ NAME = "table5"
 DEFAULT_NUM_IMAGES, QUICK_NUM_IMAGES = 100, 10
 DEFAULT_POWER_ITERATIONS, QUICK_POWER_ITERATIONS = 100, 20
 SPECTRAL_MODELS = ZOO + ("ConvNet",)
-#: Bounded but not attacked for the radius comparison (none since CROWN bounds a convolution's feature maps
-#: forward, `jaxadv.forward_bounds`: the ConvNet is certified and attacked like the rest).
-NOT_ATTACKED = ()
 
 
 def build_parser():
@@ -103,7 +100,7 @@ def main(argv=None):
         test = load_dataset(args.dataset, "test", args.data_dir)
         models = models_from_args(parser, args)
         logits_fns = {name: logits_function(model, params) for name, (model, params) in models.items()}
-        check_dense_heads({name: fn for name, fn in logits_fns.items() if name not in NOT_ATTACKED},
+        check_dense_heads(logits_fns,
                           test.images.shape[1:])
 
     alex = None if args.no_alexnet else alexnet_spectrum(alex_key, iterations)
@@ -122,7 +119,7 @@ def main(argv=None):
         images = test.images[index]
         config = UNTARGETED
         per_model, summaries = {}, {}
-        for name in [n for n in models if n not in NOT_ATTACKED]:
+        for name in models:
             t0 = time.time()
             out = radius_against_attack(name, logits_fns[name], images, bounds_of[name],
                                         os.path.join(args.workdir, NAME, "attacks", name, f"n{num_images}-seed{args.seed}"),
