@@ -51,8 +51,10 @@ from jaxadv.attacks.alma import alma  # noqa: E402
 from jaxadv.attacks.ddn import ddn  # noqa: E402
 from jaxadv.attacks.deepfool import deepfool, superdeepfool  # noqa: E402
 from jaxadv.attacks.fmn import fmn  # noqa: E402
+from jaxadv.certify import certificates  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402
 from jaxadv.metrics import optimality_score  # noqa: E402
+from jaxadv.plots import sandwich_figure  # noqa: E402
 from jaxadv.zoo import trained_models  # noqa: E402
 from scripts.bench_models import RELU_CNN, correctly_classified, trained_relu_cnn  # noqa: E402
 
@@ -258,8 +260,31 @@ def bench_model(name, module, variables, test, args) -> dict:
     l2 = {k: v[broken] for k, v in l2.items()}
     rows = score(l2, found, best[broken])
     plot_curves(name, l2, best[broken], args.out_dir / f"{name}_robust_accuracy.png")
-    return {"num_images": int(broken.sum()), "rows": rows,
-            "l2": {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in l2.items()}}
+    out = {"num_images": int(broken.sum()), "rows": rows,
+           "l2": {k: [None if not np.isfinite(x) else float(x) for x in v] for k, v in l2.items()}}
+    if args.certify:
+        out["certified"] = sandwich(name, module, variables, images[broken], labels[broken], best[broken], args)
+    return out
+
+
+def sandwich(name, module, variables, images, labels, best, args) -> dict:
+    """The certified radius (CROWN and pairwise Lipschitz, the larger) below the best known, per image."""
+    start = time.perf_counter()
+    proofs = certificates(module, images, labels, params=variables)
+    seconds = time.perf_counter() - start
+    radius = np.asarray(proofs.radius, np.float64)
+    ratio = best / np.maximum(radius, np.finfo(np.float64).tiny)
+    save_figure_atomic(sandwich_figure({name: (radius, best)}, f"{name}: certified and best known L2"),
+                       args.out_dir / f"{name}_sandwich.png", dpi=120)
+    return dict(median_ratio=float(np.median(ratio)), p90_ratio=float(np.percentile(ratio, 90)),
+                violations=int(np.sum(radius > best * (1 + 1e-6))), seconds=seconds,
+                radius=[float(r) for r in radius])
+
+
+def certified_line(certified: dict) -> str:
+    return (f"\nCertified radius (`certificates().radius`) below the best known: best / certified median "
+            f"{certified['median_ratio']:.3g}, 90th percentile {certified['p90_ratio']:.3g}; "
+            f"{certified['violations']} images certified above the best known; {certified['seconds']:.1f} s\n")
 
 
 def main(argv=None):
@@ -283,6 +308,8 @@ def main(argv=None):
                         "is then taken over the others")
     parser.add_argument("--warm", action="store_true", help="time jaxadv's attacks on a second run, after "
                         "compilation (each runs twice)")
+    parser.add_argument("--no-certify", dest="certify", action="store_false",
+                        help="leave out the certified radius (CROWN) beside the best known")
     args = parser.parse_args(argv)
     args.num_images = args.num_images or (16 if args.quick else 500)
     args.steps = args.steps or (100 if args.quick else 1000)
@@ -310,6 +337,8 @@ def main(argv=None):
         results["models"][name] = bench_model(name, module, variables, test, args)
         section = f"\n## {name} ({results['models'][name]['num_images']} images)\n\n" + table(
             results["models"][name]["rows"])
+        if "certified" in results["models"][name]:
+            section += certified_line(results["models"][name]["certified"])
         print(section, flush=True)
         text += section
         write_json_atomic(args.out_dir / "results.json", results)      # after each model: a partial run keeps it
