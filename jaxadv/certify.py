@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadv import checks
+from jaxadv.graph import NoRule
 from jaxadv.linear_bounds import RULES, affine_prefix, build_graph, crown
 from jaxadv.lipschitz import operator_bounds
 from jaxadv.spectral import pairwise_certified_radius
@@ -184,7 +185,7 @@ def _pairwise_radius(fn, images, labels, max_radius, bounds=None):
     if bounds is None:
         try:
             bounds = operator_bounds(fn, jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype))
-        except ValueError:
+        except NoRule:
             return jnp.zeros(images.shape[:1], images.dtype)
     if bounds.head_weights is None or not math.isfinite(bounds.features_bound):
         return jnp.zeros(images.shape[:1], images.dtype)

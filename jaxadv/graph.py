@@ -48,6 +48,10 @@ def trace(fn: Callable, example: jax.ShapeDtypeStruct, *, argument: str):
         raise failed_call(argument, example.shape, error) from error
 
 
+class NoRule(ValueError):
+    """An analysis has no rule for an operator on the input's path (the message names it and where to add one)."""
+
+
 class Walker:
     """Evaluates a jaxpr on constants and an analysis' traced values, with its `rules` for the traced equations.
 
@@ -87,7 +91,7 @@ class Walker:
         if rule is None:
             calls = [*self.calls, *getattr(eqn, "calls", ())]
             where = f" (inside {' > '.join(calls)})" if calls else ""
-            raise ValueError(f"no {self.analysis} rule for the primitive {eqn.primitive.name!r} on the input's "
+            raise NoRule(f"no {self.analysis} rule for the primitive {eqn.primitive.name!r} on the input's "
                              f"path{where}; {self.registry} maps each primitive's name to its rule: add one there "
                              f"(its module's docstring says how) or keep {eqn.primitive.name!r} off the path from input to logits")
         return rule

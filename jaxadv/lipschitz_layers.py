@@ -14,7 +14,7 @@ import numpy as np
 from jax.extend import core as jex_core
 
 from jaxadv import spectral
-from jaxadv.graph import bind_with
+from jaxadv.graph import NoRule, bind_with
 from jaxadv.lipschitz_rules import Traced, copies_of, merge, scale_factor, the_traced_input, traced_inputs, unary
 
 __all__ = ["RULES"]
@@ -25,7 +25,7 @@ def _conv_general_dilated(walker, eqn, inputs):
     """Reached only where `jaxadv.patterns.xla_convolutions` could not make it a `convolution`."""
     if isinstance(inputs[1], Traced):
         raise ValueError("'conv_general_dilated' with an input-dependent kernel has no global Lipschitz bound")
-    raise ValueError(f"'conv_general_dilated' with batch_group_count {eqn.params['batch_group_count']} has no rule")
+    raise NoRule(f"'conv_general_dilated' with batch_group_count {eqn.params['batch_group_count']} has no rule")
 
 
 def _convolution(walker, eqn, inputs):
@@ -150,7 +150,7 @@ def _extremum(walker, eqn, inputs):
 def _clamp(walker, eqn, inputs):
     position, x = the_traced_input(eqn, inputs)
     if position != 1:
-        raise ValueError("'clamp' with input-dependent limits has no rule")
+        raise NoRule("'clamp' with input-dependent limits has no rule")
     return [unary(eqn, x, math.sqrt(copies_of(x, eqn)), "nonlinearity", "Clip")]
 
 
@@ -165,7 +165,7 @@ def _select_n(walker, eqn, inputs):
 
 
 def _comparison(walker, eqn, inputs):
-    raise ValueError(f"{eqn.primitive.name!r} of an input-dependent value has no Lipschitz rule: a comparison is "
+    raise NoRule(f"{eqn.primitive.name!r} of an input-dependent value has no Lipschitz rule: a comparison is "
                      "read only as the sign test of a leaky ReLU, jnp.where(x >= 0, a·x, b·x) with a and b scalars "
                      "or 0 (jaxadv.patterns.leaky_relus)")
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadv import spectral
-from jaxadv.graph import bind_with
+from jaxadv.graph import NoRule, bind_with
 
 __all__ = ["RULES", "Row", "Traced", "unary", "merge", "traced_inputs", "the_traced_input", "out_aval", "copies_of",
            "scale_factor"]
@@ -140,7 +140,7 @@ def _broadcast_in_dim(walker, eqn, inputs):
 def _pad(walker, eqn, inputs):
     x, padding_value = inputs
     if isinstance(padding_value, Traced):
-        raise ValueError("'pad' with an input-dependent padding value has no rule")
+        raise NoRule("'pad' with an input-dependent padding value has no rule")
     return [unary(eqn, x, 1.0, "pad", silent=True)]   # a selection of the input's entries and constants
 
 
