@@ -108,12 +108,15 @@ class LipschitzBounds(NamedTuple):
         """The paper's radius: top-two margin / (√2 · network_bound), per row of `logits` [B, K]."""
         return spectral.certified_radius(logits, self.network_bound)
 
-    def pairwise_certified_radius(self, logits: jax.Array) -> jax.Array:
-        """min_{j≠y} (z_y − z_j) / (‖w_y − w_j‖ · features_bound): at least `certified_radius`."""
+    def pairwise_certified_radius(self, logits: jax.Array, labels=None) -> jax.Array:
+        """min_{j≠y} (z_y − z_j) / (‖w_y − w_j‖ · features_bound): at least `certified_radius`.
+
+        labels: [B] the class y to keep (default the prediction); 0 where another class leads.
+        """
         if self.head_weights is None:
             raise ValueError("the traced function does not end in a dense layer (dot_general with a constant "
                              "[features, classes] matrix, then bias adds), so there is no pairwise radius")
-        return spectral.pairwise_certified_radius(logits, self.head_weights, self.features_bound)
+        return spectral.pairwise_certified_radius(logits, self.head_weights, self.features_bound, labels=labels)
 
 
 def operator_bounds(logits_fn: Callable[[jax.Array], jax.Array], example_input, *, power_iterations: int = 0,

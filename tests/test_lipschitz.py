@@ -284,6 +284,10 @@ def test_pairwise_radius_is_the_exact_boundary_distance_of_a_linear_model():
     paper = np.asarray(bounds.certified_radius(logits))
     np.testing.assert_allclose(pairwise, exact, rtol=1e-5)
     assert np.all(paper <= pairwise * (1 + 1e-6)) and np.mean(paper < 0.9 * pairwise) > 0.5
+    # labels=: the radius of a class to keep, 0 where another leads; the prediction gives the default's.
+    other = (top + 1) % 6
+    np.testing.assert_array_equal(np.asarray(bounds.pairwise_certified_radius(logits, labels=top)), pairwise)
+    assert np.all(np.asarray(bounds.pairwise_certified_radius(logits, labels=other)) == 0)
     # Stepping just past the radius toward the nearest boundary does flip the prediction: it is tight.
     j_star = np.array([min((j for j in range(6) if j != top[i]),
                            key=lambda j: (z[i, top[i]] - z[i, j]) / np.linalg.norm(w64[:, top[i]] - w64[:, j]))

@@ -1,0 +1,104 @@
+"""Where the attack's loop spends its time: per lane and step, and the costliest XLA ops of one step.
+
+    python scripts/profile_attack.py [--lanes 128] [--part search|refine] [--top 25] [--workdir runs/fashion_mnist]
+
+Steps the vmapped per-image step of the c search (`jaxadv.attacks.lbfgs.search_lanes`) or of the
+refinement (`jaxadv.attacks.boundary.refine_lanes`) in a `lax.fori_loop` over --lanes random
+FC100-100-10 problems, and prints the wall time per step and per lane-step beside the raw batched
+value-and-gradient of the attack's objective at the same batch, then a `jax.profiler` trace's op time
+per step, costliest first. The figures and what they say: docs/benchmarks.md, "The attack's throughput".
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxadv.attacks import AttackConfig
+from jaxadv.attacks import boundary, lbfgs
+from jaxadv.zoo import trained_models
+
+MODEL, STEPS = "FC100-100-10", 20
+
+
+def per_step_seconds(fn, state, repeats=5):
+    """Best wall time of one step of `fn` (a jitted loop of STEPS steps), and the final state."""
+    state = jax.block_until_ready(fn(state))
+    best = float("inf")
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        state = jax.block_until_ready(fn(state))
+        best = min(best, (time.perf_counter() - tic) / STEPS)
+    return best, state
+
+
+def op_times(fn, state, top):
+    """(op time per step in seconds, [(name, seconds per step, calls per step)]) from a profiler trace."""
+    from jax.profiler import ProfileData
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for _ in range(3):
+                state = fn(state)
+            jax.block_until_ready(state)
+        data = ProfileData.from_file(glob.glob(folder + "/**/*.xplane.pb", recursive=True)[0])
+    seconds, calls = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if "Eigen" not in line.name:        # XLA:CPU's worker threads
+                continue
+            for event in line.events:
+                if not event.name.startswith(("ThunkExecutor", "while")):   # (a while spans its body's ops)
+                    seconds[event.name] += event.duration_ns * 1e-9
+                    calls[event.name] += 1
+    steps = 3 * STEPS
+    return sum(seconds.values()) / steps, [(k, v / steps, calls[k] / steps) for k, v in seconds.most_common(top)]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lanes", type=int, default=128)
+    parser.add_argument("--part", choices=("search", "refine"), default="search")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--workdir", default="runs/fashion_mnist")
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    model, params = trained_models([MODEL], "fashion_mnist", args.workdir, args.data_dir)[MODEL]
+    logits_fn = jax.tree_util.Partial(model.module.apply, params)
+    shape = (1,) + tuple(model.input_shape)
+    logits_one = lambda x: logits_fn(x.reshape(shape))[0]
+    config, lanes, rng = AttackConfig(), args.lanes, np.random.default_rng(0)
+    origin_size = int(np.prod(shape))
+    origins = jnp.asarray(rng.uniform(0, 1, (lanes, origin_size)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 10, lanes), jnp.int32)
+    zeros, ones = jnp.zeros(lanes), jnp.ones(lanes)
+    if args.part == "search":
+        attack = lbfgs.search_lanes(logits_one, config, untargeted=False)
+        inputs = lbfgs.SearchInputs(origins, targets, ones, zeros, ones)
+    else:       # an endless refinement from noisy starts: every lane keeps stepping
+        attack = boundary.refine_lanes(logits_one, 10, config.refine_config(False)._replace(steps=10**6))
+        starts = jnp.clip(origins + 0.3 * jnp.asarray(rng.normal(size=(lanes, origin_size)), jnp.float32), 0, 1)
+        inputs = boundary.RefineInputs(origins, starts, targets, jnp.ones(lanes, bool), zeros, ones)
+    loop = jax.jit(lambda s: jax.lax.fori_loop(0, STEPS, lambda i, s: jax.vmap(attack.step)(s), s), donate_argnums=0)
+    step_seconds, state = per_step_seconds(loop, jax.jit(jax.vmap(attack.init))(inputs))
+
+    value_and_grad = jax.jit(jax.vmap(jax.value_and_grad(
+        lambda x, o, c, t: lbfgs.attack_objective(logits_one, config)(x, o, c, t)[0])))
+    raw = lambda o: (value_and_grad(o, origins, ones, targets)[1] * 1e-9 + o)      # a loop-carried dependence
+    raw_seconds, _ = per_step_seconds(jax.jit(lambda o: jax.lax.fori_loop(0, STEPS, lambda i, o: raw(o), o)), origins)
+    print(f"{MODEL}, {args.part} step at {lanes} lanes: {step_seconds * 1e6:.0f} us/step = "
+          f"{step_seconds / lanes * 1e6:.2f} us per lane-step; the raw value-and-gradient: "
+          f"{raw_seconds / lanes * 1e6:.2f} us per lane-step ({raw_seconds / step_seconds:.0%} of the step)")
+    total, ops = op_times(loop, state, args.top)
+    print(f"op time {total * 1e6:.0f} us/step (both threads together), costliest first:")
+    for name, seconds, calls in ops:
+        print(f"{seconds * 1e6:9.1f} us/step {calls:5.1f}x  {name}")
+
+
+if __name__ == "__main__":
+    main()
