@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxadv.forward_bounds import forward_bounds, forward_supported
-from jaxadv.graph import Walker, bind_with, trace
+from jaxadv.graph import NoRule, Walker, bind_with, trace
 from jaxadv.relaxations import output_bounds, relaxation
 
 __all__ = ["Node", "Graph", "RULES", "build_graph", "crown", "relaxation", "affine_prefix", "backward"]
@@ -112,7 +112,7 @@ def _out(eqn):
 def _traced(inputs) -> list[int]:
     for value in inputs:
         if isinstance(value, _Sign):
-            raise ValueError("a comparison of an input-dependent value is used other than by jnp.where "
+            raise NoRule("a comparison of an input-dependent value is used other than by jnp.where "
                              "(select_n); only jnp.where(x >= 0, a·x, b·x) has a linear-bound rule")
     return [i for i, value in enumerate(inputs) if isinstance(value, _Ref)]
 
@@ -121,7 +121,7 @@ def _linear(walker, eqn, inputs):
     """A primitive linear in all its input-dependent operands jointly (plus constants): one affine node."""
     positions = _traced(inputs)
     if eqn.primitive.name == "convert_element_type" and not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
-        raise ValueError(f"'convert_element_type' to {eqn.params['new_dtype']} on the input's path rounds: "
+        raise NoRule(f"'convert_element_type' to {eqn.params['new_dtype']} on the input's path rounds: "
                          "no linear-bound rule")
     def fn(*values):
         return bind_with(eqn, inputs, dict(zip(positions, values)))
@@ -142,7 +142,7 @@ def _bilinear(walker, eqn, inputs):
     name = eqn.primitive.name
     if len(positions) != 1 or (name == "div" and positions[0] != 0) or (name == "conv_general_dilated"
                                                                            and positions[0] != 0):
-        raise ValueError(f"{name!r} of input-dependent operands at positions {positions} is not affine in the "
+        raise NoRule(f"{name!r} of input-dependent operands at positions {positions} is not affine in the "
                          "input (a product, a division by it or an input-dependent kernel): no linear-bound rule")
     [out] = _linear(walker, eqn, inputs)
     node = walker.graph.nodes[out.index]
@@ -164,7 +164,7 @@ def _concrete_zero(value) -> bool:
 def _comparison(walker, eqn, inputs):
     positions = _traced(inputs)
     if len(positions) != 1 or not _concrete_zero(inputs[1 - positions[0]]):
-        raise ValueError(f"{eqn.primitive.name!r} on the input's path: only a comparison of one value with 0 "
+        raise NoRule(f"{eqn.primitive.name!r} on the input's path: only a comparison of one value with 0 "
                          "(a leaky ReLU's jnp.where(x >= 0, ...)) has a linear-bound rule")
     greater = eqn.primitive.name in ("ge", "gt")
     return [_Sign(inputs[positions[0]].index, greater == (positions[0] == 0))]
@@ -183,16 +183,16 @@ def _slope(walker, case, x: int):
 def _select_n(walker, eqn, inputs):
     predicate = inputs[0]
     if isinstance(predicate, _Ref):
-        raise ValueError("'select_n' whose predicate is computed from the input other than by comparing a value "
+        raise NoRule("'select_n' whose predicate is computed from the input other than by comparing a value "
                          "with 0 has no linear-bound rule")
     if not isinstance(predicate, _Sign):
         return _linear(walker, eqn, inputs)
     if len(inputs) != 3:
-        raise ValueError("'select_n' of more than two cases on a comparison has no linear-bound rule")
+        raise NoRule("'select_n' of more than two cases on a comparison has no linear-bound rule")
     negative, positive = (inputs[1], inputs[2]) if predicate.positive else (inputs[2], inputs[1])
     below, above = _slope(walker, negative, predicate.index), _slope(walker, positive, predicate.index)
     if below is None or above is None:
-        raise ValueError("jnp.where on the sign of a value: each case must be that value times a constant, or 0 "
+        raise NoRule("jnp.where on the sign of a value: each case must be that value times a constant, or 0 "
                          "(a leaky ReLU); other cases have no linear-bound rule")
     return [_piecewise(walker, eqn, predicate.index, 0.0, 0.0, below, above)]
 
@@ -240,7 +240,7 @@ def _reduce_window_max(walker, eqn, inputs):
     (x,) = inputs
     p = eqn.params
     if any(d != 1 for d in p["base_dilation"]):
-        raise ValueError(f"{eqn.primitive.name!r} with base dilation has no linear-bound rule")
+        raise NoRule(f"{eqn.primitive.name!r} with base dilation has no linear-bound rule")
     maximum = eqn.primitive.name == "reduce_window_max"
     out_shape, _ = _out(eqn)
     offsets = list(itertools.product(*(range(w) for w in p["window_dimensions"])))

@@ -24,7 +24,7 @@ __all__ = ["RULES"]
 def _conv_general_dilated(walker, eqn, inputs):
     """Reached only where `jaxadv.patterns.xla_convolutions` could not make it a `convolution`."""
     if isinstance(inputs[1], Traced):
-        raise ValueError("'conv_general_dilated' with an input-dependent kernel has no global Lipschitz bound")
+        raise NoRule("'conv_general_dilated' with an input-dependent kernel has no global Lipschitz bound")
     raise NoRule(f"'conv_general_dilated' with batch_group_count {eqn.params['batch_group_count']} has no rule")
 
 
@@ -156,7 +156,7 @@ def _clamp(walker, eqn, inputs):
 
 def _select_n(walker, eqn, inputs):
     if isinstance(inputs[0], Traced):
-        raise ValueError("'select_n' whose predicate depends on the input other than as the sign of a value "
+        raise NoRule("'select_n' whose predicate depends on the input other than as the sign of a value "
                          "(jnp.where(x >= 0, a·x, b·x)) has no global Lipschitz bound")
     cases = [value for value in inputs[1:] if isinstance(value, Traced)]
     if len(cases) == 1:   # each output is the case's element or a constant
@@ -180,7 +180,7 @@ def _leaky_relu(walker, eqn, inputs):
 
 def _no_global_bound(reason: str):
     def rule(walker, eqn, inputs):
-        raise ValueError(f"{eqn.primitive.name!r} on the input's path has no global Lipschitz bound: {reason}")
+        raise NoRule(f"{eqn.primitive.name!r} on the input's path has no global Lipschitz bound: {reason}")
     return rule
 #: primitive name -> rule(walker, eqn, inputs) -> outputs. Inputs are constants or `Traced` values.
 

@@ -79,7 +79,7 @@ def the_traced_input(eqn, inputs, what: str = "") -> tuple[int, Traced]:
     """(position, operand) of the one input-dependent operand of `eqn`; ValueError if not exactly one."""
     positions = traced_inputs(inputs)
     if len(positions) != 1:
-        raise ValueError(f"{eqn.primitive.name!r} of {len(positions)} input-dependent operands has no global "
+        raise NoRule(f"{eqn.primitive.name!r} of {len(positions)} input-dependent operands has no global "
                          f"Lipschitz bound{what}")
     return positions[0], inputs[positions[0]]
 
@@ -125,7 +125,7 @@ def _rearrangement(kind: str):
 def _convert_element_type(walker, eqn, inputs):
     _, x = the_traced_input(eqn, inputs)
     if not jnp.issubdtype(eqn.params["new_dtype"], jnp.floating):
-        raise ValueError(f"'convert_element_type' to {eqn.params['new_dtype']} on the input's path rounds: "
+        raise NoRule(f"'convert_element_type' to {eqn.params['new_dtype']} on the input's path rounds: "
                          "no Lipschitz bound")
     return [unary(eqn, x, 1.0, "convert", silent=True)]
 
@@ -156,7 +156,7 @@ def _slice(walker, eqn, inputs):
 def _dynamic_slice(walker, eqn, inputs):
     position, x = the_traced_input(eqn, inputs, " (input-dependent indices)")
     if position != 0:
-        raise ValueError(f"{eqn.primitive.name!r} with input-dependent indices has no Lipschitz bound")
+        raise NoRule(f"{eqn.primitive.name!r} with input-dependent indices has no Lipschitz bound")
     return [unary(eqn, x, 1.0, "slice", silent=True)]
 
 
@@ -230,9 +230,9 @@ def scale_factor(eqn, inputs) -> tuple[int, Traced, float]:
     constant = inputs[1 - position]
     if eqn.primitive.name == "div":
         if position != 0:
-            raise ValueError("'div' by an input-dependent value has no global Lipschitz bound")
+            raise NoRule("'div' by an input-dependent value has no global Lipschitz bound")
         if np.any(np.asarray(constant) == 0):
-            raise ValueError("'div' on the input's path divides by a constant holding 0")
+            raise NoRule("'div' on the input's path divides by a constant holding 0")
         constant = 1.0 / np.asarray(constant, np.float64)
     return position, x, _scale_bound(constant, x, out_aval(eqn).shape)
 

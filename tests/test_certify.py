@@ -20,6 +20,7 @@ from conftest import exact_relu_untargeted_minimum, small_relu_net
 from jaxadv.attacks import lbfgs_attack_untargeted
 from jaxadv.attacks.exact import exact_linear_minimum
 from jaxadv.certify import certificates, certified_radius, margin_lower_bounds
+from jaxadv.graph import NoRule
 from jaxadv.lipschitz import operator_bounds
 from jaxadv.linear_bounds import Node
 from jaxadv.relaxations import output_bounds, relaxation
@@ -244,12 +245,17 @@ def test_new_parameters_reuse_the_compilation(compilations):
 
 def test_unsupported_primitives_and_bad_input_are_refused_by_name():
     x = jnp.full((2, 3), 0.5)
-    with pytest.raises(ValueError, match=r"'exp'.*jaxadv\.linear_bounds\.RULES"):
+    with pytest.raises(NoRule, match=r"'exp'.*jaxadv\.linear_bounds\.RULES"):
         certified_radius(lambda v: jnp.exp(v) @ jnp.ones((3, 2)), x)
-    with pytest.raises(ValueError, match="'mul' of input-dependent operands"):
+    with pytest.raises(NoRule, match="'mul' of input-dependent operands"):
         certified_radius(lambda v: (v * v) @ jnp.ones((3, 2)), x)
     def fn(v):
         return v @ jnp.eye(3)
+    # Bad arguments are plain ValueErrors, not refusals of an operator (certify catches only those).
+    for bad in (lambda: certified_radius(fn, x + 1), lambda: certified_radius(fn, x, jnp.zeros(3, jnp.int32))):
+        with pytest.raises(ValueError) as refused:
+            bad()
+        assert not isinstance(refused.value, NoRule)
     with pytest.raises(ValueError, match=r"images: values must lie in \[lower, upper\]"):
         certified_radius(fn, x + 1)
     with pytest.raises(ValueError, match="labels"):
@@ -258,6 +264,23 @@ def test_unsupported_primitives_and_bad_input_are_refused_by_name():
         certified_radius(fn, x, steps=0)
     with pytest.raises(TypeError, match="images"):
         certified_radius(fn, jnp.zeros((2, 3), jnp.int32))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda v: jax.nn.gelu(v) @ jnp.ones((3, 2)),                      # a power of an input-dependent value
+    lambda v: (v / jnp.sum(v * v)) @ jnp.ones((3, 2)),                # a product of input-dependent values
+    lambda v: jnp.exp(v) @ jnp.ones((3, 2)),                          # a primitive without a rule
+    lambda v: jnp.where(v > v[0], v, 0.0) @ jnp.ones((3, 2)),         # a comparison other than a sign test
+    lambda v: jnp.sort(v) @ jnp.ones((3, 2)),                         # a primitive without a rule
+], ids=["gelu", "div", "exp", "comparison", "sort"])
+def test_every_refusal_of_an_operator_is_a_no_rule_error_in_both_analyses(fn):
+    """Each analysis refuses what it cannot bound with `graph.NoRule` (a ValueError naming the operator), so a
+    caller such as `certificates` can tell a refused operator from a bad argument."""
+    one = jax.ShapeDtypeStruct((1, 3), jnp.float32)
+    with pytest.raises(NoRule):
+        operator_bounds(lambda v: jax.vmap(fn)(v), one)
+    with pytest.raises(NoRule):
+        certified_radius(lambda v: jax.vmap(fn)(v), jnp.full((2, 3), 0.5))
 
 
 def test_sandwich_summary_and_figure_read_only_the_images_the_attack_moved():
