@@ -45,7 +45,7 @@ import numpy as np
 from jaxadv import checks
 from jaxadv.graph import NoRule
 from jaxadv.linear_bounds import RULES, affine_prefix, build_graph, crown
-from jaxadv.lipschitz import operator_bounds
+from jaxadv.lipschitz import LipschitzBounds, operator_bounds
 from jaxadv.spectral import pairwise_certified_radius
 
 __all__ = ["Certificates", "certificates", "certified_radius", "margin_lower_bounds", "sandwich_summary", "RULES"]
@@ -110,6 +110,9 @@ def certificates(model, images, labels=None, *, params=None, lower=0.0, upper=1.
     checks.int_at_least(steps, "steps", 1)
     checks.int_at_least(chunk_size, "chunk_size", 1)
     checks.int_at_least(max_rows, "max_rows", 1)
+    if lipschitz_bounds is not None and not isinstance(lipschitz_bounds, LipschitzBounds):
+        raise TypeError(f"lipschitz_bounds: expected the model's jaxadv.lipschitz.operator_bounds (LipschitzBounds) "
+                        f"or None, got {type(lipschitz_bounds).__name__}")
     if max_radius is None:
         max_radius = float(jnp.linalg.norm(jnp.broadcast_to(upper - lower, images.shape[1:])))
         if not math.isfinite(max_radius):

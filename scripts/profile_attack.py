@@ -117,6 +117,8 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--occupancy", type=int, default=0, metavar="N", help="also the lanes' occupancy on N test images")
     args = parser.parse_args(argv)
+    if args.lanes < 1 or args.top < 1 or args.occupancy < 0:
+        parser.exit(2, "profile_attack: --lanes and --top must be >= 1, --occupancy >= 0\n")
     model, params = trained_models([MODEL], "fashion_mnist", args.workdir, args.data_dir)[MODEL]
     logits_fn = jax.tree_util.Partial(model.module.apply, params)
     shape = (1,) + tuple(model.input_shape)

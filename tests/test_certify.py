@@ -264,6 +264,8 @@ def test_unsupported_primitives_and_bad_input_are_refused_by_name():
         certified_radius(fn, x, steps=0)
     with pytest.raises(TypeError, match="images"):
         certified_radius(fn, jnp.zeros((2, 3), jnp.int32))
+    with pytest.raises(TypeError, match="lipschitz_bounds"):
+        certificates(fn, x, lipschitz_bounds={"head_weights": None})
 
 
 @pytest.mark.parametrize("fn", [
