@@ -93,10 +93,10 @@ def run_main(main, argv: Sequence[str] | None = None) -> None:
 
     On Ctrl-C it says what is kept, in one line, and exits 130 at once; a user error (USER_ERRORS: missing
     data, an unusable workdir, saved results that refuse to mix, a damaged checkpoint; a full disk) ends in
-    one line and exit status 2. Tracebacks are for bugs.
+    one line and exit status 2. Tracebacks are for bugs. Returns what `main` returns (a script's exit status).
     """
     try:
-        main() if argv is None else main(argv)
+        return main() if argv is None else main(argv)
     except KeyboardInterrupt:
         print("interrupted: trained models and finished attack chunks are saved in the workdir; "
               "run the same command again to resume.", file=sys.stderr, flush=True)

@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 from jaxadv.report import write_json_atomic  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402
 from scripts.bench_models import correctly_classified, reference_cnn, train_cnn  # noqa: E402
+from experiments.cli import run_main  # noqa: E402
 
 NUM_TRAIN = 10_000
 EPOCHS = 2
@@ -150,4 +151,4 @@ def _version(distribution: str) -> str | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

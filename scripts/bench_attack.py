@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jaxadv.report import write_json_atomic  # noqa: E402
 from jaxadv.zoo import trained_models  # noqa: E402
+from experiments.cli import run_main  # noqa: E402
 from jaxadv.attacks import (ATTACK_LBFGS, AttackConfig, SearchConfig, lbfgs_attack,  # noqa: E402
                             random_wrong_targets)
 from jaxadv.attacks.lbfgs import attack_objective, lbfgs_attack_core  # noqa: E402
@@ -498,4 +499,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

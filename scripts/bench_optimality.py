@@ -57,6 +57,7 @@ from jaxadv.metrics import optimality_score  # noqa: E402
 from jaxadv.plots import sandwich_figure  # noqa: E402
 from jaxadv.zoo import trained_models  # noqa: E402
 from scripts.bench_models import RELU_CNN, correctly_classified, trained_relu_cnn  # noqa: E402
+from experiments.cli import run_main  # noqa: E402
 
 #: AttackBench's budget: forward plus backward propagations per image (a gradient is one of each).
 BUDGET_GRADIENTS = 1000
@@ -311,8 +312,10 @@ def main(argv=None):
     parser.add_argument("--no-certify", dest="certify", action="store_false",
                         help="leave out the certified radius (CROWN) beside the best known")
     args = parser.parse_args(argv)
-    args.num_images = args.num_images or (16 if args.quick else 500)
-    args.steps = args.steps or (100 if args.quick else 1000)
+    if args.num_images is None:
+        args.num_images = 16 if args.quick else 500
+    if args.steps is None:
+        args.steps = 100 if args.quick else 1000
     if args.num_images < 1 or args.steps < 10 or args.threads < 1:
         parser.error("--num-images and --threads must be >= 1, --steps >= 10")
     if not args.jax_only and not have_advlib():
@@ -347,4 +350,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jaxadv.data import load_dataset  # noqa: E402
 from jaxadv.models import get_model, weight_decay_penalty  # noqa: E402
 from jaxadv.train import error_rate, train, zoo_config  # noqa: E402
+from experiments.cli import run_main  # noqa: E402
 
 MODEL = "ConvNet"
 BATCH = 128
@@ -141,4 +142,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,6 +31,7 @@ from jaxadv.certify import certificates, sandwich_summary  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402
 from jaxadv.functional import logits_function  # noqa: E402
 from jaxadv.zoo import trained_models  # noqa: E402
+from experiments.cli import run_main  # noqa: E402
 
 ZOO = ("FC10(1)", "FC10(1e-2)", "FC10(1e-4)", "FC100-100-10", "FC123-456-10", "FC200-200-10", "AE400-10", "ConvNet")
 ROUNDING = 1e-5   # float32: a radius equal to the attained distance may exceed it by rounding alone
@@ -106,4 +107,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

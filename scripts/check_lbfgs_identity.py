@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from jaxadv.attacks import lbfgs_attack, lbfgs_attack_untargeted, random_wrong_targets  # noqa: E402
 from jaxadv.data import load_dataset  # noqa: E402
 from jaxadv.zoo import trained_models  # noqa: E402
+from experiments.cli import run_main  # noqa: E402
 
 MODEL = "FC100-100-10"
 
@@ -93,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

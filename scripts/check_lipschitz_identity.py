@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jaxadv import lipschitz  # noqa: E402
 from jaxadv.models import ALL_MODELS, conv2d  # noqa: E402
+from experiments.cli import run_main  # noqa: E402
 
 POWER_ITERATIONS = 3
 
@@ -158,4 +159,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -17,18 +17,23 @@ import argparse
 import collections
 import glob
 import heapq
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxadv.attacks import AttackConfig, lbfgs_attack, random_wrong_targets
-from jaxadv.attacks import boundary, lbfgs
-from jaxadv.data import load_dataset
-from jaxadv.zoo import trained_models
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments.cli import run_main  # noqa: E402
+from jaxadv.attacks import AttackConfig, lbfgs_attack, random_wrong_targets  # noqa: E402
+from jaxadv.attacks import boundary, lbfgs  # noqa: E402
+from jaxadv.data import load_dataset  # noqa: E402
+from jaxadv.zoo import trained_models  # noqa: E402
 
 MODEL, STEPS = "FC100-100-10", 20
 
@@ -166,4 +171,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

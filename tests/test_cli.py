@@ -192,6 +192,20 @@ def test_offline_without_a_data_folder_fails_within_seconds(tmp_path):
     assert list(tmp_path.iterdir()) == []     # no *.tmp.* or incomplete.* folders, no workdir
 
 
+@pytest.mark.parametrize("script", ["certify_zoo", "profile_attack", "bench_attack", "bench_optimality",
+                                    "check_lbfgs_identity", "check_lipschitz_identity"])
+def test_a_script_without_its_data_says_so_in_one_line(tmp_path, script):
+    """The scripts that load data run through `experiments.cli.run_main`, as the experiments do: a missing data
+    folder is one line on stderr and exit status 2, never a traceback."""
+    out = ["--out", str(tmp_path / "out")] if script.startswith("check_") else []
+    proc = subprocess.run([sys.executable, f"scripts/{script}.py", "--data-dir", str(tmp_path / "none"),
+                           "--workdir", str(tmp_path / "w"), *out], capture_output=True, text=True, cwd=REPO_ROOT,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "does not exist" in proc.stderr
+
+
 # -- class 18: runs of other configurations never overwrite each other ---------------------------------
 
 def _parser(experiment):
